@@ -1,0 +1,237 @@
+//! What the generic drivers need from a page-table format.
+//!
+//! The dirty-log, ageing and zap drivers are written once against
+//! [`MmuBackend`]; x86 TDP (EPT, NPT), x86 shadow paging and the Book3s hashed
+//! page table implement it. A back end names its leaf PTEs by [`PteHandle`]s
+//! (indices it chooses) and finds the leaves that map a guest frame through its
+//! reverse map: the core's [`Rmap`](crate::rmap::Rmap) for x86, the per-HPTE
+//! reverse-map chain for Book3s.
+//!
+//! Every method that changes what the TLB may cache takes a [`FlushToken`] and
+//! records what must be flushed in it; the caller ends the batch by passing
+//! the token to [`FlushToken::flush`]. The token is `#[must_use]`, so a batch
+//! whose flush was forgotten is a compiler warning.
+
+use crate::addr::{Gfn, GfnRange};
+use crate::memslot::Memslot;
+use crate::pte_list::PteHandle;
+
+/// What a format can record in hardware.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Caps {
+    /// The hardware sets an accessed (referenced) bit: x86 A, EPT A with A/D
+    /// enabled, Book3s R.
+    pub accessed_bit: bool,
+    /// The hardware sets a dirty (changed) bit: x86 D, EPT D with A/D
+    /// enabled, Book3s C.
+    pub dirty_bit: bool,
+}
+
+/// A present leaf PTE as the drivers see it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Leaf {
+    /// First guest frame the leaf maps.
+    pub gfn: Gfn,
+    /// Number of 4 KiB frames it maps (1, 16, 512, 4096, 262144, ...).
+    pub npages: u64,
+    /// The leaf grants write access.
+    pub writable: bool,
+    /// The accessed bit is set (always false where the format has none).
+    pub young: bool,
+    /// The dirty bit is set (always false where the format has none).
+    pub dirty: bool,
+    /// The leaf is in the access-tracked state (not present, restorable).
+    pub access_tracked: bool,
+}
+
+impl Leaf {
+    /// The guest frames the leaf maps.
+    pub fn gfns(&self) -> GfnRange {
+        GfnRange { start: self.gfn, end: Gfn(self.gfn.0.saturating_add(self.npages)) }
+    }
+}
+
+/// The TLB invalidation an embedder performs (INVEPT, an NPT ASID flush,
+/// `tlbie`, or nothing where the back end's own update already flushed).
+pub trait TlbFlush {
+    /// Flushes cached translations of the guest frames in `range`.
+    fn flush_range(&mut self, range: GfnRange);
+    /// Flushes every cached translation of the guest.
+    fn flush_all(&mut self);
+}
+
+/// A record of the TLB flushes a batch of PTE changes requires.
+///
+/// Collect changes into it, then call [`FlushToken::flush`] before relying on
+/// the change (before copying a page reported dirty, before freeing a frame
+/// unmapped). Ranges are merged into one covering range; beyond
+/// [`FlushToken::MAX_RANGE_PAGES`] the flush becomes a full flush.
+#[must_use = "PTE changes are not visible to the CPU until the TLB is flushed: call FlushToken::flush"]
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FlushToken {
+    range: Option<GfnRange>,
+    all: bool,
+}
+
+impl FlushToken {
+    /// Covering ranges larger than this become a flush of everything.
+    pub const MAX_RANGE_PAGES: u64 = 1 << 18;
+
+    /// A token that needs no flush yet.
+    pub const fn new() -> Self {
+        Self { range: None, all: false }
+    }
+
+    /// Records that translations of `range` changed.
+    pub fn add_range(&mut self, range: GfnRange) {
+        if self.all || range.is_empty() {
+            return;
+        }
+        let merged = match self.range {
+            None => range,
+            Some(r) => GfnRange { start: r.start.min(range.start), end: r.end.max(range.end) },
+        };
+        if merged.len() > Self::MAX_RANGE_PAGES {
+            self.all = true;
+            self.range = None;
+        } else {
+            self.range = Some(merged);
+        }
+    }
+
+    /// Records that every translation may have changed.
+    pub fn add_all(&mut self) {
+        self.all = true;
+        self.range = None;
+    }
+
+    /// Adds everything another token recorded.
+    pub fn merge(&mut self, other: FlushToken) {
+        if other.all {
+            self.add_all();
+        } else if let Some(r) = other.range {
+            self.add_range(r);
+        }
+    }
+
+    /// Whether any flush is needed.
+    pub fn is_needed(&self) -> bool {
+        self.all || self.range.is_some()
+    }
+
+    /// The range to flush, `None` when nothing or everything is to be flushed.
+    pub fn range(&self) -> Option<GfnRange> {
+        self.range
+    }
+
+    /// Performs the recorded flush (nothing if none is needed).
+    pub fn flush(self, tlb: &mut impl TlbFlush) {
+        if self.all {
+            tlb.flush_all();
+        } else if let Some(r) = self.range {
+            tlb.flush_range(r);
+        }
+    }
+}
+
+/// Why a back-end operation on a leaf failed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum BackendError {
+    /// The handle names no present leaf.
+    NotALeaf(PteHandle),
+    /// A table or reverse-map allocation needed a reserve that was empty;
+    /// top up and retry.
+    ReserveEmpty,
+}
+
+/// The page-table format and reverse map, as the generic drivers use them.
+///
+/// Methods that only read or atomically clear hardware-set bits take `&self`,
+/// so ageing may run under a read lock while the CPU sets bits concurrently;
+/// methods that change permissions or structure take `&mut self` (the MMU
+/// lock held for writing).
+pub trait MmuBackend {
+    /// What the format records in hardware.
+    fn caps(&self) -> Caps;
+
+    /// Calls `f` once for each leaf PTE that maps any frame of `gfns` inside
+    /// `slot`, huge leaves included (once each, not once per frame).
+    fn for_each_leaf(&self, slot: &Memslot, gfns: GfnRange, f: &mut dyn FnMut(PteHandle));
+
+    /// The leaf `h` names, or `None` if it is not (any more) a present or
+    /// access-tracked leaf.
+    fn leaf(&self, h: PteHandle) -> Option<Leaf>;
+
+    /// Clears write permission. Returns whether the leaf was writable.
+    fn write_protect(&mut self, h: PteHandle, flush: &mut FlushToken) -> bool;
+
+    /// Atomically tests and clears the hardware dirty bit. Returns whether it
+    /// was set. Never called when `caps().dirty_bit` is false.
+    fn clear_dirty(&self, h: PteHandle, flush: &mut FlushToken) -> bool;
+
+    /// Atomically tests and clears the accessed bit. Returns whether it was
+    /// set. Never called when `caps().accessed_bit` is false.
+    fn clear_young(&self, h: PteHandle, flush: &mut FlushToken) -> bool;
+
+    /// Access tracking for formats without an accessed bit: makes the leaf
+    /// not-present while keeping what is needed to restore it on the next
+    /// fault. Returns whether it was present (so, accessed since it was last
+    /// tracked). The default answers `false` and changes nothing.
+    fn mark_access_tracked(&mut self, h: PteHandle, flush: &mut FlushToken) -> bool {
+        let _ = (h, flush);
+        false
+    }
+
+    /// Splits a huge leaf into next-size leaves with the same permissions,
+    /// with no window where the range is unmapped; or, where the format cannot
+    /// split, zaps it so the next fault maps small pages.
+    fn split_huge(&mut self, h: PteHandle, flush: &mut FlushToken) -> Result<(), BackendError>;
+
+    /// Removes the leaf and its reverse-map entry. Returns the leaf as it was
+    /// (with its final accessed and dirty bits), or `None` if `h` names none.
+    fn zap(&mut self, h: PteHandle, flush: &mut FlushToken) -> Option<Leaf>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder {
+        ranges: alloc::vec::Vec<GfnRange>,
+        alls: usize,
+    }
+
+    impl TlbFlush for Recorder {
+        fn flush_range(&mut self, range: GfnRange) {
+            self.ranges.push(range);
+        }
+        fn flush_all(&mut self) {
+            self.alls += 1;
+        }
+    }
+
+    #[test]
+    fn flush_token_merges_ranges_and_escalates_to_all() {
+        let mut rec = Recorder::default();
+        FlushToken::new().flush(&mut rec);
+        assert!(rec.ranges.is_empty() && rec.alls == 0);
+
+        let mut t = FlushToken::new();
+        t.add_range(GfnRange { start: Gfn(10), end: Gfn(11) });
+        t.add_range(GfnRange { start: Gfn(3), end: Gfn(4) });
+        assert_eq!(t.range(), Some(GfnRange { start: Gfn(3), end: Gfn(11) }));
+        t.flush(&mut rec);
+        assert_eq!(rec.ranges, [GfnRange { start: Gfn(3), end: Gfn(11) }]);
+
+        let mut t = FlushToken::new();
+        t.add_range(GfnRange { start: Gfn(0), end: Gfn(1) });
+        t.add_range(GfnRange {
+            start: Gfn(FlushToken::MAX_RANGE_PAGES),
+            end: Gfn(FlushToken::MAX_RANGE_PAGES + 1),
+        });
+        assert!(t.is_needed() && t.range().is_none());
+        t.flush(&mut rec);
+        assert_eq!(rec.alls, 1);
+    }
+}

@@ -1,0 +1,532 @@
+//! Memslots: guest-physical ranges backed by host-virtual ranges.
+//!
+//! A [`Memslots`] set is immutable. Changing it (create, delete, move, a flag
+//! change) builds a whole new set with the next generation through
+//! [`MemslotsBuilder`], which is where every invariant is checked: no two slots
+//! share a gfn, no slot is empty, no range overflows, every hva is page
+//! aligned. Readers hold a set and never see it change under them.
+//!
+//! Lookup by gfn is the hottest path of a fault. The set is a sorted array:
+//! with a handful of slots a scan wins, beyond that a binary search, and a
+//! caller-owned [`SlotHint`] (one per vCPU) remembers the last hit without any
+//! shared write, so concurrent lookups never contend on a cache line.
+//!
+//! Lookup by host-virtual range serves MMU-notifier invalidation and ageing.
+//! Host ranges may alias (two slots backed by the same host memory), so the
+//! query yields every overlapping slot, not the first.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::addr::{Gfn, GfnRange, Hva, HvaRange, PAGE_SHIFT, PAGE_SIZE};
+
+/// The largest number of slots a set may hold (KVM's `KVM_MEM_SLOTS_NUM`).
+pub const MAX_SLOTS: usize = 32767;
+
+/// Below this many slots a lookup scans instead of bisecting.
+const LINEAR_SCAN_MAX: usize = 8;
+
+/// A slot's user-chosen number, below [`MAX_SLOTS`].
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct SlotId(pub u16);
+
+bitflags::bitflags! {
+    /// Per-slot behaviour.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+    pub struct SlotFlags: u32 {
+        /// Writes to the slot are logged for live migration.
+        const DIRTY_LOG = 1 << 0;
+        /// The guest may not write the slot; a write is an MMIO exit.
+        const READONLY = 1 << 1;
+    }
+}
+
+/// One guest-physical range and the host-virtual memory behind it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Memslot {
+    id: SlotId,
+    base_gfn: Gfn,
+    npages: u64,
+    hva: Hva,
+    flags: SlotFlags,
+}
+
+impl Memslot {
+    /// Describes a slot; [`MemslotsBuilder::build`] validates it.
+    pub const fn new(id: SlotId, base_gfn: Gfn, npages: u64, hva: Hva, flags: SlotFlags) -> Self {
+        Self { id, base_gfn, npages, hva, flags }
+    }
+
+    /// The slot's number.
+    pub const fn id(&self) -> SlotId {
+        self.id
+    }
+
+    /// First guest frame.
+    pub const fn base_gfn(&self) -> Gfn {
+        self.base_gfn
+    }
+
+    /// Number of 4 KiB pages.
+    pub const fn npages(&self) -> u64 {
+        self.npages
+    }
+
+    /// Host-virtual address of the first page.
+    pub const fn hva(&self) -> Hva {
+        self.hva
+    }
+
+    /// The slot's flags.
+    pub const fn flags(&self) -> SlotFlags {
+        self.flags
+    }
+
+    /// The guest frames the slot covers. Valid slots never overflow.
+    pub const fn gfns(&self) -> GfnRange {
+        GfnRange { start: self.base_gfn, end: Gfn(self.base_gfn.0.wrapping_add(self.npages)) }
+    }
+
+    /// The host-virtual bytes behind the slot. Valid slots never overflow.
+    pub const fn hvas(&self) -> HvaRange {
+        HvaRange { start: self.hva, end: Hva(self.hva.0.wrapping_add(self.npages << PAGE_SHIFT)) }
+    }
+
+    /// Whether `gfn` lies in the slot.
+    #[inline]
+    pub const fn contains(&self, gfn: Gfn) -> bool {
+        gfn.0.wrapping_sub(self.base_gfn.0) < self.npages
+    }
+
+    /// The page index of `gfn` inside the slot.
+    #[inline]
+    pub const fn page_index(&self, gfn: Gfn) -> Option<u64> {
+        let idx = gfn.0.wrapping_sub(self.base_gfn.0);
+        if idx < self.npages {
+            Some(idx)
+        } else {
+            None
+        }
+    }
+
+    /// The host-virtual address that backs `gfn`.
+    #[inline]
+    pub const fn gfn_to_hva(&self, gfn: Gfn) -> Option<Hva> {
+        match self.page_index(gfn) {
+            Some(idx) => Some(Hva(self.hva.0 + (idx << PAGE_SHIFT))),
+            None => None,
+        }
+    }
+
+    /// The guest frames whose backing overlaps `range`, or `None` if none do.
+    pub fn gfns_for_hvas(&self, range: &HvaRange) -> Option<GfnRange> {
+        let mine = self.hvas();
+        if !mine.overlaps(range) {
+            return None;
+        }
+        let first = range.start.0.max(mine.start.0) - mine.start.0;
+        let last = range.end.0.min(mine.end.0) - mine.start.0;
+        // Partially covered pages count: a notifier for one byte invalidates the page.
+        let start = first >> PAGE_SHIFT;
+        let end = last.div_ceil(PAGE_SIZE);
+        Some(GfnRange { start: Gfn(self.base_gfn.0 + start), end: Gfn(self.base_gfn.0 + end) })
+    }
+
+    /// Whether the slot's memory is written through the host mapping for
+    /// `size_shift`-sized pages: both the gfn and the hva must be aligned to the
+    /// page and the whole page must lie in the slot.
+    pub fn allows_page(&self, gfn: Gfn, size_shift: u32) -> bool {
+        let pages = 1u64 << (size_shift - PAGE_SHIFT);
+        let head = Gfn(gfn.0 & !(pages - 1));
+        let Some(idx) = self.page_index(head) else { return false };
+        idx + pages <= self.npages && (self.hva.0 + (idx << PAGE_SHIFT)) & ((1 << size_shift) - 1) == 0
+    }
+}
+
+/// Why a memslot set could not be built or changed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum MemslotError {
+    /// Two slots share at least one guest frame.
+    Overlap {
+        /// The slot with the lower base gfn.
+        slot: SlotId,
+        /// The slot that starts inside it.
+        other: SlotId,
+    },
+    /// A slot has no pages.
+    ZeroSize(SlotId),
+    /// `base_gfn + npages` does not fit, or the slot's gpa range does not fit 64 bits.
+    GfnOverflow(SlotId),
+    /// `hva + npages * 4 KiB` does not fit 64 bits.
+    HvaOverflow(SlotId),
+    /// The slot's host-virtual address is not 4 KiB aligned.
+    MisalignedHva {
+        /// The offending slot.
+        slot: SlotId,
+        /// Its host-virtual address.
+        hva: Hva,
+    },
+    /// Two slots have the same number.
+    DuplicateId(SlotId),
+    /// The slot number is not below [`MAX_SLOTS`].
+    IdOutOfRange(SlotId),
+    /// The change names a slot the set does not hold.
+    NoSuchSlot(SlotId),
+}
+
+impl fmt::Display for MemslotError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Overlap { slot, other } => {
+                write!(f, "memslot {} overlaps memslot {}", slot.0, other.0)
+            }
+            Self::ZeroSize(s) => write!(f, "memslot {} has no pages", s.0),
+            Self::GfnOverflow(s) => write!(f, "memslot {} runs past the guest-physical space", s.0),
+            Self::HvaOverflow(s) => write!(f, "memslot {} runs past the host-virtual space", s.0),
+            Self::MisalignedHva { slot, hva } => {
+                write!(f, "memslot {} has a misaligned host address {}", slot.0, hva)
+            }
+            Self::DuplicateId(s) => write!(f, "memslot number {} is used twice", s.0),
+            Self::IdOutOfRange(s) => write!(f, "memslot number {} is not below {}", s.0, MAX_SLOTS),
+            Self::NoSuchSlot(s) => write!(f, "there is no memslot {}", s.0),
+        }
+    }
+}
+
+/// A per-vCPU memory of the last slot a lookup found.
+///
+/// Owned by the caller (one per vCPU), so a hit costs no shared write. A hint
+/// from an older generation is ignored.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SlotHint {
+    generation: u64,
+    index: u32,
+}
+
+/// An immutable set of memslots with a generation number.
+#[derive(Clone, Debug, Default)]
+pub struct Memslots {
+    generation: u64,
+    /// Sorted by base gfn; slots never overlap, so also by end gfn.
+    by_gfn: Vec<Memslot>,
+    /// Indices into `by_gfn`, sorted by hva start then slot id.
+    by_hva: Vec<u32>,
+    /// `hva_max_end[i]`: the largest hva end among `by_hva[..=i]`. Monotonic,
+    /// so the first candidate of a range query is found by bisection.
+    hva_max_end: Vec<u64>,
+    /// Indices into `by_gfn`, sorted by slot id.
+    by_id: Vec<u32>,
+}
+
+impl Memslots {
+    /// An empty set at generation 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The set's generation; each change builds a set with a larger one.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.by_gfn.len()
+    }
+
+    /// Whether the set has no slot.
+    pub fn is_empty(&self) -> bool {
+        self.by_gfn.is_empty()
+    }
+
+    /// The slots in gfn order.
+    pub fn iter(&self) -> core::slice::Iter<'_, Memslot> {
+        self.by_gfn.iter()
+    }
+
+    /// The slot with number `id`.
+    pub fn get(&self, id: SlotId) -> Option<&Memslot> {
+        let pos = self.by_id.binary_search_by_key(&id, |&i| self.by_gfn[i as usize].id).ok()?;
+        Some(&self.by_gfn[self.by_id[pos] as usize])
+    }
+
+    /// The slot that holds `gfn`.
+    #[inline]
+    pub fn lookup(&self, gfn: Gfn) -> Option<&Memslot> {
+        self.index_of(gfn).map(|i| &self.by_gfn[i])
+    }
+
+    /// The slot that holds `gfn`, trying the hint's slot first and updating it.
+    #[inline]
+    pub fn lookup_hinted(&self, gfn: Gfn, hint: &mut SlotHint) -> Option<&Memslot> {
+        if hint.generation == self.generation {
+            if let Some(slot) = self.by_gfn.get(hint.index as usize) {
+                if slot.contains(gfn) {
+                    return Some(slot);
+                }
+            }
+        }
+        let i = self.index_of(gfn)?;
+        *hint = SlotHint { generation: self.generation, index: i as u32 };
+        Some(&self.by_gfn[i])
+    }
+
+    #[inline]
+    fn index_of(&self, gfn: Gfn) -> Option<usize> {
+        let slots = &self.by_gfn;
+        if slots.len() <= LINEAR_SCAN_MAX {
+            return slots.iter().position(|s| s.contains(gfn));
+        }
+        // The last slot whose base is <= gfn is the only candidate.
+        let after = slots.partition_point(|s| s.base_gfn <= gfn);
+        let i = after.checked_sub(1)?;
+        slots[i].contains(gfn).then_some(i)
+    }
+
+    /// Every slot whose host memory overlaps `range`, with the guest frames
+    /// that overlap, aliases included, in order of host-virtual start (ties by
+    /// slot number).
+    pub fn lookup_hva(&self, range: HvaRange) -> HvaOverlaps<'_> {
+        // Candidates start below range.end ...
+        let end = self.by_hva.partition_point(|&i| self.by_gfn[i as usize].hva.0 < range.end.0);
+        // ... and some slot at or before them ends after range.start.
+        let start = self.hva_max_end[..end].partition_point(|&e| e <= range.start.0);
+        HvaOverlaps { slots: self, range, next: start, end }
+    }
+
+    /// A builder holding this set's slots, for the next generation.
+    pub fn to_builder(&self) -> MemslotsBuilder {
+        MemslotsBuilder { generation: self.generation, slots: self.by_gfn.clone() }
+    }
+}
+
+/// Iterator over the slots overlapping a host-virtual range.
+#[derive(Clone, Debug)]
+pub struct HvaOverlaps<'a> {
+    slots: &'a Memslots,
+    range: HvaRange,
+    next: usize,
+    end: usize,
+}
+
+impl<'a> Iterator for HvaOverlaps<'a> {
+    type Item = (&'a Memslot, GfnRange);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.next < self.end {
+            let slot = &self.slots.by_gfn[self.slots.by_hva[self.next] as usize];
+            self.next += 1;
+            if let Some(gfns) = slot.gfns_for_hvas(&self.range) {
+                return Some((slot, gfns));
+            }
+        }
+        None
+    }
+}
+
+/// Builds the next generation of a [`Memslots`] set.
+#[derive(Clone, Debug, Default)]
+pub struct MemslotsBuilder {
+    generation: u64,
+    slots: Vec<Memslot>,
+}
+
+impl MemslotsBuilder {
+    /// A builder for the first set (generation 1 once built).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a slot. Its number must not be in use.
+    pub fn create(&mut self, slot: Memslot) -> Result<&mut Self, MemslotError> {
+        if self.slots.iter().any(|s| s.id == slot.id) {
+            return Err(MemslotError::DuplicateId(slot.id));
+        }
+        self.slots.push(slot);
+        Ok(self)
+    }
+
+    /// Removes slot `id`.
+    pub fn delete(&mut self, id: SlotId) -> Result<&mut Self, MemslotError> {
+        let pos = self.position(id)?;
+        self.slots.swap_remove(pos);
+        Ok(self)
+    }
+
+    /// Moves slot `id` to a new base gfn (its host memory stays).
+    pub fn move_to(&mut self, id: SlotId, base_gfn: Gfn) -> Result<&mut Self, MemslotError> {
+        let pos = self.position(id)?;
+        self.slots[pos].base_gfn = base_gfn;
+        Ok(self)
+    }
+
+    /// Replaces slot `id`'s flags.
+    pub fn set_flags(&mut self, id: SlotId, flags: SlotFlags) -> Result<&mut Self, MemslotError> {
+        let pos = self.position(id)?;
+        self.slots[pos].flags = flags;
+        Ok(self)
+    }
+
+    fn position(&self, id: SlotId) -> Result<usize, MemslotError> {
+        self.slots.iter().position(|s| s.id == id).ok_or(MemslotError::NoSuchSlot(id))
+    }
+
+    /// Checks every invariant and builds the set with the next generation.
+    pub fn build(&self) -> Result<Memslots, MemslotError> {
+        if self.slots.len() > MAX_SLOTS {
+            // Ids are unique and below MAX_SLOTS, so this is caught per slot
+            // below; keep the check for clarity of the bound.
+            return Err(MemslotError::IdOutOfRange(SlotId(MAX_SLOTS as u16)));
+        }
+        for s in &self.slots {
+            validate(s)?;
+        }
+        let mut by_gfn = self.slots.clone();
+        by_gfn.sort_unstable_by_key(|s| s.base_gfn);
+        for pair in by_gfn.windows(2) {
+            if pair[0].gfns().overlaps(&pair[1].gfns()) {
+                return Err(MemslotError::Overlap { slot: pair[0].id, other: pair[1].id });
+            }
+        }
+        let n = by_gfn.len() as u32;
+        let mut by_id: Vec<u32> = (0..n).collect();
+        by_id.sort_unstable_by_key(|&i| by_gfn[i as usize].id);
+        if let Some(w) = by_id.windows(2).find(|w| by_gfn[w[0] as usize].id == by_gfn[w[1] as usize].id) {
+            return Err(MemslotError::DuplicateId(by_gfn[w[0] as usize].id));
+        }
+        let mut by_hva: Vec<u32> = (0..n).collect();
+        by_hva.sort_unstable_by_key(|&i| (by_gfn[i as usize].hva, by_gfn[i as usize].id));
+        let mut hva_max_end = Vec::with_capacity(by_hva.len());
+        let mut max = 0;
+        for &i in &by_hva {
+            max = max.max(by_gfn[i as usize].hvas().end.0);
+            hva_max_end.push(max);
+        }
+        Ok(Memslots { generation: self.generation + 1, by_gfn, by_hva, hva_max_end, by_id })
+    }
+}
+
+fn validate(s: &Memslot) -> Result<(), MemslotError> {
+    if s.id.0 as usize >= MAX_SLOTS {
+        return Err(MemslotError::IdOutOfRange(s.id));
+    }
+    if s.npages == 0 {
+        return Err(MemslotError::ZeroSize(s.id));
+    }
+    let end = s.base_gfn.checked_add(s.npages).ok_or(MemslotError::GfnOverflow(s.id))?;
+    // The last frame must have a 64-bit guest-physical address.
+    if Gfn(end.0 - 1).gpa().is_none() {
+        return Err(MemslotError::GfnOverflow(s.id));
+    }
+    if !s.hva.is_aligned(PAGE_SHIFT) {
+        return Err(MemslotError::MisalignedHva { slot: s.id, hva: s.hva });
+    }
+    let bytes = s.npages.checked_mul(PAGE_SIZE).ok_or(MemslotError::HvaOverflow(s.id))?;
+    s.hva.checked_add(bytes).ok_or(MemslotError::HvaOverflow(s.id))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(id: u16, gfn: u64, n: u64, hva: u64) -> Memslot {
+        Memslot::new(SlotId(id), Gfn(gfn), n, Hva(hva), SlotFlags::empty())
+    }
+
+    fn set(slots: &[Memslot]) -> Result<Memslots, MemslotError> {
+        let mut b = MemslotsBuilder::new();
+        for s in slots {
+            b.create(*s)?;
+        }
+        b.build()
+    }
+
+    #[test]
+    fn overlapping_slots_are_rejected_naming_both() {
+        let err = set(&[slot(1, 0, 10, 0), slot(2, 9, 10, 0x100000)]).unwrap_err();
+        assert_eq!(err, MemslotError::Overlap { slot: SlotId(1), other: SlotId(2) });
+        // Touching is fine.
+        assert!(set(&[slot(1, 0, 10, 0), slot(2, 10, 10, 0x100000)]).is_ok());
+    }
+
+    #[test]
+    fn bad_slots_get_their_typed_error() {
+        assert_eq!(set(&[slot(3, 0, 0, 0)]).unwrap_err(), MemslotError::ZeroSize(SlotId(3)));
+        assert_eq!(set(&[slot(3, u64::MAX, 2, 0)]).unwrap_err(), MemslotError::GfnOverflow(SlotId(3)));
+        assert_eq!(set(&[slot(3, 1 << 52, 1, 0)]).unwrap_err(), MemslotError::GfnOverflow(SlotId(3)));
+        assert_eq!(
+            set(&[slot(3, 0, 2, !0xfff)]).unwrap_err(),
+            MemslotError::HvaOverflow(SlotId(3))
+        );
+        assert_eq!(set(&[slot(3, 0, 1 << 51, 1 << 63)]).unwrap_err(), MemslotError::HvaOverflow(SlotId(3)));
+        assert_eq!(
+            set(&[slot(3, 0, 1, 0x1001)]).unwrap_err(),
+            MemslotError::MisalignedHva { slot: SlotId(3), hva: Hva(0x1001) }
+        );
+        assert_eq!(set(&[slot(40000, 0, 1, 0)]).unwrap_err(), MemslotError::IdOutOfRange(SlotId(40000)));
+        let mut b = MemslotsBuilder::new();
+        b.create(slot(1, 0, 1, 0)).unwrap();
+        assert_eq!(b.create(slot(1, 5, 1, 0)).unwrap_err(), MemslotError::DuplicateId(SlotId(1)));
+        assert_eq!(b.delete(SlotId(9)).unwrap_err(), MemslotError::NoSuchSlot(SlotId(9)));
+    }
+
+    #[test]
+    fn each_change_builds_a_newer_generation() {
+        let a = set(&[slot(1, 0, 10, 0)]).unwrap();
+        assert_eq!(a.generation(), 1);
+        let mut b = a.to_builder();
+        b.move_to(SlotId(1), Gfn(100)).unwrap();
+        let b = b.build().unwrap();
+        assert_eq!(b.generation(), 2);
+        assert!(b.lookup(Gfn(5)).is_none());
+        assert_eq!(b.lookup(Gfn(105)).map(|s| s.id()), Some(SlotId(1)));
+        // The old set is unchanged.
+        assert_eq!(a.lookup(Gfn(5)).map(|s| s.id()), Some(SlotId(1)));
+    }
+
+    #[test]
+    fn lookup_finds_the_slot_or_nothing_at_every_size() {
+        for n in [1u64, 2, 8, 9, 100] {
+            let slots: Vec<_> = (0..n).map(|i| slot(i as u16, i * 20, 10, i << 30)).collect();
+            let s = set(&slots).unwrap();
+            let mut hint = SlotHint::default();
+            for g in 0..n * 20 + 5 {
+                let want = (g % 20 < 10 && g / 20 < n).then_some(SlotId((g / 20) as u16));
+                assert_eq!(s.lookup(Gfn(g)).map(|s| s.id()), want, "gfn {g} of {n}");
+                assert_eq!(s.lookup_hinted(Gfn(g), &mut hint).map(|s| s.id()), want);
+            }
+        }
+    }
+
+    #[test]
+    fn hva_query_yields_every_alias() {
+        // Slots 1 and 2 share host memory; slot 3 is elsewhere.
+        let s = set(&[slot(1, 0, 16, 0x10000), slot(2, 100, 16, 0x10000), slot(3, 200, 4, 0x80000)]).unwrap();
+        let hits: Vec<_> = s
+            .lookup_hva(HvaRange { start: Hva(0x12000), end: Hva(0x13001) })
+            .map(|(slot, r)| (slot.id(), r))
+            .collect();
+        assert_eq!(
+            hits,
+            [
+                (SlotId(1), GfnRange { start: Gfn(2), end: Gfn(4) }),
+                (SlotId(2), GfnRange { start: Gfn(102), end: Gfn(104) }),
+            ]
+        );
+        assert_eq!(s.lookup_hva(HvaRange { start: Hva(0x20000), end: Hva(0x80000) }).count(), 0);
+        assert_eq!(s.lookup_hva(HvaRange { start: Hva(0), end: Hva(u64::MAX) }).count(), 3);
+    }
+
+    #[test]
+    fn huge_page_allowed_only_when_gfn_and_hva_align_inside_the_slot() {
+        let s = slot(1, 512, 1024, 0x4000_0000);
+        assert!(s.allows_page(Gfn(512 + 3), 21));
+        assert!(s.allows_page(Gfn(1024 + 511), 21));
+        assert!(!s.allows_page(Gfn(1536), 21));
+        let skew = slot(1, 512, 1024, 0x4000_1000);
+        assert!(!skew.allows_page(Gfn(512), 21));
+        assert!(skew.allows_page(Gfn(512), 12));
+    }
+}
