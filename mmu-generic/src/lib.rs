@@ -18,6 +18,11 @@
 //! | [`rmap`] | per-slot, per-level reverse map built from those lists |
 //! | [`backend`] | the traits a page-table format implements, and the flush token |
 //! | [`invalidate`] | invalidation sequencing between MMU notifiers and faults |
+//! | [`dirty_bitmap`] | the atomic per-slot bitmap |
+//! | [`dirty_log`] | dirty logging per slot: write-protect or D/C-bit harvest, the writable chain, classic / manual / ring modes |
+//! | [`dirty_ring`] | the per-vCPU dirty ring |
+//! | [`age`] | referenced-bit ageing over a host-virtual range, with a policy for formats without an accessed bit |
+//! | [`generation`] | zap everything by generation, obsolete pages reclaimed in batches |
 //! | [`sync`] | the atomics used outside the MMU lock (switch to `loom` under `cfg(loom)`) |
 //!
 //! ```
@@ -34,9 +39,17 @@
 #![forbid(unsafe_code)]
 
 extern crate alloc;
+// The `arbitrary` derive names `std`; the feature is for tests and fuzzing only.
+#[cfg(feature = "arbitrary")]
+extern crate std;
 
 pub mod addr;
+pub mod age;
 pub mod backend;
+pub mod dirty_bitmap;
+pub mod dirty_log;
+pub mod dirty_ring;
+pub mod generation;
 pub mod invalidate;
 pub mod memslot;
 pub mod pte_list;

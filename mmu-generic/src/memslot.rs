@@ -456,10 +456,7 @@ mod tests {
         assert_eq!(set(&[slot(3, 0, 0, 0)]).unwrap_err(), MemslotError::ZeroSize(SlotId(3)));
         assert_eq!(set(&[slot(3, u64::MAX, 2, 0)]).unwrap_err(), MemslotError::GfnOverflow(SlotId(3)));
         assert_eq!(set(&[slot(3, 1 << 52, 1, 0)]).unwrap_err(), MemslotError::GfnOverflow(SlotId(3)));
-        assert_eq!(
-            set(&[slot(3, 0, 2, !0xfff)]).unwrap_err(),
-            MemslotError::HvaOverflow(SlotId(3))
-        );
+        assert_eq!(set(&[slot(3, 0, 2, !0xfff)]).unwrap_err(), MemslotError::HvaOverflow(SlotId(3)));
         assert_eq!(set(&[slot(3, 0, 1 << 51, 1 << 63)]).unwrap_err(), MemslotError::HvaOverflow(SlotId(3)));
         assert_eq!(
             set(&[slot(3, 0, 1, 0x1001)]).unwrap_err(),

@@ -1,1 +1,17 @@
-//! placeholder
+//! # vmmu-tests: one scenario suite, every back end
+//!
+//! [`harness`] holds the scenarios (demand faults, dirty-log rounds in every
+//! mode, ageing, invalidation, MMIO exits), generic over [`harness::GuestMmu`];
+//! [`sim`] holds a plain simulated back end with software accessed and dirty
+//! bits, so the core's drivers are tested before any arch crate plugs in.
+//! The arch crates implement `GuestMmu` for their engines and run the same
+//! scenarios (see `tests/scenarios.rs`).
+
+pub mod harness;
+pub mod model;
+pub mod sim;
+
+/// The README's quick start, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

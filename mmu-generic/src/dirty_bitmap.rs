@@ -1,0 +1,122 @@
+//! An atomic bitmap with one bit per 4 KiB page of a slot.
+//!
+//! Bits are set by fault paths and harvest passes (possibly on several CPUs)
+//! and taken by the harvester with word-wide swaps, so a bit set concurrently
+//! with a harvest lands either in this round or in the next, never nowhere.
+
+use alloc::vec::Vec;
+
+use crate::sync::{AtomicU64, Ordering};
+
+/// One bit per page, in 64-bit atomic words.
+#[derive(Debug)]
+pub struct DirtyBitmap {
+    words: Vec<AtomicU64>,
+    npages: u64,
+}
+
+impl DirtyBitmap {
+    /// A clear bitmap for `npages` pages.
+    pub fn new(npages: u64) -> Self {
+        let n = npages.div_ceil(64) as usize;
+        Self { words: (0..n).map(|_| AtomicU64::new(0)).collect(), npages }
+    }
+
+    /// Number of pages covered.
+    pub fn npages(&self) -> u64 {
+        self.npages
+    }
+
+    /// Number of 64-bit words.
+    pub fn words(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Sets the bit of page `idx`. Returns whether it was clear. Out-of-range
+    /// pages are ignored (and reported as not newly set).
+    #[inline]
+    pub fn set(&self, idx: u64) -> bool {
+        if idx >= self.npages {
+            return false;
+        }
+        let bit = 1u64 << (idx % 64);
+        self.words[(idx / 64) as usize].fetch_or(bit, Ordering::Release) & bit == 0
+    }
+
+    /// Sets the bits of pages `[first, first + n)` clipped to the bitmap.
+    pub fn set_range(&self, first: u64, n: u64) {
+        let end = first.saturating_add(n).min(self.npages);
+        let mut i = first;
+        while i < end {
+            let w = i / 64;
+            let lo = i % 64;
+            let hi = (end - w * 64).min(64);
+            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            self.words[w as usize].fetch_or(mask, Ordering::Release);
+            i = (w + 1) * 64;
+        }
+    }
+
+    /// Whether page `idx` is marked.
+    pub fn test(&self, idx: u64) -> bool {
+        idx < self.npages && self.words[(idx / 64) as usize].load(Ordering::Acquire) >> (idx % 64) & 1 != 0
+    }
+
+    /// Word `i` as it is now.
+    #[inline]
+    pub fn word(&self, i: usize) -> u64 {
+        self.words[i].load(Ordering::Acquire)
+    }
+
+    /// Takes word `i`, leaving it clear.
+    #[inline]
+    pub fn take_word(&self, i: usize) -> u64 {
+        // Cheap test first: most words of a large slot are clear, and a load
+        // does not take the cache line exclusive.
+        if self.words[i].load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.words[i].swap(0, Ordering::AcqRel)
+    }
+
+    /// Clears the bits of `mask` in word `i`; returns those that were set.
+    #[inline]
+    pub fn clear_mask(&self, i: usize, mask: u64) -> u64 {
+        self.words[i].fetch_and(!mask, Ordering::AcqRel) & mask
+    }
+
+    /// Number of marked pages.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_range_marks_exactly_the_range() {
+        for (first, n) in [(0, 1), (3, 70), (63, 2), (64, 64), (10, 300), (250, 100)] {
+            let b = DirtyBitmap::new(300);
+            b.set_range(first, n);
+            for i in 0..300 {
+                assert_eq!(b.test(i), i >= first && i < first + n, "page {i} of {first}+{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn take_word_returns_and_clears() {
+        let b = DirtyBitmap::new(128);
+        assert!(b.set(65));
+        assert!(!b.set(65));
+        assert!(!b.set(128), "out of range is ignored");
+        assert_eq!(b.take_word(1), 2);
+        assert_eq!(b.take_word(1), 0);
+        b.set(0);
+        b.set(1);
+        assert_eq!(b.clear_mask(0, 1), 1);
+        assert_eq!(b.word(0), 2);
+    }
+}

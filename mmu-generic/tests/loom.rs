@@ -1,0 +1,161 @@
+//! loom models of the core's lock-free protocols. Run with
+//! `RUSTFLAGS="--cfg loom" cargo test -p mmu-generic --release --test loom`.
+#![cfg(loom)]
+
+use loom::sync::atomic::{AtomicU64, Ordering};
+use loom::sync::Arc;
+use loom::thread;
+
+use mmu_generic::addr::{Hva, HvaRange};
+use mmu_generic::dirty_bitmap::DirtyBitmap;
+use mmu_generic::dirty_ring::{DirtyRing, RingFull};
+use mmu_generic::invalidate::InvalidationSeq;
+use mmu_generic::memslot::SlotId;
+
+const A: u64 = 1 << 5;
+const D: u64 = 1 << 6;
+const W: u64 = 1 << 1;
+
+/// The CPU sets A and D with an atomic OR while the hypervisor ages (clears
+/// A) and harvests D into the bitmap. The write happens before the CPU sets
+/// D, so a harvest that misses D must be followed by one that finds it:
+/// after the final harvest the write is in the bitmap, and A is only seen
+/// set after the access.
+#[test]
+fn hardware_dirty_bit_is_never_lost_while_harvesting() {
+    loom::model(|| {
+        let pte = Arc::new(AtomicU64::new(W));
+        let bitmap = Arc::new(DirtyBitmap::new(64));
+        let accessed = Arc::new(AtomicU64::new(0));
+
+        let cpu = {
+            let (pte, accessed) = (pte.clone(), accessed.clone());
+            thread::spawn(move || {
+                accessed.store(1, Ordering::Release);
+                pte.fetch_or(A | D, Ordering::AcqRel);
+            })
+        };
+        // The hypervisor: one ageing pass and one harvest, concurrently.
+        let was_young = pte.fetch_and(!A, Ordering::AcqRel) & A != 0;
+        if was_young {
+            assert_eq!(accessed.load(Ordering::Acquire), 1, "young before any access");
+        }
+        if pte.fetch_and(!D, Ordering::AcqRel) & D != 0 {
+            bitmap.set(3);
+        }
+        cpu.join().unwrap();
+        // Final round with the vCPU stopped.
+        if pte.fetch_and(!D, Ordering::AcqRel) & D != 0 {
+            bitmap.set(3);
+        }
+        assert!(bitmap.test(3), "the write's D bit was lost");
+    });
+}
+
+/// Write protection against a write fault: the fault marks the bitmap and
+/// makes the PTE writable with a compare-exchange; the harvester protects
+/// (clears W) then takes the bitmap word. Whatever the interleaving, the
+/// write lands in this round's word or in the bitmap for the next.
+#[test]
+fn write_fault_racing_a_protect_round_is_reported() {
+    loom::model(|| {
+        let pte = Arc::new(AtomicU64::new(0));
+        let bitmap = Arc::new(DirtyBitmap::new(64));
+        let fault = {
+            let (pte, bitmap) = (pte.clone(), bitmap.clone());
+            thread::spawn(move || {
+                bitmap.set(7);
+                let _ = pte.compare_exchange(0, W, Ordering::AcqRel, Ordering::Acquire);
+            })
+        };
+        let was_writable = pte.fetch_and(!W, Ordering::AcqRel) & W != 0;
+        if was_writable {
+            bitmap.set(7);
+        }
+        let round1 = bitmap.take_word(0);
+        fault.join().unwrap();
+        let round2 = bitmap.take_word(0);
+        assert!((round1 | round2) & (1 << 7) != 0, "the write was reported in no round");
+    });
+}
+
+/// The vCPU pushes into a dirty ring while the harvester collects and the
+/// MMU resets: every pushed entry is harvested exactly once, in order, and a
+/// push refused as full is retried after a reset.
+#[test]
+fn dirty_ring_entries_are_harvested_exactly_once() {
+    loom::model(|| {
+        let ring = Arc::new(DirtyRing::new(2, 1).unwrap());
+        let vcpu = {
+            let ring = ring.clone();
+            thread::spawn(move || {
+                let mut soft_full_seen = false;
+                for off in 0..3u64 {
+                    loop {
+                        match ring.push(SlotId(0), off) {
+                            Ok(status) => {
+                                soft_full_seen |= status == mmu_generic::dirty_ring::RingPush::SoftFull;
+                                break;
+                            }
+                            Err(RingFull) => thread::yield_now(),
+                        }
+                    }
+                }
+                // A ring of 2 with a reserve of 1 is soft-full after each push.
+                assert!(soft_full_seen);
+            })
+        };
+        let mut fetch = 0u32;
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            ring.harvest(&mut fetch, |_, off| got.push(off));
+            ring.reset(|_, _| {});
+            thread::yield_now();
+        }
+        vcpu.join().unwrap();
+        assert_eq!(got, [0, 1, 2]);
+        assert_eq!(ring.harvest(&mut fetch, |_, _| panic!("harvested twice")), 0);
+    });
+}
+
+/// A fault snapshots the sequence, resolves a pfn, and commits only if
+/// `must_retry` says no; a notifier invalidates the page (start and zap
+/// under the MMU lock, replace the host page, end under the lock). Whatever
+/// the interleaving, the translation left installed is never the old frame.
+#[test]
+fn fault_never_commits_a_pfn_invalidated_after_its_snapshot() {
+    loom::model(|| {
+        let seq = Arc::new(InvalidationSeq::new());
+        // The host mapping of the page: frame 1, replaced by frame 2.
+        let host_pte = Arc::new(AtomicU64::new(1));
+        let range = HvaRange { start: Hva(0x1000), end: Hva(0x2000) };
+        // The MMU lock, guarding the installed translation (0 = none).
+        let mmu = Arc::new(loom::sync::Mutex::new(0u64));
+
+        let notifier = {
+            let (seq, host_pte, mmu) = (seq.clone(), host_pte.clone(), mmu.clone());
+            thread::spawn(move || {
+                {
+                    let mut installed = mmu.lock().unwrap();
+                    seq.start(range);
+                    *installed = 0; // zap
+                }
+                host_pte.store(2, Ordering::Release);
+                let _g = mmu.lock().unwrap();
+                seq.end();
+            })
+        };
+
+        let snap = seq.snapshot();
+        let pfn = host_pte.load(Ordering::Acquire);
+        {
+            let mut installed = mmu.lock().unwrap();
+            if !seq.must_retry(snap, Hva(0x1000)) {
+                *installed = pfn;
+            }
+        }
+        notifier.join().unwrap();
+        let installed = *mmu.lock().unwrap();
+        assert!(installed == 0 || installed == 2, "the old frame {installed} stayed mapped");
+    });
+}

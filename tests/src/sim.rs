@@ -1,0 +1,347 @@
+//! A plain simulated back end: one atomic word per leaf PTE with software
+//! accessed and dirty bits, 4 KiB and 2 MiB leaves, filed in the core's
+//! reverse map. It plays both the page-table format (implementing
+//! [`MmuBackend`]) and, through [`SimMmu`], the CPU that walks it and the
+//! hypervisor's fault handler, so every core driver runs before any arch
+//! crate exists.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use mmu_generic::addr::{Gfn, GfnRange, HvaRange};
+use mmu_generic::backend::{BackendError, Caps, FlushToken, Leaf, MmuBackend, TlbFlush};
+use mmu_generic::dirty_log::Tracking;
+use mmu_generic::dirty_ring::RingPush;
+use mmu_generic::memslot::{Memslot, Memslots, SlotFlags, SlotId};
+use mmu_generic::pte_list::PteHandle;
+use mmu_generic::rmap::{Rmap, X86_LEVEL_SHIFTS};
+
+use crate::harness::{DirtyLogs, FaultOutcome, GuestMmu, HwFault};
+
+const P: u64 = 1 << 0;
+const W: u64 = 1 << 1;
+const A: u64 = 1 << 5;
+const D: u64 = 1 << 6;
+const HUGE: u64 = 1 << 7;
+/// Access-tracked: not present, restorable.
+const TRACKED: u64 = 1 << 9;
+/// The write permission a tracked leaf had.
+const SAVED_W: u64 = 1 << 10;
+const GFN_SHIFT: u32 = 12;
+
+/// Pages per 2 MiB leaf.
+const HUGE_PAGES: u64 = 512;
+
+/// The simulated page-table format.
+#[derive(Debug)]
+pub struct SimBackend {
+    ptes: Vec<AtomicU64>,
+    slot_of: Vec<u16>,
+    free: Vec<u32>,
+    rmap: Rmap,
+    caps: Caps,
+    /// The forward table: first gfn of a leaf → its handle.
+    table: BTreeMap<u64, u32>,
+}
+
+impl SimBackend {
+    /// An empty table whose format has the given hardware bits.
+    pub fn new(caps: Caps) -> Self {
+        Self {
+            ptes: Vec::new(),
+            slot_of: Vec::new(),
+            free: Vec::new(),
+            rmap: Rmap::new(X86_LEVEL_SHIFTS),
+            caps,
+            table: BTreeMap::new(),
+        }
+    }
+
+    /// Follows a memslot change.
+    pub fn sync_slots(&mut self, slots: &Memslots) {
+        self.rmap.sync_slots(slots);
+    }
+
+    /// The leaf mapping `gfn`, if any (present or tracked).
+    pub fn lookup(&self, gfn: Gfn) -> Option<PteHandle> {
+        let (&first, &h) = self.table.range(..=gfn.0).next_back()?;
+        let w = self.ptes[h as usize].load(Ordering::Acquire);
+        let n = if w & HUGE != 0 { HUGE_PAGES } else { 1 };
+        (gfn.0 < first + n).then_some(PteHandle(h))
+    }
+
+    /// Number of leaves installed.
+    pub fn leaf_count(&self) -> usize {
+        self.table.len()
+    }
+
+    fn word(&self, h: PteHandle) -> &AtomicU64 {
+        &self.ptes[h.0 as usize]
+    }
+
+    /// Installs a leaf and files it in the reverse map.
+    pub fn install(&mut self, slot: SlotId, gfn: Gfn, huge: bool, writable: bool) -> PteHandle {
+        let word = (gfn.0 << GFN_SHIFT) | P | if writable { W } else { 0 } | if huge { HUGE } else { 0 };
+        let h = match self.free.pop() {
+            Some(h) => {
+                self.ptes[h as usize].store(word, Ordering::Release);
+                self.slot_of[h as usize] = slot.0;
+                h
+            }
+            None => {
+                self.ptes.push(AtomicU64::new(word));
+                self.slot_of.push(slot.0);
+                (self.ptes.len() - 1) as u32
+            }
+        };
+        self.rmap.reserve(1);
+        self.rmap.add(slot, gfn, usize::from(huge), PteHandle(h)).expect("leaf inside its slot");
+        self.table.insert(gfn.0, h);
+        PteHandle(h)
+    }
+
+    /// The CPU's access: sets A (and D on a write) where the format has them.
+    pub fn hw_access(&self, gfn: Gfn, write: bool) -> Result<(), HwFault> {
+        let h = self.lookup(gfn).ok_or(HwFault::NotPresent)?;
+        let w = self.word(h).load(Ordering::Acquire);
+        if w & P == 0 {
+            return Err(HwFault::NotPresent);
+        }
+        if write && w & W == 0 {
+            return Err(HwFault::WriteProtected);
+        }
+        let mut set = if self.caps.accessed_bit { A } else { 0 };
+        if write && self.caps.dirty_bit {
+            set |= D;
+        }
+        self.word(h).fetch_or(set, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Restores an access-tracked leaf; the refault is the access.
+    pub fn restore_tracked(&self, h: PteHandle) -> bool {
+        let w = self.word(h).load(Ordering::Acquire);
+        if w & TRACKED == 0 {
+            return false;
+        }
+        let restored = (w & !(TRACKED | SAVED_W)) | P | if w & SAVED_W != 0 { W } else { 0 };
+        self.word(h).compare_exchange(w, restored, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Grants write permission to a present leaf.
+    pub fn make_writable(&self, h: PteHandle) {
+        self.word(h).fetch_or(W, Ordering::AcqRel);
+    }
+}
+
+impl MmuBackend for SimBackend {
+    fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    fn for_each_leaf(&self, slot: &Memslot, gfns: GfnRange, f: &mut dyn FnMut(PteHandle)) {
+        self.rmap.for_each_in(slot.id(), gfns, |_, h| f(h));
+    }
+
+    fn leaf(&self, h: PteHandle) -> Option<Leaf> {
+        let w = self.ptes.get(h.0 as usize)?.load(Ordering::Acquire);
+        if w & (P | TRACKED) == 0 {
+            return None;
+        }
+        Some(Leaf {
+            gfn: Gfn(w >> GFN_SHIFT),
+            npages: if w & HUGE != 0 { HUGE_PAGES } else { 1 },
+            writable: w & W != 0,
+            young: w & A != 0,
+            dirty: w & D != 0,
+            access_tracked: w & TRACKED != 0,
+        })
+    }
+
+    fn write_protect(&mut self, h: PteHandle, flush: &mut FlushToken) -> bool {
+        let old = self.word(h).fetch_and(!W, Ordering::AcqRel);
+        let was = old & W != 0 && old & P != 0;
+        if was {
+            flush.add_range(self.leaf(h).map(|l| l.gfns()).unwrap_or_default());
+        }
+        was
+    }
+
+    fn clear_dirty(&self, h: PteHandle, flush: &mut FlushToken) -> bool {
+        let old = self.word(h).fetch_and(!D, Ordering::AcqRel);
+        if old & D != 0 {
+            flush.add_range(self.leaf(h).map(|l| l.gfns()).unwrap_or_default());
+        }
+        old & D != 0
+    }
+
+    fn clear_young(&self, h: PteHandle, flush: &mut FlushToken) -> bool {
+        let old = self.word(h).fetch_and(!A, Ordering::AcqRel);
+        if old & A != 0 {
+            flush.add_range(self.leaf(h).map(|l| l.gfns()).unwrap_or_default());
+        }
+        old & A != 0
+    }
+
+    fn mark_access_tracked(&mut self, h: PteHandle, flush: &mut FlushToken) -> bool {
+        let w = self.word(h).load(Ordering::Acquire);
+        if w & P == 0 {
+            return false;
+        }
+        let tracked = (w & !(P | W)) | TRACKED | if w & W != 0 { SAVED_W } else { 0 };
+        self.word(h).store(tracked, Ordering::Release);
+        flush.add_range(self.leaf(h).map(|l| l.gfns()).unwrap_or_default());
+        true
+    }
+
+    fn split_huge(&mut self, h: PteHandle, flush: &mut FlushToken) -> Result<(), BackendError> {
+        let leaf = self.leaf(h).ok_or(BackendError::NotALeaf(h))?;
+        if leaf.npages == 1 {
+            return Ok(());
+        }
+        let w = self.word(h).load(Ordering::Acquire);
+        let slot = SlotId(self.slot_of[h.0 as usize]);
+        self.zap(h, flush);
+        for i in 0..HUGE_PAGES {
+            let small = self.install(slot, Gfn(leaf.gfn.0 + i), false, leaf.writable);
+            // Children keep the parent's hardware bits, D included: a write
+            // the huge leaf recorded must not vanish in the split.
+            self.word(small).fetch_or(w & (A | D), Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    fn zap(&mut self, h: PteHandle, flush: &mut FlushToken) -> Option<Leaf> {
+        let leaf = self.leaf(h)?;
+        self.word(h).store(0, Ordering::Release);
+        let slot = SlotId(self.slot_of[h.0 as usize]);
+        let level = usize::from(leaf.npages > 1);
+        self.rmap.remove(slot, leaf.gfn, level, h).expect("every leaf is in the reverse map");
+        self.table.remove(&leaf.gfn.0);
+        self.free.push(h.0);
+        flush.add_range(leaf.gfns());
+        Some(leaf)
+    }
+}
+
+/// Counts the flushes the drivers asked for.
+#[derive(Debug, Default)]
+pub struct SimTlb {
+    /// Range flushes performed.
+    pub ranges: u64,
+    /// Full flushes performed.
+    pub alls: u64,
+}
+
+impl TlbFlush for SimTlb {
+    fn flush_range(&mut self, _: GfnRange) {
+        self.ranges += 1;
+    }
+    fn flush_all(&mut self) {
+        self.alls += 1;
+    }
+}
+
+/// The simulated guest MMU: memslots, the table, its fault handler.
+#[derive(Debug)]
+pub struct SimMmu {
+    slots: Memslots,
+    backend: SimBackend,
+    tlb: SimTlb,
+    /// Map with 2 MiB leaves where the slot allows.
+    pub huge_pages: bool,
+    /// Faults that installed a new leaf.
+    pub faults_mapped: u64,
+}
+
+impl SimMmu {
+    /// A guest over `slots` whose format has `caps`.
+    pub fn new(slots: Memslots, caps: Caps) -> Self {
+        let mut backend = SimBackend::new(caps);
+        backend.sync_slots(&slots);
+        Self { slots, backend, tlb: SimTlb::default(), huge_pages: false, faults_mapped: 0 }
+    }
+}
+
+impl GuestMmu for SimMmu {
+    type Backend = SimBackend;
+
+    fn memslots(&self) -> &Memslots {
+        &self.slots
+    }
+
+    fn backend(&self) -> &SimBackend {
+        &self.backend
+    }
+
+    fn backend_mut(&mut self) -> &mut SimBackend {
+        &mut self.backend
+    }
+
+    fn hw_access(&mut self, gfn: Gfn, write: bool) -> Result<(), HwFault> {
+        self.backend.hw_access(gfn, write)
+    }
+
+    fn handle_fault(&mut self, gfn: Gfn, write: bool, logs: &mut DirtyLogs) -> FaultOutcome {
+        let Some(slot) = self.slots.lookup(gfn).copied() else { return FaultOutcome::Mmio };
+        if write && slot.flags().contains(SlotFlags::READONLY) {
+            return FaultOutcome::Denied;
+        }
+        let readonly = slot.flags().contains(SlotFlags::READONLY);
+        let log = logs.logs.get_mut(&slot.id());
+        let h = match self.backend.lookup(gfn) {
+            Some(h) => {
+                if self.backend.restore_tracked(h) {
+                    return FaultOutcome::Mapped;
+                }
+                h
+            }
+            None => {
+                let huge = self.huge_pages && log.is_none() && slot.allows_page(gfn, 21);
+                let first = if huge { Gfn(gfn.0 & !(HUGE_PAGES - 1)) } else { gfn };
+                self.faults_mapped += 1;
+                // Unlogged memory is mapped writable at once; logged memory
+                // becomes writable below, through the log.
+                self.backend.install(slot.id(), first, huge, !readonly && log.is_none())
+            }
+        };
+        let leaf = self.backend.leaf(h).expect("a leaf was found or installed");
+        let wants_write = write || log.as_ref().is_some_and(|l| l.tracking() == Tracking::HardwareDirty);
+        if !leaf.writable && !readonly && wants_write {
+            if let Some(log) = log {
+                match log.note_writable(gfn, h, logs.ring.as_ref()) {
+                    Ok(RingPush::SoftFull) => logs.soft_full_exits += 1,
+                    Ok(RingPush::Ok) => {}
+                    // A full ring: the write is not logged, so not allowed.
+                    Err(_) => return FaultOutcome::Retry,
+                }
+            }
+            self.backend.make_writable(h);
+        }
+        FaultOutcome::Mapped
+    }
+
+    fn flush(&mut self, token: FlushToken) {
+        token.flush(&mut self.tlb);
+    }
+
+    fn zap_hva_range(&mut self, range: HvaRange, logs: &DirtyLogs) -> usize {
+        let mut flush = FlushToken::new();
+        let mut zapped = 0;
+        let hits: Vec<(Memslot, GfnRange)> = self.slots.lookup_hva(range).map(|(s, r)| (*s, r)).collect();
+        for (slot, gfns) in hits {
+            let mut leaves = Vec::new();
+            self.backend.for_each_leaf(&slot, gfns, &mut |h| leaves.push(h));
+            for h in leaves {
+                if let Some(leaf) = self.backend.zap(h, &mut flush) {
+                    zapped += 1;
+                    if let Some(log) = logs.logs.get(&slot.id()) {
+                        log.note_zapped(&leaf);
+                    }
+                }
+            }
+        }
+        self.flush(flush);
+        zapped
+    }
+}
