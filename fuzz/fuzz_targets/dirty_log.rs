@@ -1,0 +1,11 @@
+//! Dirty logging in every mode with guest writes, reads and invalidations interleaved: every page written since the previous harvest is reported exactly once.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vmmu_tests::model::*;
+
+fuzz_target!(|input: (DirtySetup, Vec<DirtyOp>)| {
+    if let Err(e) = run_dirty(input.0, &input.1) {
+        panic!("{e}");
+    }
+});
