@@ -7,7 +7,10 @@
 //! play the guest and the migration or reclaim thread, and compare what the
 //! core's drivers report with what the guest really did.
 
-use std::collections::{BTreeMap, BTreeSet};
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 
 use mmu_generic::addr::{Gfn, Hva, HvaRange, PAGE_SIZE};
 use mmu_generic::age::{age, test_age, NoAccessedBit};

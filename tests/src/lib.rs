@@ -6,8 +6,19 @@
 //! bits, so the core's drivers are tested before any arch crate plugs in.
 //! The arch crates implement `GuestMmu` for their engines and run the same
 //! scenarios (see `tests/scenarios.rs`).
+//!
+//! The harness and the simulated back end are `no_std` + `alloc`, so a boot
+//! image can run the same scenarios on real (emulated) hardware; the models
+//! (`model`, for tests and fuzzing) need the default `std` feature.
+
+#![no_std]
+
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
 
 pub mod harness;
+#[cfg(feature = "std")]
 pub mod model;
 pub mod sim;
 

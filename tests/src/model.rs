@@ -3,6 +3,10 @@
 //! function applies a sequence to the real structure and to its model and
 //! returns the first disagreement.
 
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
 use std::collections::{BTreeMap, BTreeSet};
 
 use arbitrary::Arbitrary;

@@ -5,8 +5,9 @@
 //! hypervisor's fault handler, so every core driver runs before any arch
 //! crate exists.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use mmu_generic::addr::{Gfn, GfnRange, HvaRange};
 use mmu_generic::backend::{BackendError, Caps, FlushToken, Leaf, MmuBackend, TlbFlush};
