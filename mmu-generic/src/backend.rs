@@ -142,6 +142,8 @@ pub enum BackendError {
     /// A table or reverse-map allocation needed a reserve that was empty;
     /// top up and retry.
     ReserveEmpty,
+    /// The page-table memory has no free frame for a new table.
+    OutOfFrames,
 }
 
 /// The page-table format and reverse map, as the generic drivers use them.

@@ -37,7 +37,8 @@ bitflags::bitflags! {
     pub struct SlotFlags: u32 {
         /// Writes to the slot are logged for live migration.
         const DIRTY_LOG = 1 << 0;
-        /// The guest may not write the slot; a write is an MMIO exit.
+        /// The guest may not write the slot: a write fault is refused with a
+        /// typed outcome (the VMM typically emulates it as MMIO, as KVM does).
         const READONLY = 1 << 1;
     }
 }
