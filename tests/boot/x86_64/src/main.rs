@@ -1,0 +1,101 @@
+//! vmmu's x86_64 boot image: a bare-metal hypervisor that runs a small guest on nested
+//! paging and checks, with the emulated CPU walking the tables, the scenarios of the
+//! vmmu crates (demand faults, dirty logging, ageing, invalidation, huge pages, zap all,
+//! access outside every memslot).
+//!
+//! One ELF boots two ways: by PVH under QEMU (AMD SVM with nested paging) and by GRUB
+//! multiboot2 under Bochs (Intel VMX with EPT). The vendor is chosen by CPUID.
+//!
+//! Modules: `boot` (entry, trampoline), `gdt`, `idt`, `port`, `console`, `heap`,
+//! `frames`, `timer`; `vendor` (the common interface), `svm`, `vmx`; `guest` (the guest
+//! program); `harness` (runs guest commands); `nested` (arch-x86's TDP engine with
+//! mmu-generic's drivers); `scenarios`; the two-CPU dirty-log race: `apic` (local APIC),
+//! `smp` (second CPU bring-up, remote TLB flush), `spin` (the MMU lock), `race`.
+
+#![no_std]
+#![no_main]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+extern crate alloc;
+
+mod apic;
+mod boot;
+mod console;
+mod frames;
+mod gdt;
+mod guest;
+mod harness;
+mod heap;
+mod idt;
+mod nested;
+mod port;
+mod race;
+mod scenarios;
+mod smp;
+mod spin;
+mod svm;
+mod timer;
+mod vendor;
+mod vmx;
+
+use core::panic::PanicInfo;
+
+extern "C" {
+    static __kernel_end: u8;
+}
+
+/// Physical memory the image uses: the emulators are started with 128 MiB.
+const RAM_TOP: u64 = 120 << 20;
+/// Size of the kernel heap.
+const HEAP_SIZE: u64 = 8 << 20;
+
+#[no_mangle]
+extern "C" fn kernel_entry(protocol: u32) -> ! {
+    console::init(protocol);
+    gdt::init();
+    idt::init();
+    let kernel_end = core::ptr::addr_of!(__kernel_end) as u64;
+    let heap_start = (kernel_end + frames::FRAME_2M - 1) & !(frames::FRAME_2M - 1);
+    // SAFETY: the region after the kernel image is identity-mapped RAM that nothing else
+    // uses (the loaders' own structures are no longer read).
+    unsafe { heap::init(heap_start as usize, HEAP_SIZE as usize) };
+    let mut pool = frames::FramePool::new(heap_start + HEAP_SIZE, RAM_TOP);
+    println!(
+        "vmmu boot: {} entry, kernel end {:#x}, frames {:#x}..{:#x}",
+        if protocol == boot::PROTO_PVH { "PVH" } else { "multiboot2" },
+        kernel_end,
+        heap_start + HEAP_SIZE,
+        RAM_TOP
+    );
+    timer::init();
+    let mut tally = scenarios::Tally { passed: 0, failed: 0 };
+    if svm::available() {
+        match svm::Svm::new() {
+            Ok(mut v) => scenarios::run_all(&mut v, pool, &mut tally),
+            Err(e) => {
+                println!("FAIL setup: SVM unusable: {:?}", e);
+                tally.failed += 1;
+            }
+        }
+    } else if vmx::available() {
+        match vmx::Vmx::new(&mut pool) {
+            Ok(mut v) => scenarios::run_all(&mut v, pool, &mut tally),
+            Err(e) => {
+                println!("FAIL setup: VMX unusable: {:?}", e);
+                tally.failed += 1;
+            }
+        }
+    } else {
+        println!("FAIL setup: the CPU has neither SVM nor VMX");
+        tally.failed += 1;
+    }
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    console::exit(tally.failed == 0 && tally.passed > 0)
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    println!("PANIC: {}", info);
+    println!("0 passed, 1 failed");
+    console::exit(false)
+}
