@@ -9,7 +9,7 @@
 //! Three ways to hand the log over ([`LogMode`]): KVM's classic
 //! get-and-clear of the whole bitmap, manual protect (get, then clear a
 //! 64-page-aligned range, so a huge slot is re-protected piecewise), and the
-//! per-vCPU [`DirtyRing`](crate::dirty_ring::DirtyRing).
+//! per-vCPU [`DirtyRing`].
 //!
 //! **The writable chain.** The slot keeps the handles of the leaves it made
 //! writable. A write-protect round walks only that chain, so it costs what is

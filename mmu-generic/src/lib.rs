@@ -25,6 +25,43 @@
 //! | [`generation`] | zap everything by generation, obsolete pages reclaimed in batches |
 //! | [`sync`] | the atomics used outside the MMU lock (switch to `loom` under `cfg(loom)`) |
 //!
+//! ## Locking model
+//!
+//! The core takes no lock itself; it states which operations need the
+//! embedder's **MMU lock** (a reader-writer lock, as KVM's `mmu_lock`):
+//!
+//! - **Held for writing**: anything that changes the structure or the
+//!   permissions of the tables, the reverse map or a slot's writable chain.
+//!   In the API these take `&mut`: [`rmap::Rmap::add`]/`remove`,
+//!   [`pte_list::PteListPool::add`]/`remove`/`drain`,
+//!   [`backend::MmuBackend::write_protect`], `zap`, `split_huge`,
+//!   `mark_access_tracked`, [`dirty_log::SlotDirtyLog::note_writable`],
+//!   `get_and_clear`, `get`, `clear`, `reset_ring_entry`, and
+//!   [`invalidate::InvalidationSeq::start`]/`end`. Reverse-map descriptors
+//!   are reserved *before* taking it ([`pte_list::PteListPool::reserve`]):
+//!   nothing allocates under it, and an empty reserve is an error, not an
+//!   allocation.
+//! - **Held for reading** is enough for ageing with an accessed bit
+//!   ([`age::test_age`], and the clearing in [`age::age`] when the format has
+//!   an accessed bit): it only reads the tables and clears A/R with the back
+//!   end's atomic test-and-clear ([`backend::MmuBackend::clear_young`] takes
+//!   `&self`), while the CPU sets the same bits concurrently. Access tracking
+//!   (no accessed bit) changes permissions and needs the write lock.
+//! - **No lock**: the vCPU's push to its [`dirty_ring::DirtyRing`] and the
+//!   harvester's collection (each entry changes hands through its flag word
+//!   with release/acquire), marking a [`dirty_bitmap::DirtyBitmap`] (atomic
+//!   `fetch_or`; the harvester takes words with `swap`), and a fault's
+//!   [`invalidate::InvalidationSeq::snapshot`] before resolving its pfn.
+//!
+//! **PTE updates.** The CPU sets accessed and dirty bits in leaf entries at
+//! any time, so a back end never writes a leaf with a plain store that could
+//! erase them: clearing A, D or W is an atomic `fetch_and` (or a
+//! compare-exchange loop where other bits change with it), installing or
+//! splitting a leaf is a compare-exchange against the value read, and a zap
+//! is an atomic swap whose returned value carries the final A/D bits into
+//! the dirty log ([`dirty_log::SlotDirtyLog::note_zapped`]). The `loom`
+//! models in `tests/loom.rs` check these protocols.
+//!
 //! ```
 //! use mmu_generic::addr::{Gfn, Hva};
 //! use mmu_generic::memslot::{Memslot, MemslotsBuilder, SlotFlags, SlotId};

@@ -185,12 +185,17 @@ impl MmuBackend for SimBackend {
     }
 
     fn mark_access_tracked(&mut self, h: PteHandle, flush: &mut FlushToken) -> bool {
-        let w = self.word(h).load(Ordering::Acquire);
-        if w & P == 0 {
-            return false;
+        let mut w = self.word(h).load(Ordering::Acquire);
+        loop {
+            if w & P == 0 {
+                return false;
+            }
+            let tracked = (w & !(P | W)) | TRACKED | if w & W != 0 { SAVED_W } else { 0 };
+            match self.word(h).compare_exchange(w, tracked, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => w = now,
+            }
         }
-        let tracked = (w & !(P | W)) | TRACKED | if w & W != 0 { SAVED_W } else { 0 };
-        self.word(h).store(tracked, Ordering::Release);
         flush.add_range(self.leaf(h).map(|l| l.gfns()).unwrap_or_default());
         true
     }
@@ -213,8 +218,17 @@ impl MmuBackend for SimBackend {
     }
 
     fn zap(&mut self, h: PteHandle, flush: &mut FlushToken) -> Option<Leaf> {
-        let leaf = self.leaf(h)?;
-        self.word(h).store(0, Ordering::Release);
+        self.leaf(h)?;
+        // Swap, so the final A/D bits the CPU set reach the caller.
+        let w = self.word(h).swap(0, Ordering::AcqRel);
+        let leaf = Leaf {
+            gfn: Gfn(w >> GFN_SHIFT),
+            npages: if w & HUGE != 0 { HUGE_PAGES } else { 1 },
+            writable: w & W != 0,
+            young: w & A != 0,
+            dirty: w & D != 0,
+            access_tracked: w & TRACKED != 0,
+        };
         let slot = SlotId(self.slot_of[h.0 as usize]);
         let level = usize::from(leaf.npages > 1);
         self.rmap.remove(slot, leaf.gfn, level, h).expect("every leaf is in the reverse map");
