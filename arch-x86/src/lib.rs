@@ -20,6 +20,7 @@
 //! | [`frame`] | the frame-memory trait, simulated and identity-mapped memory |
 //! | [`walk`] | the software walker (permissions, reserved bits, A/D) |
 //! | [`tdp`] | the engine: faults, maps, splits, zaps, zap-all by generation, `MmuBackend` |
+//! | [`shadow`] | shadow paging: one guest walker for every paging mode, shadow pages keyed by (gfn, role), write-protected guest tables, unsync pages, zap by generation, `MmuBackend` |
 //! | [`testing`] | stand-ins for the embedder (linear host memory, a recording TLB) |
 //!
 //! ```
@@ -45,6 +46,7 @@ extern crate alloc;
 pub mod exit;
 pub mod format;
 pub mod frame;
+pub mod shadow;
 pub mod tdp;
 pub mod testing;
 pub mod walk;

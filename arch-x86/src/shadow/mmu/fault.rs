@@ -1,0 +1,256 @@
+//! The fault path: walk the guest's tables, then either report the guest's
+//! own fault or build the shadow path (linking or making shadow pages) and
+//! install a 4 KiB leaf with the rights the guest's walk grants.
+
+use super::*;
+
+impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
+    /// Tops up the descriptor reserves a fault may use (done before taking
+    /// the MMU lock in a real hypervisor; here at the start of a fault).
+    pub(super) fn topup(&mut self) {
+        self.rmap.reserve(2);
+        self.cache.pool.reserve(8);
+    }
+
+    /// A page fault the processor took on the shadow tables at `gva`, for
+    /// `access`, with the guest's paging state `cpu`.
+    pub fn page_fault(
+        &mut self,
+        cpu: &GuestCpu,
+        gva: Gva,
+        access: AccessKind,
+        dirty: &mut dyn DirtyTracker,
+    ) -> Result<ShadowFault, ShadowError> {
+        self.stats.faults += 1;
+        self.topup();
+        self.make_room();
+        self.ensure_root(cpu)?;
+        let gva = if cpu.mode == GuestMode::Bits32 || cpu.mode == GuestMode::Pae {
+            Gva(gva.0 & 0xffff_ffff)
+        } else {
+            gva
+        };
+        let walked = {
+            let mem = SlotMemory { slots: &self.slots, mem: &self.guest };
+            walk_any(&mem, cpu, &self.config.features, gva, access, true)
+        };
+        let w = match walked {
+            Ok(w) => w,
+            Err(WalkFault::BadAddress(_)) => return Ok(ShadowFault::InjectGp),
+            Err(WalkFault::Contended) => return Ok(ShadowFault::Retry),
+            Err(f) => return Ok(ShadowFault::InjectPf(f.error_code().expect("page faults carry a code"))),
+        };
+        let gpa = w.gpa;
+        let gfn = gpa.gfn();
+        let Some(slot) = self.slots.lookup(gfn).copied() else { return Ok(ShadowFault::Mmio { gpa }) };
+        let write = access.op == AccessOp::Write;
+        let readonly = slot.flags().contains(SlotFlags::READONLY);
+        if write && readonly {
+            return Ok(ShadowFault::Denied { gpa });
+        }
+
+        // The leaf's rights: the guest's, write only once D is set.
+        let mut user = w.access.contains(PteAccess::USER);
+        let mut exec = w.access.contains(PteAccess::EXEC);
+        let mut writable = w.access.contains(PteAccess::WRITE) && w.dirty;
+        if write && !access.is_user() && !cpu.cr0_wp && !w.access.contains(PteAccess::WRITE) {
+            // CR0.WP = 0 let a supervisor write through a read-only
+            // translation; the processor runs with WP = 1, so make the
+            // entry a writable supervisor one (user accesses then fault
+            // and get the guest's rights back). SMEP must still refuse
+            // supervisor fetches from what the guest sees as a user page;
+            // SMAP would have to refuse supervisor reads of it with AC = 0,
+            // which no entry can say: emulate instead.
+            if user && cpu.cr4_smap {
+                return Ok(ShadowFault::Emulate { gpa });
+            }
+            if user && cpu.cr4_smep {
+                exec = false;
+            }
+            user = false;
+            writable = true;
+        }
+
+        let snap = self.invalidation.snapshot();
+        let hva = slot.gfn_to_hva(gfn).expect("the slot holds the frame");
+        let host = self.host.resolve(hva, write).map_err(|_| ShadowError::HostFault(gfn))?;
+        if self.invalidation.must_retry(snap, hva) {
+            return Ok(ShadowFault::Retry);
+        }
+        if write && !host.writable {
+            return Ok(ShadowFault::Denied { gpa });
+        }
+        let (page, j) = self.fetch_path(cpu, gva, &w, write.then_some(gfn))?;
+
+        // Write permission: not into read-only memory, not into a
+        // write-protected guest table, and in a write-protect-logged slot
+        // only on a write fault.
+        let mut emulate = false;
+        if writable && (readonly || !host.writable || (!write && dirty.write_protected(slot.id()))) {
+            writable = false;
+        }
+        if writable && !self.allow_write(gfn) {
+            writable = false;
+            emulate = write;
+        }
+        let mut spte = (host.pfn.0 << 12) | P;
+        if user {
+            spte |= US;
+        }
+        if !exec {
+            spte |= XD;
+        }
+        let h = self.install_leaf(page, j, slot.id(), gfn, spte)?;
+        if writable {
+            if !dirty.note_writable(slot.id(), gfn, h) {
+                return Ok(ShadowFault::Retry);
+            }
+            let frame = self.cache.get(page).frame;
+            self.mem.table(frame)[j].fetch_or(RW, Ordering::AcqRel);
+        }
+        if emulate {
+            return Ok(ShadowFault::Emulate { gpa });
+        }
+        Ok(ShadowFault::Fixed)
+    }
+
+    /// Whether a leaf mapping `gfn` may be writable: yes unless the frame is
+    /// a shadowed guest table; a table shadowed only by leaf pages goes
+    /// unsync instead (KVM's `mmu_try_to_unsync_pages`).
+    pub(super) fn allow_write(&mut self, gfn: Gfn) -> bool {
+        let gen = self.generation.current();
+        let pages: Vec<PageIdx> = self
+            .cache
+            .of_gfn(gfn)
+            .filter(|&i| {
+                let p = self.cache.get(i);
+                !p.role.direct && p.generation == gen && !p.invalid
+            })
+            .collect();
+        if pages.iter().any(|&i| self.cache.get(i).role.level > 1) {
+            return false;
+        }
+        for i in pages {
+            let p = self.cache.get_mut(i);
+            if !p.unsync {
+                p.unsync = true;
+                self.unsync.push(i);
+                self.stats.unsynced += 1;
+            }
+        }
+        true
+    }
+
+    /// Walks the shadow tables for `gva` from the current root, linking or
+    /// making the shadow pages the guest walk `w` calls for. Returns the
+    /// leaf page and the index of the leaf entry.
+    ///
+    /// Each page on the path counts as used, which resets its write-flood
+    /// count, except a page of `written`, the frame a write fault targets:
+    /// a guest rewriting a table its own writes are translated through
+    /// must still be seen flooding.
+    pub(super) fn fetch_path(
+        &mut self,
+        cpu: &GuestCpu,
+        gva: Gva,
+        w: &GuestWalk,
+        written: Option<Gfn>,
+    ) -> Result<(PageIdx, usize), ShadowError> {
+        let root = *self.roots.first().expect("ensure_root loaded a root");
+        let (mut page, mut level) = match root.kind {
+            RootKind::Page(i) => (i, root.key.role.level),
+            RootKind::Pae { pds, .. } => {
+                let q = ((gva.0 >> 30) & 3) as usize;
+                (pds[q].ok_or(ShadowError::BadPdptrs)?, 2)
+            }
+        };
+        loop {
+            let p = self.cache.get_mut(page);
+            if Some(p.gfn) != written {
+                p.write_flood = 0;
+            }
+            let j = hw_index(gva.0, level);
+            if level == 1 {
+                return Ok((page, j));
+            }
+            let child_level = level - 1;
+            let (gfn, role) = if w.leaf_level >= level {
+                // The guest maps a large page here: a direct page maps the
+                // piece one shadow entry of this level covers. Write is in
+                // the role only once the guest's D bit is set, so a clean
+                // large page never reuses writable leaves.
+                let cover = 12 + 9 * (child_level as u32);
+                let base = Gpa(w.gpa.0 & !((1u64 << cover) - 1)).gfn();
+                let mut access = w.access;
+                if !w.dirty {
+                    access.remove(PteAccess::WRITE);
+                }
+                (base, Role::for_cpu(cpu, child_level, true, access, 0))
+            } else {
+                let step = &w.steps[child_level as usize - 1];
+                let quadrant = if cpu.mode == GuestMode::Bits32 { ((gva.0 >> 21) & 1) as u8 } else { 0 };
+                (step.table_gfn, Role::for_cpu(cpu, child_level, false, step.access_above, quadrant))
+            };
+            let frame = self.cache.get(page).frame;
+            let e = self.mem.table(frame)[j].load(Ordering::Acquire);
+            let existing = (e & P != 0)
+                .then(|| self.mem.frame_of(Pfn((e & SPTE_ADDR) >> 12)))
+                .flatten()
+                .and_then(|f| self.cache.of_frame(f))
+                .filter(|&c| {
+                    let p = self.cache.get(c);
+                    p.gfn == gfn && p.role == role && !p.invalid && p.generation == self.generation.current()
+                });
+            let child = match existing {
+                Some(c) => c,
+                None => {
+                    let c = self.get_page(gfn, role)?;
+                    // get_page may zap unsync leaf pages, never this path's
+                    // upper pages; re-read the entry it may have changed.
+                    self.drop_link(page, j);
+                    let mut parents = self.cache.get(c).parents;
+                    self.cache.pool.add(&mut parents, handle(frame, j))?;
+                    self.cache.get_mut(c).parents = parents;
+                    let pfn = self.mem.pfn(self.cache.get(c).frame);
+                    // Non-leaf entries grant everything: the leaf decides.
+                    self.mem.table(frame)[j].store((pfn.0 << 12) | P | RW | US, Ordering::Release);
+                    c
+                }
+            };
+            page = child;
+            level = child_level;
+        }
+    }
+
+    /// Sets leaf `j` of `page` to `spte` (write permission added by the
+    /// caller), keeping A/D if it already mapped the same frame.
+    pub(super) fn install_leaf(
+        &mut self,
+        page: PageIdx,
+        j: usize,
+        slot: SlotId,
+        gfn: Gfn,
+        spte: u64,
+    ) -> Result<PteHandle, ShadowError> {
+        let frame = self.cache.get(page).frame;
+        let h = handle(frame, j);
+        let word = (u64::from(slot.0) << SLOT_SHIFT) | gfn.0;
+        let cur = self.mem.table(frame)[j].load(Ordering::Acquire);
+        let same = cur & P != 0 && self.leaf_word(page, j) == word && cur & SPTE_ADDR == spte & SPTE_ADDR;
+        if same {
+            let keep = A | D;
+            let _ = self.mem.table(frame)[j]
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some((c & keep) | spte));
+            self.flush.add_all();
+            return Ok(h);
+        }
+        self.drop_leaf(page, j);
+        self.rmap.add(slot, gfn, 0, h)?;
+        if let Some(g) = self.cache.get_mut(page).leaf_gfns.as_mut() {
+            g[j] = word;
+        }
+        self.mem.table(frame)[j].store(spte, Ordering::Release);
+        self.stats.leaves_installed += 1;
+        Ok(h)
+    }
+}

@@ -1,0 +1,354 @@
+//! Shadow pages: one shadow table per (guest table, role), found through a
+//! hash of the guest frame.
+//!
+//! A guest table may need several shadow tables: reached with different
+//! access rights from above (the leaf entries combine them), under different
+//! paging controls, or, for a 32-bit guest whose 1024-entry tables are
+//! shadowed by 512-entry PAE tables, one per quadrant. The [`Role`] says
+//! which. Every page of a guest frame hangs off the same hash bucket, so
+//! write-protecting, unsyncing or zapping "every shadow of gfn G" is one
+//! bucket walk (KVM's `mmu_page_hash`, hashed by gfn only).
+//!
+//! Each page keeps the shadow entries that point to it (its parents) in the
+//! core's [`PteList`]: one parent inline in the head word, more in
+//! cache-line descriptors of the shared [`PteListPool`].
+
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use mmu_generic::addr::Gfn;
+use mmu_generic::pte_list::{PteList, PteListPool};
+
+use super::mode::{GuestCpu, GuestMode, PteAccess};
+use crate::format::ENTRIES;
+use crate::frame::FrameId;
+
+/// What a shadow table shadows besides the guest frame (KVM's
+/// `kvm_mmu_page_role`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Role {
+    /// Shadow level (1 = page table).
+    pub level: u8,
+    /// The page maps a piece of a guest large page directly (its gfn is the
+    /// first frame of that piece), rather than shadowing a guest table.
+    pub direct: bool,
+    /// What the guest entries above permit (for a direct page: the whole
+    /// translation). Leaf entries combine it with their own.
+    pub access: PteAccess,
+    /// For 32-bit guests: which 512-entry part of the 1024-entry guest table
+    /// (0-1 for page tables, 0-3 for page directories).
+    pub quadrant: u8,
+    /// The guest paging mode (entry width, reserved bits).
+    pub mode: GuestMode,
+    /// CR0.WP: with WP = 0 supervisor writes may turn read-only user pages
+    /// into writable supervisor shadow entries, which a WP = 1 context must
+    /// not inherit.
+    pub cr0_wp: bool,
+    /// CR4.SMEP with CR0.WP = 0 (those converted entries lose execute).
+    pub smep_andnot_wp: bool,
+    /// CR4.SMAP with CR0.WP = 0 (user pages are then never converted, so
+    /// entries converted without SMAP must not serve a context with it).
+    pub smap_andnot_wp: bool,
+    /// IA32_EFER.NXE (whether bit 63 is XD or reserved).
+    pub efer_nx: bool,
+    /// CR4.PSE (32-bit guests: whether PDE bit 7 maps 4 MiB).
+    pub cr4_pse: bool,
+}
+
+impl Role {
+    /// The role of a page at `level` for a guest with `cpu`'s controls.
+    pub fn for_cpu(cpu: &GuestCpu, level: u8, direct: bool, access: PteAccess, quadrant: u8) -> Self {
+        Role {
+            level,
+            direct,
+            access,
+            quadrant,
+            mode: cpu.mode,
+            cr0_wp: cpu.cr0_wp,
+            smep_andnot_wp: cpu.cr4_smep && !cpu.cr0_wp,
+            smap_andnot_wp: cpu.cr4_smap && !cpu.cr0_wp,
+            efer_nx: cpu.efer_nxe,
+            cr4_pse: cpu.mode == GuestMode::Bits32 && cpu.cr4_pse,
+        }
+    }
+
+    /// The paging controls of the role, as a CPU state with `cr3`.
+    pub fn cpu(&self, cr3: u64) -> GuestCpu {
+        GuestCpu {
+            mode: self.mode,
+            cr3,
+            pdptrs: [0; 4],
+            cr0_wp: self.cr0_wp,
+            cr4_pse: self.cr4_pse,
+            cr4_smep: self.smep_andnot_wp,
+            cr4_smap: self.smap_andnot_wp,
+            efer_nxe: self.efer_nx,
+            eflags_ac: false,
+        }
+    }
+}
+
+/// The index of a page in the cache, stable while the page lives.
+pub(crate) type PageIdx = u32;
+
+/// One shadow table and its bookkeeping.
+#[derive(Debug)]
+pub(crate) struct ShadowPage {
+    /// The guest table's frame, or for a direct page its first guest frame.
+    pub gfn: Gfn,
+    /// What the page shadows besides the frame.
+    pub role: Role,
+    /// The shadow table.
+    pub frame: FrameId,
+    /// Shadow entries pointing to this page.
+    pub parents: PteList,
+    /// The MMU generation the page was made in.
+    pub generation: u64,
+    /// The guest may write the table freely; its leaves are refreshed at
+    /// INVLPG, CR3 load and TLB flush.
+    pub unsync: bool,
+    /// Zapped while a root: unhashed and emptied, freed when released.
+    pub invalid: bool,
+    /// Roots (current or cached) holding the page.
+    pub root_count: u32,
+    /// Emulated writes since the page was last used by a fault.
+    pub write_flood: u8,
+    /// Next page of the hash bucket, index + 1.
+    pub hash_next: u32,
+    /// Position in [`PageCache::active`].
+    pub active_pos: u32,
+    /// For leaf pages: the (slot << 48 | gfn) each present entry maps, for
+    /// the reverse map.
+    pub leaf_gfns: Option<Box<[u64; ENTRIES]>>,
+}
+
+/// Bits of a leaf-gfn word that hold the slot number.
+pub(crate) const SLOT_SHIFT: u32 = 48;
+
+/// Buckets of the hash (KVM's `KVM_MMU_HASH_SHIFT` of 12).
+const BUCKETS: usize = 1 << 12;
+
+/// The pages, the hash over guest frames and the parent-list descriptors.
+#[derive(Debug)]
+pub(crate) struct PageCache {
+    pages: Vec<Option<ShadowPage>>,
+    free: Vec<PageIdx>,
+    buckets: Vec<u32>,
+    /// Page index + 1 of each shadow frame.
+    by_frame: Vec<u32>,
+    /// Live pages, roughly in creation order (eviction and obsolete reclaim).
+    pub active: Vec<PageIdx>,
+    /// Descriptors of the parent lists.
+    pub pool: PteListPool,
+}
+
+#[inline]
+fn bucket_of(gfn: Gfn) -> usize {
+    // Fibonacci hashing: consecutive frames spread over the buckets.
+    (gfn.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - 12)) as usize
+}
+
+impl PageCache {
+    pub fn new() -> Self {
+        Self {
+            pages: Vec::new(),
+            free: Vec::new(),
+            buckets: vec![0; BUCKETS],
+            by_frame: Vec::new(),
+            active: Vec::new(),
+            pool: PteListPool::new(),
+        }
+    }
+
+    #[inline]
+    pub fn get(&self, i: PageIdx) -> &ShadowPage {
+        self.pages[i as usize].as_ref().expect("page index names a live page")
+    }
+
+    #[inline]
+    pub fn get_mut(&mut self, i: PageIdx) -> &mut ShadowPage {
+        self.pages[i as usize].as_mut().expect("page index names a live page")
+    }
+
+    /// Whether `i` names a live page.
+    #[inline]
+    pub fn is_live(&self, i: PageIdx) -> bool {
+        self.pages.get(i as usize).is_some_and(Option::is_some)
+    }
+
+    /// The page whose shadow table is `frame`.
+    #[inline]
+    pub fn of_frame(&self, frame: FrameId) -> Option<PageIdx> {
+        self.by_frame.get(frame.0 as usize).and_then(|&i| i.checked_sub(1))
+    }
+
+    /// Pages alive.
+    pub fn len(&self) -> usize {
+        self.pages.len() - self.free.len()
+    }
+
+    /// Adds a page and hashes it.
+    pub fn insert(&mut self, mut page: ShadowPage) -> PageIdx {
+        let b = bucket_of(page.gfn);
+        page.hash_next = self.buckets[b];
+        let frame = page.frame.0 as usize;
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.pages[i as usize] = Some(page);
+                i
+            }
+            None => {
+                self.pages.push(Some(page));
+                (self.pages.len() - 1) as PageIdx
+            }
+        };
+        self.buckets[b] = i + 1;
+        self.get_mut(i).active_pos = self.active.len() as u32;
+        if self.by_frame.len() <= frame {
+            self.by_frame.resize(frame + 1, 0);
+        }
+        self.by_frame[frame] = i + 1;
+        self.active.push(i);
+        i
+    }
+
+    /// Takes a page out of the hash (it stays alive).
+    pub fn unhash(&mut self, i: PageIdx) {
+        let gfn = self.get(i).gfn;
+        let b = bucket_of(gfn);
+        let next = self.get(i).hash_next;
+        if self.buckets[b] == i + 1 {
+            self.buckets[b] = next;
+        } else {
+            let mut cur = self.buckets[b];
+            while let Some(c) = cur.checked_sub(1) {
+                let p = self.get_mut(c);
+                if p.hash_next == i + 1 {
+                    p.hash_next = next;
+                    break;
+                }
+                cur = p.hash_next;
+            }
+        }
+        self.get_mut(i).hash_next = 0;
+    }
+
+    /// Drops a page that is unhashed; returns it.
+    pub fn remove(&mut self, i: PageIdx) -> ShadowPage {
+        let page = self.pages[i as usize].take().expect("removing a live page");
+        self.by_frame[page.frame.0 as usize] = 0;
+        self.free.push(i);
+        let pos = page.active_pos as usize;
+        if self.active.get(pos) == Some(&i) {
+            self.active.swap_remove(pos);
+            if let Some(&moved) = self.active.get(pos) {
+                self.get_mut(moved).active_pos = pos as u32;
+            }
+        }
+        page
+    }
+
+    /// Replaces the active list (after a reclaim pass took it) and renumbers.
+    pub fn set_active(&mut self, active: Vec<PageIdx>) {
+        self.active = active;
+        for pos in 0..self.active.len() {
+            let i = self.active[pos];
+            self.get_mut(i).active_pos = pos as u32;
+        }
+    }
+
+    /// The hashed pages of `gfn`, any role.
+    pub fn of_gfn(&self, gfn: Gfn) -> GfnPages<'_> {
+        GfnPages { cache: self, gfn, next: self.buckets[bucket_of(gfn)] }
+    }
+
+    /// The hashed page of (`gfn`, `role`) made in `generation`.
+    pub fn find(&self, gfn: Gfn, role: &Role, generation: u64) -> Option<PageIdx> {
+        self.of_gfn(gfn).find(|&i| {
+            let p = self.get(i);
+            p.role == *role && p.generation == generation
+        })
+    }
+
+    /// Bytes of bookkeeping per page (the struct, its leaf-gfn array, hash
+    /// and frame-index words), not counting the shadow table's 4 KiB frame.
+    pub fn meta_bytes(&self, i: PageIdx) -> usize {
+        let p = self.get(i);
+        core::mem::size_of::<Option<ShadowPage>>()
+            + 2 * core::mem::size_of::<u32>()
+            + p.leaf_gfns.as_ref().map_or(0, |_| ENTRIES * 8)
+    }
+}
+
+/// Iterator over the hashed pages of one guest frame.
+pub(crate) struct GfnPages<'a> {
+    cache: &'a PageCache,
+    gfn: Gfn,
+    next: u32,
+}
+
+impl Iterator for GfnPages<'_> {
+    type Item = PageIdx;
+
+    fn next(&mut self) -> Option<PageIdx> {
+        while let Some(i) = self.next.checked_sub(1) {
+            let p = self.cache.get(i);
+            self.next = p.hash_next;
+            if p.gfn == self.gfn {
+                return Some(i);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shadow::mode::GuestCpu;
+
+    fn page(gfn: u64, level: u8, frame: u32) -> ShadowPage {
+        let cpu = GuestCpu::new(GuestMode::Four, 0);
+        ShadowPage {
+            gfn: Gfn(gfn),
+            role: Role::for_cpu(&cpu, level, false, PteAccess::all(), 0),
+            frame: FrameId(frame),
+            parents: PteList::EMPTY,
+            generation: 0,
+            unsync: false,
+            invalid: false,
+            root_count: 0,
+            write_flood: 0,
+            hash_next: 0,
+            active_pos: 0,
+            leaf_gfns: None,
+        }
+    }
+
+    #[test]
+    fn pages_of_a_gfn_share_a_bucket_and_are_found_by_role() {
+        let mut c = PageCache::new();
+        let a = c.insert(page(7, 1, 0));
+        let b = c.insert(page(7, 2, 1));
+        // Frames that collide in the hash still only answer for their gfn.
+        let others: Vec<PageIdx> = (0..5000u64).map(|g| c.insert(page(g + 100, 1, 2 + g as u32))).collect();
+        let mut of7: Vec<PageIdx> = c.of_gfn(Gfn(7)).collect();
+        of7.sort_unstable();
+        assert_eq!(of7, [a, b]);
+        assert_eq!(c.find(Gfn(7), &c.get(b).role.clone(), 0), Some(b));
+        assert_eq!(c.find(Gfn(7), &c.get(b).role.clone(), 1), None, "another generation");
+        assert_eq!(c.of_frame(FrameId(1)), Some(b));
+        c.unhash(a);
+        assert_eq!(c.of_gfn(Gfn(7)).collect::<Vec<_>>(), [b]);
+        c.remove(a);
+        assert!(!c.is_live(a) && c.of_frame(FrameId(0)).is_none());
+        for &o in &others {
+            c.unhash(o);
+            c.remove(o);
+        }
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.active, [b]);
+        assert_eq!(c.get(b).active_pos, 0);
+    }
+}
