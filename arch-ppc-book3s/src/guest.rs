@@ -34,12 +34,13 @@ use mmu_generic::backend::{BackendError, Caps, FlushToken, Leaf, MmuBackend, Tlb
 use mmu_generic::memslot::{Memslot, Memslots, SlotFlags};
 use mmu_generic::pte_list::PteHandle;
 
-use crate::hash::{avpn_ignored, HptGeometry};
+use crate::hash::{avpn_ignored, HptGeometry, VirtAddr};
 use crate::hpte::{
     is_writable, make_readonly, Hpte, HpteFormat, HPTE_R_C, HPTE_R_M, HPTE_R_PPP, HPTE_R_R, HPTE_R_RPN,
     HPTE_R_TS, HPTE_R_WIMG, HPTE_V_ABSENT, HPTE_V_AVPN, HPTE_V_B, HPTE_V_COMMON_BITS, HPTE_V_HVLOCK,
     HPTE_V_SECONDARY, HPTE_V_VALID,
 };
+use crate::mapping::{search, Found};
 use crate::pagesize::{PageSizePair, PageSizes};
 use crate::papr::{Hcall, H_FUNCTION};
 use crate::papr::{
@@ -192,6 +193,8 @@ pub struct GuestHpt<R: PageResolver = HvaIdentity> {
     /// Largest page (in 4 KiB frames) ever entered: how far back a range
     /// walk must look for a large page that starts before the range.
     max_npages: u64,
+    /// C bits the hardware lost at the guest's request, when queued.
+    folded_dirty: Option<Vec<GfnRange>>,
 }
 
 /// The group index of the primary hash of the entry at `ptex`.
@@ -247,6 +250,7 @@ impl<R: PageResolver> GuestHpt<R> {
             wimg: config.wimg,
             resolver,
             max_npages: 1,
+            folded_dirty: None,
         })
     }
 
@@ -332,6 +336,23 @@ impl<R: PageResolver> GuestHpt<R> {
         self.hpt.load(ptex).is_some_and(|h| h.v & (HPTE_V_VALID | HPTE_V_ABSENT) != 0)
     }
 
+    /// The guest's entry for `va` in a segment of base page size
+    /// `1 << base_shift`, by the MMU's hashed search over the guest's view
+    /// (guest-real RPN): a valid entry, or one a zap left absent, which the
+    /// host maps again with [`GuestHpt::fault_in`] on the storage interrupt.
+    pub fn find(&self, va: &VirtAddr, base_shift: u32) -> Option<Found> {
+        let geom = self.hpt.geometry();
+        search(geom.pteg_mask(), &self.sizes, va, base_shift, |p| {
+            geom.contains(p).then(|| self.guest_view(p))
+        })
+    }
+
+    /// Whether a zap left the entry at `ptex` absent: valid for the guest,
+    /// invalid for the hardware until [`GuestHpt::fault_in`].
+    pub fn is_absent(&self, ptex: u64) -> bool {
+        self.hpt.load(ptex).is_some_and(|h| h.v & HPTE_V_ABSENT != 0)
+    }
+
     /// The guest frames an entry's page covers, from the guest's view.
     fn guest_range(&self, view: Hpte) -> Option<(GfnRange, PageSizePair)> {
         let ps = self.sizes.decode(view.v, view.r)?;
@@ -407,18 +428,63 @@ impl<R: PageResolver> GuestHpt<R> {
         self.unlock_rmap(idx, new_head);
     }
 
-    /// ORs an HPTE's R and C into the per-gfn word.
-    fn fold(&self, idx: u32, r: u64) {
+    /// ORs an HPTE's R and C into the per-gfn word of its chain. `lost`: the
+    /// hardware entry no longer holds them (removed, or C cleared for the
+    /// guest); with [`GuestHpt::queue_folded_dirty`] on, such a C goes to the
+    /// queue instead of the word.
+    fn fold(&mut self, ptex: u64, r: u64, lost: bool) {
+        let idx = self.rev[ptex as usize].rmap;
         let mut bits = 0;
         if r & HPTE_R_R != 0 {
             bits |= RMAP_REFERENCED;
         }
         if r & HPTE_R_C != 0 {
-            bits |= RMAP_CHANGED;
+            if let Some(q) = self.folded_dirty.as_mut() {
+                if lost {
+                    let v = self.hpt.load(ptex).unwrap_or_default().v;
+                    let view = Hpte::new(v, self.rev[ptex as usize].guest_r.load(Ordering::Acquire));
+                    if let Some(ps) = self.sizes.decode(view.v, view.r) {
+                        let gfn = Gfn(view.real_address(ps.actual_shift) >> 12);
+                        q.push(GfnRange { start: gfn, end: Gfn(gfn.0 + ps.npages()) });
+                    }
+                }
+            } else {
+                bits |= RMAP_CHANGED;
+            }
         }
         if bits != 0 && idx != NO_RMAP {
             self.rmap[idx as usize].fetch_or(bits, Ordering::AcqRel);
         }
+    }
+
+    /// Routes the C bits the guest takes away from the hardware (H_REMOVE,
+    /// H_BULK_REMOVE and H_CLEAR_MOD of a changed entry, and a host
+    /// `split_huge`) to a queue of guest-frame ranges instead of the per-gfn
+    /// word, where a dirty log that harvests only its writable chain
+    /// (mmu-generic's `Tracking::HardwareDirty`) would never look: the
+    /// embedder drains it with [`GuestHpt::take_folded_dirty`] and feeds each
+    /// range to the log's `note_zapped`, so a page the guest wrote and then
+    /// unmapped is still reported (see `NEEDS-FROM-CORE.md`, item 1). The
+    /// queue covers the whole page, where the per-gfn word names only its
+    /// first frame. Turning it off folds what is queued into the words.
+    pub fn queue_folded_dirty(&mut self, on: bool) {
+        match (on, self.folded_dirty.take()) {
+            (true, q) => self.folded_dirty = Some(q.unwrap_or_default()),
+            (false, Some(q)) => {
+                for r in q {
+                    if let Some(i) = self.gfn_index(r.start) {
+                        self.rmap[i as usize].fetch_or(RMAP_CHANGED, Ordering::AcqRel);
+                    }
+                }
+            }
+            (false, None) => {}
+        }
+    }
+
+    /// Drains the queue of [`GuestHpt::queue_folded_dirty`]: the guest
+    /// frames whose C bit left the hardware since the last call.
+    pub fn take_folded_dirty(&mut self) -> Vec<GfnRange> {
+        self.folded_dirty.as_mut().map(core::mem::take).unwrap_or_default()
     }
 
     /// The chain of per-gfn word `idx`, head first.
@@ -447,7 +513,7 @@ impl<R: PageResolver> GuestHpt<R> {
             flush.add_range(range);
         }
         if fold {
-            self.fold(self.rev[ptex as usize].rmap, r);
+            self.fold(ptex, r, true);
         }
         self.unlink(ptex as u32);
         r
@@ -625,7 +691,8 @@ impl<R: PageResolver> GuestHpt<R> {
                 new = make_readonly(new);
             }
             let old = self.hpt.update_r(ptex, Protection::R_MASK, new);
-            self.fold(self.rev[i].rmap, old);
+            // R/C stay in the hardware entry too.
+            self.fold(ptex, old, false);
             if let Some((range, _)) = self.guest_range(view) {
                 flush.add_range(range);
             }
@@ -654,7 +721,7 @@ impl<R: PageResolver> GuestHpt<R> {
             if old & bit != 0 {
                 // The host keeps what the guest clears; the TLB may cache the
                 // bit as set, so the translation is flushed.
-                self.fold(self.rev[i].rmap, old & bit);
+                self.fold(ptex, old & bit, true);
                 if let Some((range, _)) = self.guest_range(view) {
                     flush.add_range(range);
                 }

@@ -301,10 +301,32 @@ pub mod pp {
     pub const R_NONE: u64 = 6;
 }
 
+/// The AVPN argument of H_REMOVE, H_PROTECT and H_BULK_REMOVE that matches
+/// the entry whose dword 0 is `v`: dword 0 bits 0:56, **B included** (LoPAPR
+/// 14.5.4.1.2; QEMU and KVM compare `v & !0x7f` with it). Forgetting B fails
+/// every 1 TB-segment entry with H_NOT_FOUND; the software bits 0x78 (QEMU
+/// sets 0x40 in every slot it writes) and L, H, V are dropped.
+pub const fn avpn_arg(v: u64) -> u64 {
+    v & !0x7f
+}
+
 /// Whether dword 1 grants a store in some state (KVM's `hpte_is_writable`).
 pub const fn is_writable(r: u64) -> bool {
     let p = r & HPTE_R_PPP;
     p != 3 && p != (HPTE_R_PP0 | 2)
+}
+
+/// What PP0||PP in `r` allows an access with storage key `key` (Ks in
+/// privileged state, Kp in problem state): `(load, store)`. Power ISA 2.07B
+/// Book III-S 5.7.9.2, Table 18; the reserved values 0b100, 0b101 and 0b111
+/// allow nothing here.
+pub const fn pp_allows(r: u64, key: bool) -> (bool, bool) {
+    let p = ((r & HPTE_R_PP0) >> 61) | (r & HPTE_R_PP);
+    match (key, p) {
+        (false, 0..=2) | (true, 2) => (true, true),
+        (false, 3) | (false, 6) | (true, 1) | (true, 3) => (true, false),
+        _ => (false, false),
+    }
 }
 
 /// Dword 1 with store permission taken away in every state, keeping loads

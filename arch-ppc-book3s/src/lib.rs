@@ -18,8 +18,10 @@
 //! | [`hash`] | segment sizes, virtual addresses, primary/secondary hash, PTEG index, AVPN |
 //! | [`slb`] | SLB entries (`slbmte` words) and effective-address lookup |
 //! | [`papr`] | hypercall numbers, flags, return codes, the [`Hcall`](papr::Hcall) trait |
-//! | [`table`] | the [`HashTable`](table::HashTable) trait and the in-memory table |
+//! | [`table`] | the [`HashTable`](table::HashTable) trait, the in-memory table and its software MMU |
+//! | [`mapping`] | the RAM HPTE builder, insertion with the secondary-hash fallback, the MMU's hashed search |
 //! | [`passthrough`] | [`PaprHpt`](passthrough::PaprHpt): a table reached by hypercall, with QEMU's quirks |
+//! | [`papr_backend`] | [`PaprBackend`](papr_backend::PaprBackend): `MmuBackend` over a `PaprHpt`, with its own reverse map |
 //! | [`guest`] | [`GuestHpt`](guest::GuestHpt): hypercall handlers, reverse map, `MmuBackend` |
 //! | [`model`] | a plain model of the hypercall surface, for tests and fuzzing |
 //! | [`pr_cache`] | the PR shadow-HPTE cache indexed by EA, VPN, long VPN and 64K VPN |
@@ -48,9 +50,11 @@ extern crate std;
 pub mod guest;
 pub mod hash;
 pub mod hpte;
+pub mod mapping;
 pub mod model;
 pub mod pagesize;
 pub mod papr;
+pub mod papr_backend;
 pub mod passthrough;
 pub mod pr_cache;
 pub mod slb;

@@ -166,7 +166,7 @@ impl<H: Hcall> HashTable for PaprHpt<H> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::guest::{GuestConfig, GuestHpt, HcallServer, NoTlb, WimgPolicy};
     use crate::hash::HptGeometry;
@@ -190,9 +190,9 @@ mod tests {
 
     /// Plays QEMU 7.2 in front of a guest table: no H_CLEAR_REF/H_CLEAR_MOD,
     /// bit 0x40 in dword 0 of what it returns, bulk R/C at QEMU's position.
-    struct Qemu<'a> {
-        inner: HcallServer<'a, crate::guest::HvaIdentity, NoTlb>,
-        calls: usize,
+    pub(crate) struct Qemu<'a> {
+        pub(crate) inner: HcallServer<'a, crate::guest::HvaIdentity, NoTlb>,
+        pub(crate) calls: usize,
     }
 
     impl Hcall for Qemu<'_> {

@@ -17,11 +17,13 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::hash::HptGeometry;
+use crate::hash::{HptGeometry, VirtAddr};
 use crate::hpte::{
-    ConvertError, Hpte, HpteFormat, HPTE_R_C, HPTE_R_KEY, HPTE_R_KEY_HI, HPTE_R_KEY_LO, HPTE_R_N, HPTE_R_PP,
-    HPTE_R_PP0, HPTE_R_PPP, HPTE_R_R, HPTE_V_ABSENT, HPTE_V_HVLOCK, HPTE_V_VALID,
+    pp_allows, ConvertError, Hpte, HpteFormat, HPTE_R_C, HPTE_R_KEY, HPTE_R_KEY_HI, HPTE_R_KEY_LO, HPTE_R_N,
+    HPTE_R_PP, HPTE_R_PP0, HPTE_R_PPP, HPTE_R_R, HPTE_V_ABSENT, HPTE_V_HVLOCK, HPTE_V_VALID,
 };
+use crate::mapping::{self, Found};
+use crate::pagesize::{PageSizePair, PageSizes};
 use crate::papr::{BulkOutcome, BulkRequest, HptError, RemoveCond, BULK_MAX, H_AVPN};
 
 /// New page protection for H_PROTECT.
@@ -74,6 +76,27 @@ pub struct BulkResult {
     pub outcomes: [BulkOutcome; BULK_MAX],
     /// `Ok` unless a request was malformed (H_PARAMETER) or hit a hardware error.
     pub status: Result<(), HptError>,
+}
+
+/// A translation the software MMU ([`InMemoryHpt::translate`]) made.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Translation {
+    /// The entry used.
+    pub ptex: u64,
+    /// The real address.
+    pub real_address: u64,
+    /// The page size of the entry.
+    pub size: PageSizePair,
+}
+
+/// Why the software MMU refused an access: the storage interrupt the CPU
+/// would take (Power ISA 2.07B Book III-S 6.5.3, DSISR bits 33 and 36).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AccessFault {
+    /// No valid entry translates the address (DSISR 0x4000_0000).
+    NoTranslation,
+    /// The entry at this slot does not allow the access (DSISR 0x0800_0000).
+    Protection(u64),
 }
 
 /// A hashed page table, driven with the PAPR operations.
@@ -285,6 +308,34 @@ impl InMemoryHpt {
             }
             _ => false,
         }
+    }
+
+    /// The MMU's hashed search of this table for `va` in a segment of base
+    /// page size `1 << base_shift` (see [`mapping::search`]): the
+    /// hardware-valid entry that translates it, if any.
+    pub fn lookup(&self, va: &VirtAddr, base_shift: u32, sizes: &PageSizes) -> Option<Found> {
+        mapping::search(self.geom.pteg_mask(), sizes, va, base_shift, |p| self.load(p))
+    }
+
+    /// What the MMU does on a load or store at `va` (privileged or problem
+    /// state picks `key`, Ks or Kp of the segment): the hashed search, the
+    /// PP check, then R (and C on a store) set atomically in the entry.
+    /// No bit is set when the access faults.
+    pub fn translate(
+        &self,
+        va: &VirtAddr,
+        base_shift: u32,
+        sizes: &PageSizes,
+        store: bool,
+        key: bool,
+    ) -> Result<Translation, AccessFault> {
+        let found = self.lookup(va, base_shift, sizes).ok_or(AccessFault::NoTranslation)?;
+        let (load_ok, store_ok) = pp_allows(found.hpte.r, key);
+        if !(if store { store_ok } else { load_ok }) {
+            return Err(AccessFault::Protection(found.ptex));
+        }
+        self.set_r_bits(found.ptex, HPTE_R_R | if store { HPTE_R_C } else { 0 });
+        Ok(Translation { ptex: found.ptex, real_address: found.real_address(va), size: found.size })
     }
 
     fn check(&self, ptex: u64) -> Result<(), HptError> {

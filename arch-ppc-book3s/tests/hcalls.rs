@@ -240,6 +240,38 @@ fn backend_harvests_rc_and_folded_bits_exactly_once() {
 }
 
 #[test]
+fn queued_folds_report_whole_pages_whose_c_left_the_hardware() {
+    let mut g = default_guest();
+    g.queue_folded_dirty(true);
+    let sizes = PageSizes::qemu_pseries_default();
+    // A 64 KiB page at gfn 0x20 (slot 64), and two 4 KiB pages.
+    let va = VirtAddr::new(0x99, SegmentSize::S256M, 0x10_0000).expect("fits");
+    let (l, rpn) = sizes.encode(16, 16, 0x2_0000).expect("64K listed");
+    let big = (va.avpn_v(16) | l, rpn | HPTE_R_M | 2);
+    assert_eq!(call(&mut g, H_ENTER, &[H_EXACT, 64, big.0, big.1]).status, 0);
+    assert_eq!(call(&mut g, H_ENTER, &[H_EXACT, 65, 2 << 7, 0x5000 | HPTE_R_M | 2]).status, 0);
+    assert_eq!(call(&mut g, H_ENTER, &[H_EXACT, 66, 3 << 7, 0x6000 | HPTE_R_M | 2]).status, 0);
+    for p in [64, 65, 66] {
+        g.table().hardware_access(p, true);
+    }
+    // H_PROTECT keeps C in the hardware: nothing queued.
+    assert_eq!(call(&mut g, H_PROTECT, &[3, 66, 0]).status, 0);
+    assert!(g.take_folded_dirty().is_empty());
+    assert_eq!(call(&mut g, H_REMOVE, &[0, 64, 0]).status, 0);
+    assert_eq!(call(&mut g, H_CLEAR_MOD, &[0, 65]).status, 0);
+    let q = g.take_folded_dirty();
+    let want = [GfnRange { start: Gfn(0x20), end: Gfn(0x30) }, GfnRange { start: Gfn(5), end: Gfn(6) }];
+    assert_eq!(q, want, "the whole 64 KiB page, then the cleared 4 KiB one");
+    assert!(g.take_folded_dirty().is_empty(), "drained");
+    assert_eq!(g.rmap_word(Gfn(0x20)).map(|w| w & RMAP_CHANGED), Some(0), "queued, not in the word");
+    // Turned off, pending ranges go to the word of their first frame.
+    assert_eq!(call(&mut g, H_REMOVE, &[0, 66, 0]).status, 0);
+    g.queue_folded_dirty(false);
+    assert_eq!(g.rmap_word(Gfn(6)).map(|w| w & RMAP_CHANGED), Some(RMAP_CHANGED));
+    g.check_invariants().expect("invariants");
+}
+
+#[test]
 fn zap_makes_entries_absent_but_guest_visible_and_fault_in_restores() {
     let mut g = default_guest();
     assert_eq!(call(&mut g, H_ENTER, &[0, 24, 0x80, 0x9000 | HPTE_R_M | 2]).status, 0);
@@ -426,16 +458,22 @@ fn model_run(format: HpteFormat, sizes: PageSizes, wimg: WimgPolicy, seed: u64, 
     }
 }
 
+/// Seeds per configuration. Big-endian runs under qemu-user, about 40 times
+/// slower than the host (the invariant sweeps dominate): fewer seeds there keep
+/// the crate's ppc64 test time under a minute; the host runs all of them, and
+/// the endianness-sensitive paths are the same for every seed.
+const SEEDS: u64 = if cfg!(target_endian = "big") { 5 } else { 12 };
+
 #[test]
 fn random_hcall_sequences_match_the_model_pre_isa300() {
-    for seed in 0..12 {
+    for seed in 0..SEEDS {
         model_run(HpteFormat::PreIsa300, PageSizes::qemu_pseries_default(), WimgPolicy::RequireM, seed, 1500);
     }
 }
 
 #[test]
 fn random_hcall_sequences_match_the_model_isa300_16m_force_m() {
-    for seed in 100..112 {
+    for seed in 100..100 + SEEDS {
         model_run(HpteFormat::Isa300, PageSizes::qemu_pseries_16m(), WimgPolicy::ForceM, seed, 1500);
     }
 }

@@ -6,9 +6,9 @@ use crate::hpt::{self, PageSize, Spapr, Table, Vpage};
 use crate::mmu;
 use crate::ofw::Platform;
 use arch_ppc_book3s::hash::{HptGeometry, SegmentSize};
+use arch_ppc_book3s::mapping::insert;
 use arch_ppc_book3s::pagesize::PageSizes;
 use arch_ppc_book3s::papr::HptError;
-use arch_ppc_book3s::table::HashTable;
 
 /// Real-address layout.
 pub mod layout {
@@ -137,8 +137,9 @@ impl Env {
         self.next_slb = 1;
     }
 
-    /// Enters `n` consecutive pages from `first` onto the frames at `pa` (primary group;
-    /// secondary when full) and returns (slot, dword 0) for each.
+    /// Enters `n` consecutive pages from `first` onto the frames at `pa` with the crate's
+    /// `mapping::insert` (primary group; secondary when full) and returns (slot, dword 0)
+    /// for each.
     pub fn enter_range(
         &mut self,
         first: Vpage,
@@ -150,16 +151,8 @@ impl Env {
         let ps = first.ps;
         for i in 0..n {
             let vp = Vpage { ea: first.ea + i * ps.bytes(), ..first };
-            let h = vp.hpte(&self.sizes, pa + i * ps.bytes(), pp, false).ok_or(HptError::Parameter)?;
-            let slot = match self.table.enter(vp.group(self.hash_mask, false) * 8, h, false) {
-                Err(HptError::PtegFull) => {
-                    let h2 =
-                        vp.hpte(&self.sizes, pa + i * ps.bytes(), pp, true).ok_or(HptError::Parameter)?;
-                    self.table.enter(vp.group(self.hash_mask, true) * 8, h2, false).map(|s| (s, h2.v))
-                }
-                other => other.map(|s| (s, h.v)),
-            }?;
-            out.push(slot);
+            let ins = insert(&mut self.table, &vp.page(), &self.sizes, pa + i * ps.bytes(), pp)?;
+            out.push((ins.slot, ins.hpte.v));
         }
         Ok(out)
     }

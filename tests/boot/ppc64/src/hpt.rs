@@ -1,11 +1,13 @@
 //! Glue between the kernel and `arch-ppc-book3s`: the platform's hashed page table is
 //! the crate's PAPR pass-through (`PaprHpt`) over this kernel's `sc 1` ([`Spapr`]); HPTE
-//! words, hashes and SLB entries come from the crate. Only addresses and choices (which
-//! VSID, which EA, which frame) are made here.
+//! words (`mapping::VirtPage::ram_hpte`), the AVPN argument, hashes and SLB entries come
+//! from the crate. Only addresses and choices (which VSID, which EA, which frame) are
+//! made here.
 
 use crate::hcall::hcall;
-use arch_ppc_book3s::hash::{pteg_index, SegmentSize, VirtAddr};
-use arch_ppc_book3s::hpte::{Hpte, HPTE_R_M, HPTE_V_SECONDARY, HPTE_V_VALID};
+use arch_ppc_book3s::hash::{SegmentSize, VirtAddr};
+use arch_ppc_book3s::hpte::{pp, Hpte};
+use arch_ppc_book3s::mapping::VirtPage;
 use arch_ppc_book3s::pagesize::PageSizes;
 use arch_ppc_book3s::papr::{Hcall, HcallReturn};
 use arch_ppc_book3s::passthrough::PaprHpt;
@@ -26,9 +28,12 @@ impl Hcall for Spapr {
 pub type Table = PaprHpt<Spapr>;
 
 /// PP = read/write for key 0 (and key 1).
-pub const PP_RW: u64 = 2;
+pub const PP_RW: u64 = pp::RW_RW;
 /// PP = read-only.
-pub const PP_RO: u64 = 3;
+pub const PP_RO: u64 = pp::R_R;
+
+/// The AVPN argument of H_REMOVE/H_PROTECT/H_BULK_REMOVE (B included), from the crate.
+pub use arch_ppc_book3s::hpte::avpn_arg;
 
 /// A page size: the segment's base size and the page's actual size (log2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +51,8 @@ impl PageSize {
     }
 }
 
-/// One virtual page: a segment (VSID, size) and an effective address in it.
+/// One virtual page as the scenarios choose it: a segment (VSID, size), an effective
+/// address in it and a page size; [`Vpage::page`] is the crate's view of it.
 #[derive(Clone, Copy, Debug)]
 pub struct Vpage {
     /// Virtual segment id.
@@ -60,31 +66,22 @@ pub struct Vpage {
 }
 
 impl Vpage {
-    fn va(&self) -> VirtAddr {
-        VirtAddr::new(self.vsid, self.ssize, self.ea).expect("scenario VSIDs fit every segment size")
-    }
-
-    /// The hash (before masking).
-    pub fn hash(&self) -> u64 {
-        self.va().hash(self.ps.base_shift)
+    /// The crate's virtual page (VA and page sizes), for `mapping::insert` and the HPTE builder.
+    pub fn page(&self) -> VirtPage {
+        let va =
+            VirtAddr::new(self.vsid, self.ssize, self.ea).expect("scenario VSIDs fit every segment size");
+        VirtPage::new(va, self.ps.base_shift, self.ps.shift)
     }
 
     /// The PTEG index of the primary or secondary hash.
     pub fn group(&self, mask: u64, secondary: bool) -> u64 {
-        pteg_index(self.hash(), mask, secondary)
+        self.page().group(mask, secondary)
     }
 
-    /// The HPTE (PAPR layout) mapping this page to real address `pa` with `pp`.
+    /// The RAM HPTE (PAPR layout, WIMG = M) mapping this page to real address `pa`.
     pub fn hpte(&self, sizes: &PageSizes, pa: u64, pp: u64, secondary: bool) -> Option<Hpte> {
-        let (l, rpn) = sizes.encode(self.ps.base_shift, self.ps.shift, pa)?;
-        let h = if secondary { HPTE_V_SECONDARY } else { 0 };
-        Some(Hpte::new(self.va().avpn_v(self.ps.shift) | l | h | HPTE_V_VALID, rpn | HPTE_R_M | pp))
+        self.page().ram_hpte(sizes, pa, pp, secondary)
     }
-}
-
-/// The AVPN argument matching entry `v` (QEMU compares it with `v & !0x7f`, B included).
-pub const fn avpn_arg(v: u64) -> u64 {
-    v & !0x7f
 }
 
 /// The SLB entry for the segment of `ea`, base page size `base_shift`, in slot `index`.

@@ -1,15 +1,16 @@
-//! The platform as a suite [`Machine`]: the PAPR pass-through back end over QEMU's hashed
-//! page table, accesses made by this CPU through its MMU (relocation on), write-protect
+//! The platform as a suite [`Machine`]: the crate's PAPR pass-through back end
+//! (`arch_ppc_book3s::papr_backend::PaprBackend`) over QEMU's hashed page table, accesses made by this CPU through its MMU (relocation on), write-protect
 //! faults taken at the real-mode DSI vector and resolved there through the dirty log.
 
 use crate::env::Env;
 use crate::hcall::{self, H_CLEAR_MOD, H_CLEAR_REF, H_ENTER, H_REMOVE};
-use crate::hpt::Vpage;
-use crate::papr_backend::{HcallFlushed, PaprBackend};
+use crate::hpt::{Spapr, Table, Vpage};
 use crate::suite::{gfn_of, Machine, NPAGES};
 use crate::trap::{self, probe_load, probe_store, Resume, DSISR_PROTFAULT, DSISR_STORE, VEC_DSI};
 use crate::vectors::TrapFrame;
+use arch_ppc_book3s::guest::NoTlb;
 use arch_ppc_book3s::hash::SegmentSize;
+use arch_ppc_book3s::papr_backend::PaprBackend;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use mmu_generic::addr::{Gfn, Hva};
@@ -21,7 +22,7 @@ use mmu_generic::memslot::{Memslot, Memslots, MemslotsBuilder, SlotFlags, SlotId
 /// are real page numbers of pool frames, the "host-virtual" addresses their real
 /// addresses.
 pub struct PaprMachine {
-    be: PaprBackend,
+    be: PaprBackend<Spapr>,
     slots: Memslots,
     slot: Memslot,
     ea: u64,
@@ -39,11 +40,10 @@ impl PaprMachine {
         let mut b = MemslotsBuilder::new();
         b.create(slot).map_err(|_| "memslot rejected")?;
         let slots = b.build().map_err(|_| "memslots rejected")?;
-        let mut be = PaprBackend::new(env);
+        let mut be = PaprBackend::new(Table::new(Spapr, env.hash_mask), env.sizes);
         for i in 0..NPAGES {
             be.map(
-                env,
-                Vpage { vsid, ssize: SegmentSize::S256M, ea: ea + (i << 12), ps },
+                &Vpage { vsid, ssize: SegmentSize::S256M, ea: ea + (i << 12), ps }.page(),
                 gfn_of(&slot, i),
                 true,
             )
@@ -63,7 +63,7 @@ impl PaprMachine {
 
 /// What the DSI fixer works on during one store under write protection.
 struct WpFix {
-    be: *mut PaprBackend,
+    be: *mut PaprBackend<Spapr>,
     log: *mut SlotDirtyLog,
     ea: u64,
     gfn: u64,
@@ -92,9 +92,9 @@ fn resolve_write_fault(f: &TrapFrame) {
 }
 
 impl Machine for PaprMachine {
-    type Backend = PaprBackend;
+    type Backend = PaprBackend<Spapr>;
 
-    fn backend(&mut self) -> &mut PaprBackend {
+    fn backend(&mut self) -> &mut PaprBackend<Spapr> {
         &mut self.be
     }
 
@@ -140,7 +140,8 @@ impl Machine for PaprMachine {
     }
 
     fn flush(&mut self, token: FlushToken) {
-        token.flush(&mut HcallFlushed);
+        // The hypercalls invalidated already: the crate's back end records nothing.
+        token.flush(&mut NoTlb);
     }
 
     fn figures(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -163,6 +164,6 @@ impl Machine for PaprMachine {
     }
 
     fn teardown(&mut self) -> u32 {
-        self.be.zap_all()
+        self.be.unmap_all() as u32
     }
 }

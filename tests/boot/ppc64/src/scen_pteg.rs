@@ -1,6 +1,7 @@
 //! A full PTEG: eight entries whose primary hash lands in one group fill it, the ninth
-//! H_ENTER answers H_PTEG_FULL (so does H_EXACT on an occupied slot), and the entry goes
-//! to the secondary group (one's complement of the hash), where the MMU finds it.
+//! H_ENTER answers H_PTEG_FULL (so does H_EXACT on an occupied slot), and the crate's
+//! `mapping::insert` puts the entry in the secondary group (one's complement of the
+//! hash, H set), where the MMU finds it.
 
 use crate::env::Env;
 use crate::hpt::{self, Vpage};
@@ -8,6 +9,7 @@ use crate::report::scenario;
 use crate::trap::{probe_load, probe_store};
 use alloc::vec::Vec;
 use arch_ppc_book3s::hash::SegmentSize;
+use arch_ppc_book3s::mapping::insert;
 use arch_ppc_book3s::papr::{HptError, RemoveCond};
 use arch_ppc_book3s::table::HashTable;
 
@@ -38,21 +40,29 @@ pub fn pteg_full(env: &mut Env) {
         let vp = Vpage { vsid, ssize: SegmentSize::S256M, ea, ps };
         assert_eq!(vp.group(mask, false), g, "constructed hash");
         let h = vp.hpte(&env.sizes, pa + (i << 12), hpt::PP_RW, false).expect("4K listed");
-        match env.table.enter(g * 8, h, false) {
-            Ok(slot) => entries.push((ea, vsid, slot, h.v)),
-            Err(e) if i == 8 => {
-                full = Some(e);
-                exact_full = env.table.enter(g * 8 + 3, h, true).err();
-                // The fallback: the same page under the secondary hash.
-                let h2 = vp.hpte(&env.sizes, pa + (i << 12), hpt::PP_RW, true).expect("4K listed");
-                if let Ok(slot) = env.table.enter(vp.group(mask, true) * 8, h2, false) {
-                    secondary_slot = Some(slot);
-                    entries.push((ea, vsid, slot, h2.v));
+        if i < 8 {
+            match env.table.enter(g * 8, h, false) {
+                Ok(slot) => entries.push((ea, vsid, slot, h.v)),
+                Err(e) => {
+                    return scenario(
+                        "pteg-full",
+                        false,
+                        format_args!("H_ENTER {} into group {:#x}: {}", i, g, e),
+                    )
                 }
             }
-            Err(e) => {
-                return scenario("pteg-full", false, format_args!("H_ENTER {} into group {:#x}: {}", i, g, e))
+            continue;
+        }
+        // The ninth: the platform's answers first, then the crate's fallback.
+        full = env.table.enter(g * 8, h, false).err();
+        exact_full = env.table.enter(g * 8 + 3, h, true).err();
+        match insert(&mut env.table, &vp.page(), &env.sizes, pa + (i << 12), hpt::PP_RW) {
+            Ok(ins) if ins.secondary => {
+                secondary_slot = Some(ins.slot);
+                entries.push((ea, vsid, ins.slot, ins.hpte.v));
             }
+            Ok(ins) => entries.push((ea, vsid, ins.slot, ins.hpte.v)),
+            Err(e) => return scenario("pteg-full", false, format_args!("mapping::insert: {}", e)),
         }
     }
     let mut accessed = 0;

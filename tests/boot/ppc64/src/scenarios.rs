@@ -1,11 +1,10 @@
 //! The scenario list, in order.
 
 use crate::env::Env;
-use crate::machine_inmem::InMemMachine;
 use crate::machine_papr::PaprMachine;
 use crate::report::scenario;
 use crate::suite::{self, Outcome};
-use crate::{scen_differential, scen_exec, scen_faults, scen_pteg, scen_translate};
+use crate::{scen_differential, scen_exec, scen_faults, scen_harness, scen_pteg, scen_translate};
 use arch_ppc_book3s::hash::SegmentSize;
 use arch_ppc_book3s::hpte::HpteFormat;
 use arch_ppc_book3s::pagesize::PageSizes;
@@ -65,7 +64,7 @@ pub fn run(env: &mut Env) {
             let isa300 = cpu.windows(6).any(|w| w == b"POWER9") || cpu.windows(7).any(|w| w == b"POWER10");
             let format = if isa300 { HpteFormat::Isa300 } else { HpteFormat::PreIsa300 };
             scen_differential::differential(env, &sizes, format);
-            inmem_suite(env, sizes, format);
+            scen_harness::run(sizes, format);
         }
         Err(e) => scenario(
             "page-sizes",
@@ -75,33 +74,8 @@ pub fn run(env: &mut Env) {
     }
 }
 
-/// One suite run: its name, slot flags and the scenario.
-type InMemRun = (&'static str, SlotFlags, fn(&mut InMemMachine) -> Outcome);
 /// One suite run on the platform: name, effective address, slot flags, scenario.
 type PaprRun = (&'static str, u64, SlotFlags, fn(&mut PaprMachine) -> Outcome);
-
-/// The same generic suite on the crate's in-memory table (GuestHpt + InMemoryHpt).
-fn inmem_suite(env: &mut Env, sizes: PageSizes, format: HpteFormat) {
-    let runs: [InMemRun; 3] = [
-        ("inmem dirty-log (C bit)", SlotFlags::DIRTY_LOG, |m| {
-            suite::dirty_rounds(m, Tracking::HardwareDirty)
-        }),
-        ("inmem dirty-log (write protect)", SlotFlags::DIRTY_LOG, |m| {
-            suite::dirty_rounds(m, Tracking::WriteProtect)
-        }),
-        ("inmem ageing (R bit)", SlotFlags::empty(), |m| suite::ageing(m)),
-    ];
-    for (name, flags, run) in runs {
-        let gpa = env.frames(12, suite::NPAGES);
-        match InMemMachine::new(env.plat.pft_shift.min(20), format, sizes, gpa, flags) {
-            Ok(mut m) => {
-                let o = run(&mut m);
-                scenario(name, o.ok, format_args!("{}", o.line));
-            }
-            Err(e) => scenario(name, false, format_args!("setup: {}", e)),
-        }
-    }
-}
 
 /// The generic suite on the platform's table through the PAPR pass-through back end.
 fn papr_suite(env: &mut Env) {

@@ -1,8 +1,9 @@
-//! The generic scenario suite: dirty-log rounds (hardware C bit, and write protection),
-//! and ageing, written once against mmu-generic's drivers and a [`Machine`] that maps
-//! pages and performs accesses. The platform machine (`machine_papr`) accesses through
-//! the CPU's MMU and QEMU's table; another back end plugs in by implementing
-//! [`Machine`] with its own notion of an access.
+//! Dirty-log rounds (hardware C bit, and write protection) and ageing on the platform's
+//! table, through mmu-generic's drivers and a [`Machine`] that maps pages and performs
+//! accesses: `machine_papr` accesses through this CPU's MMU and QEMU's table, write
+//! faults taken at the real DSI vector. (The in-memory HPT runs `vmmu-tests`' harness
+//! instead, `scen_harness`: its `GuestMmu` plays the CPU in software, which a real MMU
+//! behind the DSI vector cannot be made to fit.)
 
 use alloc::vec;
 use alloc::vec::Vec;
