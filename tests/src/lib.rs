@@ -20,7 +20,11 @@ extern crate std;
 pub mod harness;
 #[cfg(feature = "std")]
 pub mod model;
+#[cfg(feature = "ppc")]
+pub mod ppc;
 pub mod sim;
+#[cfg(feature = "x86")]
+pub mod x86;
 
 /// The README's quick start, compiled and run as a doctest.
 #[cfg(doctest)]
