@@ -195,6 +195,8 @@ pub struct GuestHpt<R: PageResolver = HvaIdentity> {
     max_npages: u64,
     /// C bits the hardware lost at the guest's request, when queued.
     folded_dirty: Option<Vec<GfnRange>>,
+    /// Pages ever queued in `folded_dirty`.
+    lost_dirty_pages: u64,
 }
 
 /// The group index of the primary hash of the entry at `ptex`.
@@ -251,6 +253,7 @@ impl<R: PageResolver> GuestHpt<R> {
             resolver,
             max_npages: 1,
             folded_dirty: None,
+            lost_dirty_pages: 0,
         })
     }
 
@@ -446,6 +449,7 @@ impl<R: PageResolver> GuestHpt<R> {
                     if let Some(ps) = self.sizes.decode(view.v, view.r) {
                         let gfn = Gfn(view.real_address(ps.actual_shift) >> 12);
                         q.push(GfnRange { start: gfn, end: Gfn(gfn.0 + ps.npages()) });
+                        self.lost_dirty_pages += ps.npages();
                     }
                 }
             } else {
@@ -461,12 +465,13 @@ impl<R: PageResolver> GuestHpt<R> {
     /// H_BULK_REMOVE and H_CLEAR_MOD of a changed entry, and a host
     /// `split_huge`) to a queue of guest-frame ranges instead of the per-gfn
     /// word, where a dirty log that harvests only its writable chain
-    /// (mmu-generic's `Tracking::HardwareDirty`) would never look: the
-    /// embedder drains it with [`GuestHpt::take_folded_dirty`] and feeds each
-    /// range to the log's `note_zapped`, so a page the guest wrote and then
-    /// unmapped is still reported (see `NEEDS-FROM-CORE.md`, item 1). The
-    /// queue covers the whole page, where the per-gfn word names only its
-    /// first frame. Turning it off folds what is queued into the words.
+    /// (mmu-generic's `Tracking::HardwareDirty`) would never look. The core's
+    /// dirty-bit harvest drains it every round through
+    /// `MmuBackend::drain_lost_dirty`, so a page the guest wrote and then
+    /// unmapped is still reported; [`GuestHpt::take_folded_dirty`] drains it
+    /// by hand. The queue covers the whole page, where the per-gfn word names
+    /// only its first frame. Turn it on when a dirty-bit log starts; turning
+    /// it off folds what is queued into the words.
     pub fn queue_folded_dirty(&mut self, on: bool) {
         match (on, self.folded_dirty.take()) {
             (true, q) => self.folded_dirty = Some(q.unwrap_or_default()),
@@ -479,6 +484,12 @@ impl<R: PageResolver> GuestHpt<R> {
             }
             (false, None) => {}
         }
+    }
+
+    /// Pages queued by [`GuestHpt::queue_folded_dirty`] since the table was
+    /// made (a statistic: the queue itself drains).
+    pub fn lost_dirty_pages(&self) -> u64 {
+        self.lost_dirty_pages
     }
 
     /// Drains the queue of [`GuestHpt::queue_folded_dirty`]: the guest
@@ -1147,6 +1158,18 @@ impl<R: PageResolver> MmuBackend for GuestHpt<R> {
         leaf.young = r & HPTE_R_R != 0;
         leaf.dirty = r & HPTE_R_C != 0;
         Some(leaf)
+    }
+
+    fn drain_lost_dirty(&mut self, gfns: GfnRange, f: &mut dyn FnMut(GfnRange)) {
+        let Some(queue) = self.folded_dirty.as_mut() else { return };
+        queue.retain(|r| match r.intersect(&gfns) {
+            Some(mine) => {
+                f(mine);
+                // Keep what lies outside `gfns` for the log that covers it.
+                r.start < gfns.start || r.end > gfns.end
+            }
+            None => true,
+        });
     }
 }
 

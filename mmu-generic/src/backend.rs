@@ -192,6 +192,19 @@ pub trait MmuBackend {
     /// Removes the leaf and its reverse-map entry. Returns the leaf as it was
     /// (with its final accessed and dirty bits), or `None` if `h` names none.
     fn zap(&mut self, h: PteHandle, flush: &mut FlushToken) -> Option<Leaf>;
+
+    /// Hands over the dirty bits that left the hardware without passing
+    /// through the drivers, for the guest frames in `gfns`: leaves the back
+    /// end removed on its own (a paravirtual guest's H_REMOVE, an eviction
+    /// from a full PTEG) while the CPU had set their dirty bit. Calls `f` on
+    /// each such range once and forgets it; ranges outside `gfns` are kept
+    /// for the log that covers them. A dirty-bit harvest calls this every
+    /// round, since its writable chain cannot see leaves that are gone. The
+    /// default has nothing to report: back ends whose leaves only go through
+    /// [`MmuBackend::zap`] hand the final bits to its caller instead.
+    fn drain_lost_dirty(&mut self, gfns: GfnRange, f: &mut dyn FnMut(GfnRange)) {
+        let _ = (gfns, f);
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,11 @@
 //! checked against the back end, and only writable leaves inside the slot are
 //! acted on.
 //!
+//! A leaf can also leave without the drivers' help (a paravirtual guest's
+//! own H_REMOVE, an eviction from a full PTEG) while its dirty bit is set;
+//! the chain cannot see it any more, so a dirty-bit round also takes what
+//! the back end kept of such bits ([`MmuBackend::drain_lost_dirty`]).
+//!
 //! **No write is ever lost**, given the rule every mode states: copy a page
 //! reported dirty only after the round's [`FlushToken`] has been flushed. A
 //! write either happened before the leaf was protected (or its D bit
@@ -173,6 +178,11 @@ impl SlotDirtyLog {
                 }
             }
         }
+        if tracking == Tracking::HardwareDirty {
+            // Dirty bits lost before logging started predate it, as do the
+            // D bits just cleared.
+            backend.drain_lost_dirty(gfns, &mut |_| {});
+        }
         log.chain_compacted = log.chain.len();
         Ok(log)
     }
@@ -245,7 +255,11 @@ impl SlotDirtyLog {
     }
 
     fn mark_leaf(&self, leaf: &Leaf) {
-        if let Some(r) = leaf.gfns().intersect(&self.gfns) {
+        self.mark_range(leaf.gfns());
+    }
+
+    fn mark_range(&self, gfns: GfnRange) {
+        if let Some(r) = gfns.intersect(&self.gfns) {
             self.bitmap.set_range(r.start.0 - self.gfns.start.0, r.len());
         }
     }
@@ -266,6 +280,9 @@ impl SlotDirtyLog {
                 }
                 chain.clear();
                 self.chain_compacted = 0;
+                // Under write protection the fault marked those pages: what
+                // the back end lost is already logged.
+                backend.drain_lost_dirty(self.gfns, &mut |_| {});
             }
             Tracking::HardwareDirty => {
                 chain.retain(|&h| match self.live_leaf(backend, h) {
@@ -277,6 +294,9 @@ impl SlotDirtyLog {
                     }
                     None => false,
                 });
+                // Leaves the back end dropped on its own took their D bit
+                // with them: the chain cannot see them any more.
+                backend.drain_lost_dirty(self.gfns, &mut |r| self.mark_range(r));
             }
         }
         self.chain = chain;

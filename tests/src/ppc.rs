@@ -48,7 +48,7 @@ use arch_ppc_book3s::papr::{HptError, RemoveCond};
 use arch_ppc_book3s::passthrough::PaprHpt;
 use arch_ppc_book3s::table::{AccessFault, HashTable};
 use mmu_generic::addr::{Gfn, GfnRange, HvaRange};
-use mmu_generic::backend::{FlushToken, Leaf, MmuBackend};
+use mmu_generic::backend::{FlushToken, MmuBackend};
 use mmu_generic::dirty_log::Tracking;
 use mmu_generic::dirty_ring::RingPush;
 use mmu_generic::memslot::{Memslot, Memslots, SlotFlags};
@@ -72,8 +72,6 @@ pub struct PpcCounters {
     pub faulted_in: u64,
     /// Stores resolved by `note_writable` + `unprotect`.
     pub unprotected: u64,
-    /// Pages whose C bit an eviction took from the hardware, handed to the logs.
-    pub folded_dirty: u64,
 }
 
 /// A pseries guest over an in-memory [`GuestHpt`], as a [`GuestMmu`].
@@ -103,8 +101,9 @@ impl PpcGuest {
             HptGeometry::from_pft_size(pft_shift).ok_or(GuestHptError::TableTooLarge(pft_shift))?;
         let config = GuestConfig { geometry, format, sizes, wimg: WimgPolicy::RequireM };
         let mut hpt = GuestHpt::new(config, slots.clone(), HvaIdentity)?;
-        // C bits the guest takes from the hardware (evictions) reach the logs
-        // through `note_zapped` (see `drain_folded`).
+        // C bits the guest takes from the hardware (its H_REMOVEs, evictions)
+        // are queued for the core's C-bit harvest, which drains them through
+        // `MmuBackend::drain_lost_dirty`.
         hpt.queue_folded_dirty(true);
         Ok(Self { slots, hpt, tlb: NoTlb, sizes, page_shift, counters: PpcCounters::default() })
     }
@@ -163,26 +162,6 @@ impl PpcGuest {
             }
         }
         Err(HptError::PtegFull)
-    }
-
-    /// Hands the C bits the hardware lost at the guest's request (its
-    /// H_REMOVEs) to the dirty logs, as the final D bit of a zapped leaf: a
-    /// C-bit log's harvest walks only its writable chain and would miss them.
-    fn drain_folded(&mut self, logs: &DirtyLogs) {
-        for r in self.hpt.take_folded_dirty() {
-            self.counters.folded_dirty += r.len();
-            let leaf = Leaf {
-                gfn: r.start,
-                npages: r.len(),
-                writable: false,
-                young: false,
-                dirty: true,
-                access_tracked: false,
-            };
-            for log in logs.logs.values() {
-                log.note_zapped(&leaf);
-            }
-        }
     }
 
     /// The hypervisor's policy for an entry that just became writable in
@@ -263,7 +242,7 @@ impl GuestMmu for PpcGuest {
         match self.hpt.find(&va, shift) {
             // The guest's DSI: it enters the page; the hypervisor refuses
             // memory outside the slots with H_PARAMETER.
-            None => match self.guest_enter(&va, shift, gfn).inspect(|_| self.drain_folded(logs)) {
+            None => match self.guest_enter(&va, shift, gfn) {
                 Ok(ptex) => match slot {
                     Some(s) => self.log_new_entry(&s, gfn, ptex, write, logs),
                     // Entered outside every slot: a hypervisor bug the scenario reports.
@@ -318,7 +297,6 @@ impl GuestMmu for PpcGuest {
     }
 
     fn zap_hva_range(&mut self, range: HvaRange, logs: &DirtyLogs) -> usize {
-        self.drain_folded(logs);
         let mut flush = FlushToken::new();
         let mut zapped = 0;
         let hits: Vec<(Memslot, GfnRange)> = self.slots.lookup_hva(range).map(|(s, r)| (*s, r)).collect();

@@ -203,16 +203,14 @@ fn evictions(ctx: &Ctx, tracking: Tracking) -> Result<String, String> {
     let r = dirty_rounds(&mut g, SlotId(0), tracking, LogMode::Bitmap, 12, 2)?;
     invariants(&g)?;
     let c = g.counters;
-    if r.written != r.reported
-        || c.evicted == 0
-        || (tracking == Tracking::HardwareDirty && c.folded_dirty == 0)
-    {
+    let lost = g.hpt().lost_dirty_pages();
+    if r.written != r.reported || c.evicted == 0 || (tracking == Tracking::HardwareDirty && lost == 0) {
         return Err(format!("{r:?}, {c:?}"));
     }
     Ok(format!(
-        "34816 pages for 16384 slots: {} guest evictions, {} C bits of evicted entries queued by GuestHpt and fed to note_zapped; {} rounds, {} writes, all reported; {}",
+        "34816 pages for 16384 slots: {} guest evictions, {} C bits of evicted entries queued by GuestHpt and drained by the core's harvest; {} rounds, {} writes, all reported; {}",
         c.evicted,
-        c.folded_dirty,
+        lost,
         r.rounds,
         r.written,
         figures(&g)
