@@ -337,6 +337,27 @@ impl Iterator for PteListIter<'_> {
             self.pos = 0;
         }
     }
+
+    /// Internal iteration a descriptor at a time, over plain slices: what
+    /// `for_each`, `sum` and the reverse-map walks use.
+    #[inline]
+    fn fold<B, F: FnMut(B, PteHandle) -> B>(mut self, init: B, mut f: F) -> B {
+        let mut acc = init;
+        if let Some(h) = self.one.take() {
+            acc = f(acc, PteHandle(h));
+        }
+        let mut next = self.desc;
+        let mut pos = self.pos;
+        while let Some(d) = next {
+            let desc = &self.pool.descs[d as usize];
+            for &h in &desc.handles[pos.min(desc.len as usize)..desc.len as usize] {
+                acc = f(acc, PteHandle(h));
+            }
+            pos = 0;
+            next = desc.next.checked_sub(1);
+        }
+        acc
+    }
 }
 
 #[cfg(test)]
