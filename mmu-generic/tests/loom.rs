@@ -12,6 +12,17 @@ use mmu_generic::dirty_ring::{DirtyRing, RingFull};
 use mmu_generic::invalidate::InvalidationSeq;
 use mmu_generic::memslot::SlotId;
 
+/// Runs a loom model and prints how many interleavings it explored.
+fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = runs.clone();
+    loom::model(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f();
+    });
+    eprintln!("loom {name}: {} interleavings explored", runs.load(std::sync::atomic::Ordering::Relaxed));
+}
+
 const A: u64 = 1 << 5;
 const D: u64 = 1 << 6;
 const W: u64 = 1 << 1;
@@ -23,7 +34,7 @@ const W: u64 = 1 << 1;
 /// set after the access.
 #[test]
 fn hardware_dirty_bit_is_never_lost_while_harvesting() {
-    loom::model(|| {
+    model("hardware_dirty_bit_is_never_lost_while_harvesting", || {
         let pte = Arc::new(AtomicU64::new(W));
         let bitmap = Arc::new(DirtyBitmap::new(64));
         let accessed = Arc::new(AtomicU64::new(0));
@@ -58,7 +69,7 @@ fn hardware_dirty_bit_is_never_lost_while_harvesting() {
 /// write lands in this round's word or in the bitmap for the next.
 #[test]
 fn write_fault_racing_a_protect_round_is_reported() {
-    loom::model(|| {
+    model("write_fault_racing_a_protect_round_is_reported", || {
         let pte = Arc::new(AtomicU64::new(0));
         let bitmap = Arc::new(DirtyBitmap::new(64));
         let fault = {
@@ -84,7 +95,7 @@ fn write_fault_racing_a_protect_round_is_reported() {
 /// push refused as full is retried after a reset.
 #[test]
 fn dirty_ring_entries_are_harvested_exactly_once() {
-    loom::model(|| {
+    model("dirty_ring_entries_are_harvested_exactly_once", || {
         let ring = Arc::new(DirtyRing::new(2, 1).unwrap());
         let vcpu = {
             let ring = ring.clone();
@@ -124,7 +135,7 @@ fn dirty_ring_entries_are_harvested_exactly_once() {
 /// the interleaving, the translation left installed is never the old frame.
 #[test]
 fn fault_never_commits_a_pfn_invalidated_after_its_snapshot() {
-    loom::model(|| {
+    model("fault_never_commits_a_pfn_invalidated_after_its_snapshot", || {
         let seq = Arc::new(InvalidationSeq::new());
         // The host mapping of the page: frame 1, replaced by frame 2.
         let host_pte = Arc::new(AtomicU64::new(1));
@@ -157,5 +168,48 @@ fn fault_never_commits_a_pfn_invalidated_after_its_snapshot() {
         notifier.join().unwrap();
         let installed = *mmu.lock().unwrap();
         assert!(installed == 0 || installed == 2, "the old frame {installed} stayed mapped");
+    });
+}
+
+/// Two vCPUs mark pages of the same bitmap word while the harvester takes
+/// words: every mark is taken exactly once, in some round.
+#[test]
+fn concurrent_marks_are_harvested_exactly_once() {
+    model("concurrent_marks_are_harvested_exactly_once", || {
+        let bitmap = Arc::new(DirtyBitmap::new(64));
+        let vcpus: Vec<_> = [3u64, 40]
+            .into_iter()
+            .map(|page| {
+                let bitmap = bitmap.clone();
+                thread::spawn(move || {
+                    bitmap.set(page);
+                })
+            })
+            .collect();
+        let round1 = bitmap.take_word(0);
+        for v in vcpus {
+            v.join().unwrap();
+        }
+        let round2 = bitmap.take_word(0);
+        assert_eq!(round1 & round2, 0, "a mark was reported twice");
+        assert_eq!(round1 | round2, (1 << 3) | (1 << 40), "a mark was lost");
+    });
+}
+
+/// A fault tags the table page it creates with the generation it read while
+/// `invalidate_all` bumps it: a page tagged before the bump is obsolete
+/// afterwards, so it can never survive a zap-all as valid.
+#[test]
+fn pages_made_during_a_zap_all_are_never_mistaken_for_valid() {
+    model("pages_made_during_a_zap_all_are_never_mistaken_for_valid", || {
+        let gen = Arc::new(mmu_generic::generation::MmuGeneration::new());
+        let zapper = {
+            let gen = gen.clone();
+            thread::spawn(move || gen.invalidate_all())
+        };
+        let tagged = gen.current();
+        let new_gen = zapper.join().unwrap();
+        assert_eq!(gen.is_obsolete(tagged), tagged != new_gen);
+        assert!(tagged == 0 || tagged == new_gen);
     });
 }
