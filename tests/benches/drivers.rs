@@ -151,6 +151,27 @@ fn harvest(c: &mut Criterion) {
                 },
             )
         });
+        // The bitmap phase alone: the same pages marked in one log reused
+        // across rounds (as the floor reuses its bitmap), nothing writable
+        // left to re-protect.
+        let log = RefCell::new(logged(&mut backend.borrow_mut(), &slot, &[]));
+        g.bench_function(BenchmarkId::new("vmmu_bitmap_phase", &label), |b| {
+            timed(
+                b,
+                || {
+                    dirty.iter().for_each(|&p| {
+                        log.borrow().bitmap().set(p);
+                    })
+                },
+                |()| {
+                    let flush = log
+                        .borrow_mut()
+                        .get_and_clear(&mut *backend.borrow_mut(), &mut out)
+                        .expect("bitmap mode");
+                    black_box(flush.is_needed());
+                },
+            )
+        });
         let bitmap = DirtyBitmap::new(PAGES);
         g.bench_function(BenchmarkId::new("floor_bitmap_scan", &label), |b| {
             timed(
