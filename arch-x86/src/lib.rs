@@ -13,6 +13,20 @@
 //! `no_std` + `alloc`. The only `unsafe` code is [`frame::IdentityMemory`]'s
 //! pointer to a frame.
 //!
+//! ## What D-bit dirty logging reports for a guest with paging on
+//!
+//! With EPT A/D enabled, every access the CPU makes to a guest paging
+//! structure during a guest page walk counts as a write for the EPT dirty
+//! flag (SDM Vol. 3C §29.3.3.2, §29.3.5), whether or not the guest's own A/D
+//! bits change; AMD NPT (and QEMU's emulation of it) sets the nested D bit on
+//! the guest page-table pages it walks as well. So a dirty-bit round reports
+//! the guest's own page tables in every round in which the guest walked them
+//! (a cold TLB), besides the pages it wrote: a migration copies those table
+//! pages again each round. That is expected, not a leak; the boot image's
+//! `guest paging on` scenario checks exactly this on Bochs (EPT A/D) and QEMU
+//! (NPT). Write-protect logging reports them only when the guest's A/D
+//! updates really change them.
+//!
 //! | module | what it holds |
 //! |---|---|
 //! | [`format`] | page sizes, access rights, MAXPHYADDR, the format trait; [`format::ept`] (entry, EPTP) and [`format::npt`] (long-mode entry) |
