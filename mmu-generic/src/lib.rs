@@ -23,6 +23,7 @@
 //! | [`dirty_ring`] | the per-vCPU dirty ring |
 //! | [`age`] | referenced-bit ageing over a host-virtual range, with a policy for formats without an accessed bit |
 //! | [`generation`] | zap everything by generation, obsolete pages reclaimed in batches |
+//! | [`zap`] | zapping the leaves a host range backs (MMU-notifier invalidation) |
 //! | [`sync`] | the atomics used outside the MMU lock (switch to `loom` under `cfg(loom)`) |
 //!
 //! ## Locking model
@@ -92,3 +93,4 @@ pub mod memslot;
 pub mod pte_list;
 pub mod rmap;
 pub mod sync;
+pub mod zap;

@@ -35,8 +35,6 @@
 //! per-page comparisons assume 4 KiB pages (as the simulated back end maps
 //! small pages in logged slots).
 
-use alloc::vec::Vec;
-
 use arch_ppc_book3s::guest::{
     GuestConfig, GuestHpt, GuestHptError, HcallServer, HvaIdentity, NoTlb, WimgPolicy,
 };
@@ -47,12 +45,13 @@ use arch_ppc_book3s::pagesize::PageSizes;
 use arch_ppc_book3s::papr::{HptError, RemoveCond};
 use arch_ppc_book3s::passthrough::PaprHpt;
 use arch_ppc_book3s::table::{AccessFault, HashTable};
-use mmu_generic::addr::{Gfn, GfnRange, HvaRange};
+use mmu_generic::addr::{Gfn, HvaRange};
 use mmu_generic::backend::{FlushToken, MmuBackend};
 use mmu_generic::dirty_log::Tracking;
 use mmu_generic::dirty_ring::RingPush;
 use mmu_generic::memslot::{Memslot, Memslots, SlotFlags};
 use mmu_generic::pte_list::PteHandle;
+use mmu_generic::zap::zap_hva_range;
 
 use crate::harness::{DirtyLogs, FaultOutcome, GuestMmu, HwFault};
 
@@ -298,20 +297,11 @@ impl GuestMmu for PpcGuest {
 
     fn zap_hva_range(&mut self, range: HvaRange, logs: &DirtyLogs) -> usize {
         let mut flush = FlushToken::new();
-        let mut zapped = 0;
-        let hits: Vec<(Memslot, GfnRange)> = self.slots.lookup_hva(range).map(|(s, r)| (*s, r)).collect();
-        for (slot, gfns) in hits {
-            let mut leaves = Vec::new();
-            self.hpt.for_each_leaf(&slot, gfns, &mut |h| leaves.push(h));
-            for h in leaves {
-                if let Some(leaf) = self.hpt.zap(h, &mut flush) {
-                    zapped += 1;
-                    if let Some(log) = logs.logs.get(&slot.id()) {
-                        log.note_zapped(&leaf);
-                    }
-                }
+        let zapped = zap_hva_range(&self.slots, &mut self.hpt, range, &mut flush, |slot, leaf| {
+            if let Some(log) = logs.logs.get(&slot.id()) {
+                log.note_zapped(leaf);
             }
-        }
+        });
         flush.flush(&mut self.tlb);
         zapped
     }

@@ -16,6 +16,7 @@ use mmu_generic::dirty_ring::RingPush;
 use mmu_generic::memslot::{Memslot, Memslots, SlotFlags, SlotId};
 use mmu_generic::pte_list::PteHandle;
 use mmu_generic::rmap::{Rmap, X86_LEVEL_SHIFTS};
+use mmu_generic::zap::zap_hva_range;
 
 use crate::harness::{DirtyLogs, FaultOutcome, GuestMmu, HwFault};
 
@@ -342,20 +343,11 @@ impl GuestMmu for SimMmu {
 
     fn zap_hva_range(&mut self, range: HvaRange, logs: &DirtyLogs) -> usize {
         let mut flush = FlushToken::new();
-        let mut zapped = 0;
-        let hits: Vec<(Memslot, GfnRange)> = self.slots.lookup_hva(range).map(|(s, r)| (*s, r)).collect();
-        for (slot, gfns) in hits {
-            let mut leaves = Vec::new();
-            self.backend.for_each_leaf(&slot, gfns, &mut |h| leaves.push(h));
-            for h in leaves {
-                if let Some(leaf) = self.backend.zap(h, &mut flush) {
-                    zapped += 1;
-                    if let Some(log) = logs.logs.get(&slot.id()) {
-                        log.note_zapped(&leaf);
-                    }
-                }
+        let zapped = zap_hva_range(&self.slots, &mut self.backend, range, &mut flush, |slot, leaf| {
+            if let Some(log) = logs.logs.get(&slot.id()) {
+                log.note_zapped(leaf);
             }
-        }
+        });
         self.flush(flush);
         zapped
     }
