@@ -152,12 +152,18 @@ impl PteListPool {
     /// lock) so that later adds never allocate. One descriptor serves up to 14
     /// adds, so `n` = the number of adds planned suffices.
     pub fn reserve(&mut self, n: usize) {
-        while (self.free_count as usize) < n {
-            let i = self.descs.len() as u32;
-            self.descs.push(Desc { next: self.free_head, ..EMPTY_DESC });
-            self.free_head = i + 1;
-            self.free_count += 1;
-        }
+        let Some(more) = n.checked_sub(self.free_count as usize).filter(|&m| m > 0) else { return };
+        // Link the new descriptors in ascending order, so that lists built
+        // one after another get ascending addresses: a later walk in the
+        // same order streams through memory instead of jumping backwards.
+        let first = self.descs.len() as u32;
+        let last = first + more as u32 - 1;
+        self.descs.extend(
+            (first..=last)
+                .map(|i| Desc { next: if i == last { self.free_head } else { i + 2 }, ..EMPTY_DESC }),
+        );
+        self.free_head = first + 1;
+        self.free_count += more as u32;
     }
 
     /// Free descriptors in the reserve.
