@@ -15,7 +15,7 @@ use core::sync::atomic::Ordering;
 use mmu_generic::addr::{Gpa, Pfn};
 
 use crate::exit::{NestedExit, Origin};
-use crate::format::{level_index, Access, PageSize, TdpFormat, WalkFault};
+use crate::format::{level_index, Access, PageSize, TdpFormat, WalkFault, WalkLength};
 use crate::frame::{FrameMemory, Table};
 
 /// A successful translation.
@@ -61,25 +61,49 @@ pub fn translate<F: TdpFormat, M: FrameMemory>(
     access: Access,
     origin: Origin,
 ) -> Result<Translation, WalkError> {
+    // With the walk length a constant, the levels unroll into straight-line
+    // code.
+    match format.walk_length() {
+        WalkLength::Four => translate_at::<4, F, M>(format, mem, root, gpa, access, origin),
+        WalkLength::Five => translate_at::<5, F, M>(format, mem, root, gpa, access, origin),
+    }
+}
+
+/// [`translate`] for a walk of `TOP` levels.
+#[inline(always)]
+fn translate_at<const TOP: u8, F: TdpFormat, M: FrameMemory>(
+    format: &F,
+    mem: &M,
+    root: Pfn,
+    gpa: Gpa,
+    access: Access,
+    origin: Origin,
+) -> Result<Translation, WalkError> {
     let access = format.effective_access(access, origin);
+    let fault = |fault| WalkError::Exit { fault, exit: format.exit_for(fault, access, origin) };
+    let gfn = gpa.gfn().0;
+    let walk = format.walk_length();
+    debug_assert_eq!(walk.levels(), TOP);
+    if !walk.covers(gfn) {
+        return Err(fault(WalkFault::AddressTooWide));
+    }
+    let a = format.accessed_mask();
+    let d = if access.contains(Access::WRITE) { format.dirty_mask() } else { 0 };
     'restart: loop {
-        let fault = |fault| WalkError::Exit { fault, exit: format.exit_for(fault, access, origin) };
-        let gfn = gpa.gfn().0;
-        let walk = format.walk_length();
-        if !walk.covers(gfn) {
-            return Err(fault(WalkFault::AddressTooWide));
-        }
-        // (table, index, entry) of every level used, root first.
-        let mut used: [Option<(&Table, usize, u64)>; 5] = [None; 5];
-        let mut table_pfn = root;
+        // (table, index, entry) of every level used, root first at
+        // `used[levels - 1]`; only `used[level - 1..]` is meaningful.
+        let root_table = mem.table_at(root).ok_or(WalkError::NotTableMemory(root))?;
+        let mut used: [(&Table, usize, u64); 5] = [(root_table, 0, 0); 5];
+        // Whether an entry used lacks the accessed bit (the common case after
+        // the first walk is that none does, and nothing is written).
+        let mut lacks_a = false;
+        let mut table = root_table;
         let mut allowed = Access::all();
-        let mut level = walk.levels();
+        let mut level = TOP;
         let (leaf, size) = loop {
-            let frame = mem.frame_of(table_pfn).ok_or(WalkError::NotTableMemory(table_pfn))?;
-            let table = mem.table(frame);
             let idx = level_index(gfn, level);
             let e = table[idx].load(Ordering::Acquire);
-            used[level as usize - 1] = Some((table, idx, e));
+            used[level as usize - 1] = (table, idx, e);
             if !format.is_present(e) {
                 return Err(fault(WalkFault::NotPresent { level }));
             }
@@ -87,24 +111,26 @@ pub fn translate<F: TdpFormat, M: FrameMemory>(
                 return Err(fault(WalkFault::Reserved { level }));
             }
             allowed &= format.entry_rights(e, level);
-            if format.is_leaf(e, level) {
+            lacks_a |= e & a != a;
+            if level == 1 || format.is_leaf(e, level) {
                 break (e, PageSize::at_level(level).expect("leaves exist at levels 1 to 3 only"));
             }
-            table_pfn = format.entry_pfn(e, level);
+            let next = format.entry_pfn(e, level);
+            table = mem.table_at(next).ok_or(WalkError::NotTableMemory(next))?;
             level -= 1;
         };
         if !allowed.contains(access) {
             return Err(fault(WalkFault::Permission { allowed }));
         }
-        let a = format.accessed_mask();
-        let d = if access.contains(Access::WRITE) { format.dirty_mask() } else { 0 };
-        for (l, slot) in used.iter().enumerate().rev() {
-            let Some((table, idx, e)) = *slot else { continue };
-            let set = if l + 1 == level as usize { a | d } else { a };
-            if e & set != set
-                && table[idx].compare_exchange(e, e | set, Ordering::AcqRel, Ordering::Acquire).is_err()
-            {
-                continue 'restart;
+        if lacks_a || leaf & d != d {
+            for l in (level as usize - 1..TOP as usize).rev() {
+                let (table, idx, e) = used[l];
+                let set = if l + 1 == level as usize { a | d } else { a };
+                if e & set != set
+                    && table[idx].compare_exchange(e, e | set, Ordering::AcqRel, Ordering::Acquire).is_err()
+                {
+                    continue 'restart;
+                }
             }
         }
         let offset = gpa.0 & (size.bytes() - 1);

@@ -93,6 +93,25 @@ impl FrameMemory for IdentityMemory {
         unsafe { &*ptr }
     }
 
+    #[inline]
+    fn table_at(&self, pfn: Pfn) -> Option<&Table> {
+        // The frame's address comes straight from `pfn` (identity mapping),
+        // so a walk's next load does not wait for the range check.
+        if pfn.0.wrapping_sub(self.start) >= self.next as u64 {
+            return None;
+        }
+        let ptr = (pfn.0 << 12) as usize as *const [AtomicU64; ENTRIES];
+        // SAFETY: `pfn` is one of the first `next` frames of the region
+        // (checked above; `next <= nframes`), which the caller of `new`
+        // promised is identity-mapped, readable and writable RAM used by
+        // nothing else while `self` lives, so its virtual address is
+        // `pfn << 12`; the address is 4 KiB aligned, more than `AtomicU64`
+        // needs; `AtomicU64` has the layout of `u64`, and every bit pattern is
+        // a valid `u64`. The reference's lifetime is that of `&self`. Shared
+        // references are fine: all access is atomic.
+        Some(unsafe { &*ptr })
+    }
+
     fn frames_in_use(&self) -> usize {
         self.in_use
     }

@@ -68,6 +68,15 @@ pub trait FrameMemory {
     /// If `frame` was never handed out by this memory.
     fn table(&self, frame: FrameId) -> &Table;
 
+    /// The entries of the frame at host frame `pfn`, if it is one of this
+    /// memory's: [`frame_of`](Self::frame_of) and [`table`](Self::table) in
+    /// one step, the per-level step of a walk. Memories override it when they
+    /// can go from the frame number to the entries directly.
+    #[inline]
+    fn table_at(&self, pfn: Pfn) -> Option<&Table> {
+        self.frame_of(pfn).map(|f| self.table(f))
+    }
+
     /// Frames currently allocated.
     fn frames_in_use(&self) -> usize;
 }

@@ -85,6 +85,16 @@ impl FrameMemory for SimMemory {
         &self.frames[frame.0 as usize]
     }
 
+    #[inline]
+    fn table_at(&self, pfn: Pfn) -> Option<&Table> {
+        let off = pfn.0.checked_sub(self.base)?;
+        if off % self.stride != 0 {
+            return None;
+        }
+        let i = usize::try_from(off / self.stride).ok()?;
+        self.frames.get(i).map(|t| &**t)
+    }
+
     fn frames_in_use(&self) -> usize {
         self.frames.len() - self.free.len()
     }

@@ -280,31 +280,66 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         r
     }
 
-    /// Maps a 4 KiB page into the page table `frame` that an earlier map of
-    /// the batch reached, without walking from the root; `None` if the entry
-    /// is taken (the caller falls back to the full path for the error).
-    fn map_4k_into(
+    /// Maps up to `n` consecutive 4 KiB pages from `gfn` to host frames from
+    /// `pfn` into the page table `frame` that an earlier map of the batch
+    /// reached (all `n` pages lie in it), without walking from the root and
+    /// with the checks of [`check_map`](Self::check_map) and the memslot
+    /// lookup done once for the run instead of per page. Stops before the
+    /// first page that needs the full path (a check fails or its entry is
+    /// not empty; the full path then reports the error or does the work);
+    /// returns the number of pages mapped. On a reverse-map error the pages
+    /// before the failing one stay mapped.
+    fn fill_4k(
         &mut self,
         frame: FrameId,
         gfn: Gfn,
         pfn: Pfn,
+        n: u64,
         access: Access,
-    ) -> Option<Result<(), TdpError>> {
-        let slot = match self.check_map(gfn, pfn, PageSize::Size4K, access) {
-            Ok(s) => s,
-            Err(e) => return Some(Err(e)),
-        };
-        let pos = Pos { frame, idx: level_index(gfn.0, 1), level: 1 };
-        let old = self.entry(pos).load(Ordering::Acquire);
-        if old != 0 {
-            return None;
+    ) -> Result<u64, TdpError> {
+        debug_assert!(n >= 1 && level_index(gfn.0, 1) as u64 + n <= ENTRIES as u64);
+        let last_gfn = gfn.0 + (n - 1);
+        if !access.contains(Access::READ)
+            || !self.format.phys_width().fits(Pfn(pfn.0.saturating_add(n - 1)))
+            || !self.format.walk_length().covers(last_gfn)
+        {
+            return Ok(0);
         }
-        let new = self.format.leaf_entry(pfn, PageSize::Size4K, access);
-        let mut flush = FlushToken::new();
-        let r = self.set_leaf(pos, old, new, slot, &mut flush).map(|_| ());
-        debug_assert!(!flush.is_needed(), "filling an empty entry needs no flush");
-        let _ = flush;
-        Some(r)
+        // Every page of the run files under the slot that holds `gfn` (or
+        // under none): stop at the slot's end, or at the next slot's start.
+        let (slot, n) = match self.slots.lookup(gfn) {
+            Some(s) => (Some(s.id()), n.min(s.gfns().end.0.wrapping_sub(gfn.0))),
+            None => {
+                let after = self.slots.iter().as_slice();
+                let next = after.partition_point(|s| s.gfns().start.0 <= gfn.0);
+                let n = after.get(next).map_or(n, |s| n.min(s.gfns().start.0 - gfn.0));
+                (None, n)
+            }
+        };
+        let first = level_index(gfn.0, 1);
+        let table = self.mem.table(frame);
+        let mut done = 0u64;
+        let mut result = Ok(());
+        for (i, entry) in table[first..first + n as usize].iter().enumerate() {
+            if entry.load(Ordering::Acquire) != 0 {
+                break;
+            }
+            if let Some(s) = slot {
+                let h = Pos { frame, idx: first + i, level: 1 }.handle();
+                if let Err(e) = self.rmap.add(s, Gfn(gfn.0 + i as u64), 0, h) {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+            // An empty entry: the processor never writes it, so a plain
+            // store loses nothing. Release: a walker that sees the entry
+            // sees whatever it points to.
+            let new = self.format.leaf_entry(Pfn(pfn.0 + i as u64), PageSize::Size4K, access);
+            entry.store(new, Ordering::Release);
+            done += 1;
+        }
+        self.stats.leaves_installed += done;
+        result.map(|()| done)
     }
 
     /// Validates an explicit mapping and finds its slot.
@@ -362,10 +397,13 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         let mut last: Option<(FrameId, u64)> = None;
         while done < npages {
             let (g, p) = (Gfn(gfn.0 + done), Pfn(pfn.0 + done));
-            if let Some((frame, _)) = last.filter(|&(_, base)| g.0.wrapping_sub(base) < ENTRIES as u64) {
-                if let Some(r) = self.map_4k_into(frame, g, p, access) {
-                    r?;
-                    done += 1;
+            if let Some((frame, base)) = last.filter(|&(_, base)| g.0.wrapping_sub(base) < ENTRIES as u64) {
+                // The rest of that table in one run; a page the run stops at
+                // takes the full path below.
+                let n = (base + ENTRIES as u64 - g.0).min(npages - done);
+                let k = self.fill_4k(frame, g, p, n, access)?;
+                done += k;
+                if k > 0 {
                     continue;
                 }
             }

@@ -34,7 +34,7 @@ use mmu_generic::rmap::{Rmap, X86_LEVEL_SHIFTS};
 pub use fault::{Denied, FaultOutcome, HostFault, HostMemory, HostPage, MapKind, Mapping};
 pub use zap::Reclaimed;
 
-use crate::format::{level_frames, level_index, Access, PageSize, TdpFormat, ENTRIES};
+use crate::format::{level_frames, level_index, Access, PageSize, TdpFormat, WalkLength, ENTRIES};
 use crate::frame::{FrameId, FrameMemory, OutOfFrames, Table};
 
 /// Frame ids must fit a handle: `id × 512 + index < 2^32`.
@@ -354,24 +354,54 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         }
     }
 
+    /// The walk of [`find_leaf`](Self::find_leaf) for a walk of `TOP`
+    /// levels, returning the leaf's level and entry but no position: it
+    /// follows entries from table to table by host frame number (one step per
+    /// level instead of two through the frame id), and with the walk length a
+    /// constant the levels unroll into straight-line code.
+    #[inline(always)]
+    fn leaf_entry_at<const TOP: u8>(&self, gfn: Gfn) -> Option<(u8, u64)> {
+        let f = &self.format;
+        let addr_mask = f.phys_width().addr_mask();
+        let mut table = self.table(self.root);
+        let mut level = TOP;
+        loop {
+            let e = table[level_index(gfn.0, level)].load(Ordering::Acquire);
+            if !f.is_present(e) {
+                return (level <= 3 && f.is_tracked(e)).then_some((level, e));
+            }
+            if level == 1 || f.is_leaf(e, level) {
+                return Some((level, e));
+            }
+            // A non-leaf entry holds the full 4 KiB-aligned address of its
+            // table (what `entry_pfn` returns for it at every level it can
+            // be a non-leaf in); masking directly keeps the size test of a
+            // huge leaf off the walk's dependency chain.
+            let next = Pfn((e & addr_mask) >> 12);
+            debug_assert_eq!(next, f.entry_pfn(e, level));
+            table =
+                self.mem.table_at(next).expect("non-leaf entries only point to table frames of this memory");
+            level -= 1;
+        }
+    }
+
     /// The leaf that maps `gfn` in the current tables, read without setting
     /// any bit (the walker in [`crate::walk`] plays the processor).
+    #[inline]
     pub fn lookup(&self, gfn: Gfn) -> Option<LeafInfo> {
-        if !self.format.walk_length().covers(gfn.0) {
+        let f = &self.format;
+        if !f.walk_length().covers(gfn.0) {
             return None;
         }
-        let (pos, e) = self.find_leaf(gfn)?;
-        let size = PageSize::at_level(pos.level)?;
+        let (level, e) = match f.walk_length() {
+            WalkLength::Four => self.leaf_entry_at::<4>(gfn)?,
+            WalkLength::Five => self.leaf_entry_at::<5>(gfn)?,
+        };
+        let size = PageSize::at_level(level)?;
         let offset = gfn.0 & (size.frames() - 1);
-        let tracked = !self.format.is_present(e);
-        let access = if tracked { self.format.tracked_access(e) } else { self.format.leaf_access(e) };
-        Some(LeafInfo {
-            pfn: Pfn(self.format.entry_pfn(e, pos.level).0 + offset),
-            size,
-            access,
-            tracked,
-            entry: e,
-        })
+        let tracked = !f.is_present(e);
+        let access = if tracked { f.tracked_access(e) } else { f.leaf_access(e) };
+        Some(LeafInfo { pfn: Pfn(f.entry_pfn(e, level).0 + offset), size, access, tracked, entry: e })
     }
 
     /// Number of page-table frames in use, obsolete ones included.

@@ -557,3 +557,43 @@ fn deleting_a_memslot_zaps_its_leaves() {
     assert_eq!(mmu.lookup(Gfn(4 * GIB)), None);
     assert_eq!(mmu.tables_in_use(), 1);
 }
+
+#[test]
+fn batched_4k_map_files_each_page_under_its_slot_and_stops_at_a_taken_entry() {
+    each_format(|ept, npt| {
+        fn check<F: TdpFormat>(mut mmu: TdpMmu<F, SimMemory>) {
+            // Two slots with a hole between them, all inside one page table,
+            // and a page already mapped in the second slot.
+            let s = slots(&[
+                (0, 0x1_0010, 0x40, 0x40_0000_0000, SlotFlags::empty()),
+                (1, 0x1_0080, 0x100, 0x50_0000_0000, SlotFlags::empty()),
+            ]);
+            mmu.set_memslots(&s, &mut FlushRecorder::default(), |_| {});
+            mmu.map(Gfn(0x1_0100), Pfn(0x9999), PageSize::Size4K, Access::READ).unwrap();
+            let r = mmu.map_range(Gfn(0x1_0001), Pfn(0x5001), 0x200, Access::all(), PageSize::Size4K);
+            assert_eq!(r, Err(TdpError::AlreadyMapped(Gfn(0x1_0100))));
+            for g in 0x1_0001..0x1_0100u64 {
+                let l = mmu.lookup(Gfn(g)).unwrap();
+                assert_eq!(l.pfn, Pfn(0x5001 + g - 0x1_0001), "gfn {g:#x}");
+                assert_eq!(l.access, Access::all());
+                let slot = s.lookup(Gfn(g)).map(|s| s.id());
+                for id in [SlotId(0), SlotId(1)] {
+                    let n = mmu.rmap().list(id, Gfn(g), 0).count();
+                    assert_eq!(n, usize::from(slot == Some(id)), "gfn {g:#x} slot {id:?}");
+                }
+            }
+            assert_eq!(mmu.lookup(Gfn(0x1_0100)).unwrap().pfn, Pfn(0x9999));
+            assert_eq!(mmu.lookup(Gfn(0x1_0101)), None);
+            assert_eq!(mmu.stats().leaves_installed, 1 + 0xff);
+            // Across page tables, with the walker agreeing.
+            let n = mmu.map_range(Gfn(0x2_01f0), Pfn(0x7000), 0x420, Access::READ, PageSize::Size4K);
+            assert_eq!(n, Ok(0x420));
+            for g in 0x2_01f0..0x2_0610u64 {
+                let t = walk(&mmu, g << 12 | 0x18, Access::READ).unwrap();
+                assert_eq!(t.hpa, (0x7000 + g - 0x2_01f0) << 12 | 0x18);
+            }
+        }
+        check(ept());
+        check(npt());
+    });
+}
