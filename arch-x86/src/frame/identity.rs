@@ -126,6 +126,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_tdp_engine_builds_and_walks_tables_in_identity_mapped_memory() {
+        use crate::format::npt::Npt;
+        use crate::format::{Access, PageSize, PhysAddrWidth, WalkLength};
+        use crate::tdp::TdpMmu;
+        use crate::testing::FlushRecorder;
+        use crate::walk::translate;
+        use mmu_generic::addr::{Gfn, GfnRange, Gpa};
+
+        // Miri's target for the pointer work: tables built, walked (with the
+        // walker's A/D compare-exchange) and torn down through `table_at`.
+        const FRAMES: usize = 8;
+        let layout = Layout::from_size_align(FRAMES * 4096, 4096).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let base = unsafe { alloc_zeroed(layout) };
+        assert!(!base.is_null());
+        // SAFETY: as in the test below: the block is ours, "identity-mapped"
+        // at its own address, and only `mem` (moved into the engine) uses it
+        // until it is freed at the end.
+        let mem = unsafe { IdentityMemory::new(Pfn(base as u64 >> 12), FRAMES as u32) };
+        let format = Npt::new(WalkLength::Four, PhysAddrWidth::new(52).unwrap());
+        let mut mmu = TdpMmu::new(format, mem).unwrap();
+        let mapped = mmu.map_range(Gfn(0x100), Pfn(0x5000), 600, Access::all(), PageSize::Size4K).unwrap();
+        assert_eq!(mapped, 600);
+        for g in [0x100u64, 0x1ff, 0x200, 0x357] {
+            assert_eq!(mmu.lookup(Gfn(g)).map(|l| l.pfn), Some(Pfn(0x5000 + g - 0x100)));
+            let t = translate(
+                &format,
+                mmu.memory(),
+                mmu.root(),
+                Gpa(g << 12),
+                Access::WRITE,
+                crate::exit::Origin::Final,
+            )
+            .unwrap();
+            assert_eq!(t.hpa >> 12, 0x5000 + g - 0x100);
+        }
+        let mut tlb = FlushRecorder::default();
+        let mut zapped = 0;
+        mmu.zap_range(GfnRange { start: Gfn(0x100), end: Gfn(0x400) }, &mut tlb, |_| zapped += 1);
+        assert_eq!(zapped, 600);
+        assert!(mmu.lookup(Gfn(0x100)).is_none());
+        drop(mmu);
+        // SAFETY: allocated above with this layout; the engine that used it is gone.
+        unsafe { dealloc(base, layout) };
+    }
+
+    #[test]
     fn frames_are_carved_from_the_region_and_recycled() {
         let layout = Layout::from_size_align(4 * 4096, 4096).unwrap();
         // SAFETY: the layout has a non-zero size.
