@@ -294,8 +294,14 @@ impl Memslots {
             let b = (gfn.0.checked_sub(self.bucket_base)? >> self.bucket_shift) as usize;
             let lo = *self.buckets.get(b)? as usize;
             let hi = (*self.buckets.get(b + 1)? as usize).min(starts.len() - 1);
-            // The last candidate starting at or below gfn.
-            lo + starts[lo..=hi].partition_point(|&s| s <= gfn.0).checked_sub(1)?
+            // The last candidate starting at or below gfn. One or two
+            // candidates is the rule: pick without a branch, since which one
+            // holds a random gfn is a coin toss for the predictor.
+            if hi - lo <= 1 {
+                lo + usize::from(starts[hi] <= gfn.0) * (hi - lo)
+            } else {
+                lo + starts[lo..=hi].partition_point(|&s| s <= gfn.0).checked_sub(1)?
+            }
         };
         (gfn.0.wrapping_sub(starts[i]) < self.sizes[i]).then_some(i)
     }
