@@ -465,24 +465,25 @@ impl PagingMode for Level5 {
     const INDEX_BITS: u32 = 9;
     const VA_BITS: u32 = 57;
 
+    // Entries are 4-level entries; a fifth level only widens the address.
     fn is_leaf(e: u64, level: u8, cpu: &GuestCpu, feat: &CpuFeatures) -> bool {
         Level4::is_leaf(e, level, cpu, feat)
     }
 
     fn is_reserved(e: u64, level: u8, cpu: &GuestCpu, feat: &CpuFeatures) -> bool {
-        reserved_64(e, level, cpu, feat)
+        Level4::is_reserved(e, level, cpu, feat)
     }
 
     fn table_addr(e: u64, feat: &CpuFeatures) -> u64 {
-        e & feat.phys_width.addr_mask()
+        Level4::table_addr(e, feat)
     }
 
     fn page_addr(e: u64, level: u8, feat: &CpuFeatures) -> u64 {
-        page_addr_64(e, level, feat)
+        Level4::page_addr(e, level, feat)
     }
 
     fn root_addr(cr3: u64, feat: &CpuFeatures) -> u64 {
-        cr3 & feat.phys_width.addr_mask()
+        Level4::root_addr(cr3, feat)
     }
 }
 
