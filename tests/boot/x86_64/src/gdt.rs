@@ -64,42 +64,31 @@ pub fn init() {
         | (((limit >> 16) & 0xf) << 48)
         | (((base >> 24) & 0xff) << 56);
     let high = base >> 32;
-    let ptr = DescriptorPointer { limit: (size_of::<[u64; 5]>() - 1) as u16, base: gdt_base() };
     // SAFETY: single-threaded boot, nothing else refers to GDT yet; the descriptors written
-    // are the ones the kernel runs on, and the far return reloads CS with the same code
-    // segment the trampoline used, so execution continues at the next instruction.
+    // are the ones the kernel runs on.
     unsafe {
         let gdt = &mut *core::ptr::addr_of_mut!(GDT);
         gdt[3] = low;
         gdt[4] = high;
-        asm!(
-            "lgdt [{ptr}]",
-            "push {cs}",
-            "lea {tmp}, [rip + 2f]",
-            "push {tmp}",
-            "retfq",
-            "2:",
-            "mov ds, {ds:x}",
-            "mov es, {ds:x}",
-            "mov ss, {ds:x}",
-            "ltr {tss:x}",
-            ptr = in(reg) &ptr,
-            cs = in(reg) KERNEL_CS as u64,
-            tmp = out(reg) _,
-            ds = in(reg) KERNEL_DS as u64,
-            tss = in(reg) TSS_SEL as u64,
-        );
     }
+    reload_segments();
+    // SAFETY: the TSS descriptor was just written and the GDT loaded; TR is loaded once.
+    unsafe { asm!("ltr {tss:x}", tss = in(reg) TSS_SEL as u64) };
 }
 
 /// Loads the GDT `init` built on the second CPU and reloads its segment registers. The
 /// TSS is not loaded there: its descriptor is busy (the boot CPU's TR), and the second
 /// CPU never enters a guest, so it needs no TR of its own.
 pub fn load_secondary() {
+    reload_segments();
+}
+
+/// Loads the GDT and reloads CS (by a far return), DS, ES and SS.
+fn reload_segments() {
     let ptr = DescriptorPointer { limit: (size_of::<[u64; 5]>() - 1) as u16, base: gdt_base() };
-    // SAFETY: `init` finished on the boot CPU before the second CPU was started; the GDT
-    // is only read from now on. The code and data selectors are the same ones the AP
-    // trampoline used, so execution continues at the next instruction.
+    // SAFETY: the GDT is built (by `init`, before any second CPU starts) and only read
+    // here; the code and data selectors are the ones the boot and AP trampolines used,
+    // so execution continues at the next instruction.
     unsafe {
         asm!(
             "lgdt [{ptr}]",
