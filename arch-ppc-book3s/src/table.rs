@@ -188,6 +188,14 @@ impl InMemoryHpt {
         self.format
     }
 
+    /// Where the table's storage starts in the embedder's address space: what a
+    /// bare-metal hypervisor whose addresses are real addresses puts in SDR1
+    /// (HTABORG) or the partition-table entry, after checking it is aligned
+    /// to the table's size (the allocator decides the placement).
+    pub fn base_address(&self) -> usize {
+        self.words.as_ptr() as usize
+    }
+
     /// Number of HPTEs.
     pub fn len(&self) -> u64 {
         self.geom.hptes()
@@ -454,6 +462,18 @@ mod tests {
         assert_eq!(img[0], 0x00, "ISA 3.0: dword 0 has no B");
         assert_eq!(img[8], 0x04, "ISA 3.0: B = 1 TB at dword 1 bits 4:5");
         assert_eq!(t.read(slot).expect("ok"), Hpte::new((1 << 62) | (0x55 << 7) | 1, 0x1234_5000));
+    }
+
+    #[test]
+    fn base_address_names_the_live_storage_of_each_table() {
+        let mut a = table(HpteFormat::PreIsa300);
+        let b = table(HpteFormat::Isa300);
+        let base = a.base_address();
+        assert!(base != 0 && base % 8 == 0);
+        // Two live tables of 2^18 bytes cannot overlap.
+        assert!(base.abs_diff(b.base_address()) >= 1 << 18);
+        a.enter(0, Hpte::new(0x80, HPTE_R_M), false).expect("free");
+        assert_eq!(a.base_address(), base, "entering does not move the table");
     }
 
     #[test]
