@@ -4,14 +4,25 @@
 
 use alloc::format;
 use alloc::string::String;
+use alloc::vec;
 use alloc::vec::Vec;
 
 use arch_ppc_book3s::hash::{SegmentSize, VirtAddr};
 use arch_ppc_book3s::hpte::{HPTE_R_C, HPTE_R_M, HPTE_R_R, HPTE_R_RPN, HPTE_V_VALID};
-use arch_ppc_book3s::papr::{H_ENTER, H_READ};
+use arch_ppc_book3s::papr::{
+    BULK_CODE, BULK_END, BULK_NOT_FOUND, BULK_REQUEST, BULK_RESPONSE, BULK_SUCCESS, BULK_TYPE, H_BULK_REMOVE,
+    H_CLEAR_MOD, H_CLEAR_REF, H_ENTER, H_EXACT, H_FUNCTION, H_NOT_FOUND, H_PARAMETER, H_PROTECT, H_PTEG_FULL,
+    H_READ, H_REMOVE,
+};
 use arch_ppc_book3s::slb::{SlbEntry, SlbFlags};
+use arch_ppc_book3s::table::Protection;
+use mmu_generic::addr::{Hva, HvaRange};
+use mmu_generic::age::{age, test_age, NoAccessedBit};
+use mmu_generic::backend::FlushToken;
+use mmu_generic::dirty_log::{LogMode, SlotDirtyLog, Tracking};
+use mmu_generic::memslot::SlotId;
 
-use crate::guest::{res, Op};
+use crate::guest::{res, Op, EXEC_MAGIC, EXEC_STUB};
 use crate::kprintln;
 use crate::partition::{Model, Partition, Platform, SLOT0_BYTES};
 use crate::GUEST_BYTES;
@@ -115,6 +126,13 @@ pub fn run_all(model: Model, plat: &Platform, guest_base: u64) -> (u32, u32) {
     ] {
         report(name, map(&env, shift, ssize));
     }
+    report("exec-through-guest-hpte", exec(&env));
+    report("protect-and-remove", protect_remove(&env));
+    report("clear-ref-mod-bulk-remove", clear_bulk(&env));
+    report("bad-arguments-and-pteg-full", bad_args(&env));
+    report("outside-memslots", outside(&env));
+    report("dirty-log-from-c-bits", dirty_log(&env));
+    report("ageing-from-r-bits", ageing(&env));
     (passed, failed)
 }
 
@@ -241,6 +259,485 @@ fn map(env: &Env, shift: u32, ssize: SegmentSize) -> Outcome {
         slots.len(),
         p.base + gpa(0),
         p.hcalls,
+        p.tlb.flushes
+    ))
+}
+
+/// DSISR bits (Power ISA Book III 6.5.3).
+const DSISR_NOPTE: u64 = 0x4000_0000;
+const DSISR_PROT: u64 = 0x0800_0000;
+const DSISR_STORE: u64 = 0x0200_0000;
+/// SRR1 bit of an instruction storage interrupt for a no-execute page (Book III 6.5.4).
+const SRR1_NOEXEC_GUARD: u64 = 0x1000_0000;
+
+fn hc(op: u64, a: &[u64]) -> Op {
+    let mut args = [0u64; 8];
+    args[..a.len()].copy_from_slice(a);
+    Op::Hcall(op, args)
+}
+
+fn pflags(pp: u8, no_execute: bool) -> u64 {
+    Protection { pp, no_execute, key: 0 }.h_protect_flags()
+}
+
+fn seg4k() -> Seg {
+    Seg { ea: 0x1_0000_0000, vsid: 0x51_2345, ssize: SegmentSize::S256M, base_shift: 12 }
+}
+
+fn expect_status(what: &str, r: &[u64; 16], want: i64) -> Result<(), String> {
+    if status(r) == want {
+        Ok(())
+    } else {
+        Err(format!("{what}: status {} (want {want})", status(r)))
+    }
+}
+
+fn expect_fault(what: &str, r: &[u64; 16], vec: u64, addr: u64, cause: u64) -> Result<(), String> {
+    if r[res::FCOUNT] == 1 && r[res::FVEC] == vec && r[res::FADDR] == addr && r[res::FCAUSE] & cause == cause
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: faults {} vector {:#x} address {:#x} cause {:#x} (want one {vec:#x} at {addr:#x} with {cause:#x})",
+            r[res::FCOUNT],
+            r[res::FVEC],
+            r[res::FADDR],
+            r[res::FCAUSE]
+        ))
+    }
+}
+
+fn no_fault(what: &str, r: &[u64; 16]) -> Result<(), String> {
+    if r[res::FCOUNT] == 0 {
+        Ok(())
+    } else {
+        Err(format!("{what}: fault {:#x} at {:#x} cause {:#x}", r[res::FVEC], r[res::FADDR], r[res::FCAUSE]))
+    }
+}
+
+/// Enters `n` 4K pages of `seg` at `seg.ea + k * 4K` → guest-real `gpa(k)`; returns the slots.
+fn enter_pages(
+    p: &mut Partition,
+    plat: &Platform,
+    seg: &Seg,
+    gpa: impl Fn(u64) -> u64,
+    n: u64,
+) -> Result<Vec<u64>, String> {
+    let mut ops = vec![seg.slbmte(plat, 1)?];
+    for k in 0..n {
+        let (ptex, pteh, ptel) = hpte_for(p, seg, seg.ea + (k << 12), gpa(k), 12, 0b10)?;
+        ops.push(enter(ptex, pteh, ptel));
+    }
+    let mut slots = Vec::new();
+    for chunk in ops.chunks(60) {
+        let r = p.run(chunk)?;
+        for (i, rr) in r.iter().enumerate() {
+            if matches!(chunk[i], Op::Hcall(H_ENTER, _)) {
+                expect_status("H_ENTER", rr, 0)?;
+                slots.push(rr[1]);
+            }
+        }
+    }
+    Ok(slots)
+}
+
+/// The guest runs code through its own HPTE with MSR[IR] = 1; H_PROTECT with N
+/// then makes the fetch fault into the guest's ISI handler.
+fn exec(env: &Env) -> Outcome {
+    let mut p = env.partition()?;
+    let seg = Seg { ea: 0x2_0000_0000, vsid: 0x77_0001, ssize: SegmentSize::S256M, base_shift: 12 };
+    let slots = enter_pages(&mut p, env.plat, &seg, |_| EXEC_STUB, 1)?;
+    let r =
+        p.run(&[Op::Exec(seg.ea), hc(H_PROTECT, &[pflags(0b10, true), slots[0], 0]), Op::Exec(seg.ea)])?;
+    no_fault("exec", &r[0])?;
+    if r[0][0] != EXEC_MAGIC {
+        return Err(format!("the code at {:#x} left {:#x}", seg.ea, r[0][0]));
+    }
+    expect_status("H_PROTECT N", &r[1], 0)?;
+    if r[2][res::FVEC] != 0x400 || r[2][res::FADDR] != seg.ea || r[2][res::FCAUSE] & SRR1_NOEXEC_GUARD == 0 {
+        return Err(format!(
+            "no-execute fetch: vector {:#x} srr0 {:#x} srr1 {:#x}",
+            r[2][res::FVEC],
+            r[2][res::FADDR],
+            r[2][res::FCAUSE]
+        ));
+    }
+    Ok(format!(
+        "fetch at {:#x} (IR=1) ran guest-real {EXEC_STUB:#x} (host {:#x}); after H_PROTECT N: ISI 0x400 at {:#x} srr1 {:#x} in the guest",
+        seg.ea,
+        p.base + EXEC_STUB,
+        r[2][res::FADDR],
+        r[2][res::FCAUSE]
+    ))
+}
+
+/// H_PROTECT to read-only: the guest's store faults (DSI 0x300, protection) into
+/// its own handler, the load still works; back to read-write, the store lands;
+/// H_REMOVE: the load faults (no PTE), a second H_REMOVE is H_NOT_FOUND.
+fn protect_remove(env: &Env) -> Outcome {
+    let mut p = env.partition()?;
+    let seg = seg4k();
+    let gpa = SLOT0_BYTES + 0x5000;
+    let ea = seg.ea;
+    let slots = enter_pages(&mut p, env.plat, &seg, |_| gpa, 1)?;
+    let s = slots[0];
+    let r = p.run(&[
+        Op::Store(ea, 0x1111),
+        hc(H_PROTECT, &[pflags(0b11, false), s, 0]),
+        Op::Store(ea, 0x2222),
+        Op::Load(ea),
+    ])?;
+    no_fault("first store", &r[0])?;
+    expect_status("H_PROTECT ro", &r[1], 0)?;
+    expect_fault("store to read-only", &r[2], 0x300, ea, DSISR_PROT | DSISR_STORE)?;
+    no_fault("load from read-only", &r[3])?;
+    if r[3][0] != 0x1111 || p.read(gpa) != Some(0x1111) {
+        return Err(format!("read-only page changed: guest read {:#x}, host {:?}", r[3][0], p.read(gpa)));
+    }
+    let ro_dsisr = r[2][res::FCAUSE];
+    let r = p.run(&[
+        hc(H_PROTECT, &[pflags(0b10, false), s, 0]),
+        Op::Store(ea, 0x3333),
+        hc(H_REMOVE, &[0, s, 0]),
+        Op::Load(ea),
+        hc(H_REMOVE, &[0, s, 0]),
+    ])?;
+    expect_status("H_PROTECT rw", &r[0], 0)?;
+    no_fault("store after rw", &r[1])?;
+    if p.read(gpa) != Some(0x3333) {
+        return Err(format!("store after H_PROTECT rw: host holds {:?}", p.read(gpa)));
+    }
+    expect_status("H_REMOVE", &r[2], 0)?;
+    if r[2][2] & HPTE_R_C == 0 || r[2][2] & HPTE_R_RPN != gpa {
+        return Err(format!("H_REMOVE returned r {:#x}: want C and guest RPN {gpa:#x}", r[2][2]));
+    }
+    expect_fault("load after H_REMOVE", &r[3], 0x300, ea, DSISR_NOPTE)?;
+    expect_status("second H_REMOVE", &r[4], H_NOT_FOUND)?;
+    Ok(format!(
+        "read-only store: DSI 0x300 DSISR {ro_dsisr:#x} in the guest, load read 0x1111; rw store landed; H_REMOVE gave back R/C {:#x}, then load: DSI DSISR {:#x}; second H_REMOVE {}; {} tlb flushes",
+        r[2][2] & (HPTE_R_R | HPTE_R_C),
+        r[3][res::FCAUSE],
+        status(&r[4]),
+        p.tlb.flushes
+    ))
+}
+
+/// H_CLEAR_MOD / H_CLEAR_REF clear C / R and flush, so the CPU sets them again on
+/// the next store / load; H_BULK_REMOVE removes four entries and the loads fault.
+fn clear_bulk(env: &Env) -> Outcome {
+    let mut p = env.partition()?;
+    let seg = seg4k();
+    let gpa = |k: u64| SLOT0_BYTES + 0x10_0000 + (k << 12);
+    let slots = enter_pages(&mut p, env.plat, &seg, gpa, 4)?;
+    let ea = |k: u64| seg.ea + (k << 12);
+    let mut ops: Vec<Op> = (0..4).map(|k| Op::Store(ea(k), k)).collect();
+    ops.extend([
+        hc(H_CLEAR_MOD, &[0, slots[0]]),
+        hc(H_READ, &[0, slots[0]]),
+        Op::Store(ea(0), 0x44),
+        hc(H_READ, &[0, slots[0]]),
+        hc(H_CLEAR_REF, &[0, slots[1]]),
+        hc(H_READ, &[0, slots[1]]),
+        Op::Load(ea(1)),
+        hc(H_READ, &[0, slots[1]]),
+    ]);
+    let r = p.run(&ops)?;
+    let (cm, rd0, rd0b, cr, rd1, rd1b) = (&r[4], &r[5], &r[7], &r[8], &r[9], &r[11]);
+    if status(cm) != 0 || cm[1] & HPTE_R_C == 0 || rd0[2] & HPTE_R_C != 0 || rd0b[2] & HPTE_R_C == 0 {
+        return Err(format!(
+            "H_CLEAR_MOD: status {} old r {:#x}, after {:#x}, after a store {:#x}",
+            status(cm),
+            cm[1],
+            rd0[2],
+            rd0b[2]
+        ));
+    }
+    if status(cr) != 0 || cr[1] & HPTE_R_R == 0 || rd1[2] & HPTE_R_R != 0 || rd1b[2] & HPTE_R_R == 0 {
+        return Err(format!(
+            "H_CLEAR_REF: status {} old r {:#x}, after {:#x}, after a load {:#x}",
+            status(cr),
+            cr[1],
+            rd1[2],
+            rd1b[2]
+        ));
+    }
+    let req = |k: usize| BULK_REQUEST | slots[k];
+    let r = p.run(&[
+        hc(H_BULK_REMOVE, &[req(0), 0, req(1), 0, req(2), 0, req(3), 0]),
+        hc(H_BULK_REMOVE, &[req(0), 0, BULK_END, 0]),
+        Op::Load(ea(0)),
+        Op::Load(ea(1)),
+        Op::Load(ea(2)),
+        Op::Load(ea(3)),
+    ])?;
+    expect_status("H_BULK_REMOVE", &r[0], 0)?;
+    for k in 0..4 {
+        let w = r[0][1 + 2 * k];
+        if w & BULK_TYPE != BULK_RESPONSE || w & BULK_CODE != BULK_SUCCESS {
+            return Err(format!("bulk response {k}: {w:#x}"));
+        }
+        expect_fault("load after bulk remove", &r[2 + k], 0x300, ea(k as u64), DSISR_NOPTE)?;
+    }
+    if r[1][1] & BULK_CODE != BULK_NOT_FOUND {
+        return Err(format!("bulk remove of a removed entry: {:#x}", r[1][1]));
+    }
+    Ok(format!(
+        "H_CLEAR_MOD took C ({:#x} -> {:#x}), the next store set it again ({:#x}); H_CLEAR_REF took R, the next load set it ({:#x}); H_BULK_REMOVE x4: responses {:#x} ..., 4 loads then DSI, re-remove answers not-found; {} tlb flushes",
+        cm[1] & 0x180,
+        rd0[2] & 0x180,
+        rd0b[2] & 0x180,
+        rd1b[2] & 0x180,
+        r[0][1],
+        p.tlb.flushes
+    ))
+}
+
+/// Bad arguments get the PAPR codes; a full PTEG answers H_PTEG_FULL.
+fn bad_args(env: &Env) -> Outcome {
+    let mut p = env.partition()?;
+    let seg = seg4k();
+    let (ptex, pteh, ptel) = hpte_for(&p, &seg, seg.ea, SLOT0_BYTES, 12, 0b10)?;
+    let hptes = p.gh.table().len();
+    let r = p.run(&[
+        hc(H_ENTER, &[1, ptex, pteh, ptel]),
+        hc(H_ENTER, &[0, hptes, pteh, ptel]),
+        hc(H_ENTER, &[0, ptex, pteh, (ptel & !0x78) | 0x20]),
+        hc(H_REMOVE, &[0, hptes, 0]),
+        hc(H_READ, &[1, ptex]),
+        hc(H_PROTECT, &[1 << 40, ptex, 0]),
+        hc(H_CLEAR_REF, &[1, ptex]),
+        hc(H_CLEAR_MOD, &[0, hptes]),
+        hc(0x2f0, &[]),
+        hc(H_REMOVE, &[0, ptex, 0]),
+    ])?;
+    let want = [
+        H_PARAMETER,
+        H_PARAMETER,
+        H_PARAMETER,
+        H_PARAMETER,
+        H_PARAMETER,
+        H_PARAMETER,
+        H_PARAMETER,
+        H_PARAMETER,
+        H_FUNCTION,
+        H_NOT_FOUND,
+    ];
+    for (i, w) in want.iter().enumerate() {
+        expect_status(&format!("bad call {i}"), &r[i], *w)?;
+    }
+    // Nine virtual pages whose primary hash is the same group: VSIDs that differ
+    // only above the PTEG mask, same page index.
+    let mask = p.gh.table().geometry().pteg_mask();
+    let mut ops = Vec::new();
+    for k in 0..9u64 {
+        let s = Seg { vsid: seg.vsid + k * (mask + 1), ..seg };
+        let (x, h, l) = hpte_for(&p, &s, s.ea, SLOT0_BYTES + (k << 12), 12, 0b10)?;
+        if x != ptex {
+            return Err(format!("group {x:#x} != {ptex:#x}"));
+        }
+        ops.push(enter(x, h, l));
+    }
+    let s9 = Seg { vsid: seg.vsid + 9 * (mask + 1), ..seg };
+    let (x, h, l) = hpte_for(&p, &s9, s9.ea, SLOT0_BYTES, 12, 0b10)?;
+    ops.push(hc(H_ENTER, &[H_EXACT, x + 3, h, l]));
+    let r = p.run(&ops)?;
+    for (k, rr) in r.iter().take(8).enumerate() {
+        expect_status(&format!("H_ENTER {k} into the group"), rr, 0)?;
+    }
+    expect_status("ninth H_ENTER", &r[8], H_PTEG_FULL)?;
+    expect_status("H_EXACT on a used slot", &r[9], H_PTEG_FULL)?;
+    Ok(format!(
+        "10 bad calls answered {want:?}; PTEG {:#x}: 8 entered, the ninth H_PTEG_FULL ({}), H_EXACT on a used slot {}",
+        ptex / 8,
+        status(&r[8]),
+        status(&r[9])
+    ))
+}
+
+/// A mapping of guest-real memory outside the memslots is refused (H_PARAMETER)
+/// and the address stays unreachable: the guest's load faults, the host memory
+/// beyond the guest is untouched.
+fn outside(env: &Env) -> Outcome {
+    let mut p = env.partition()?;
+    let seg = seg4k();
+    let canary_at = p.base + GUEST_BYTES;
+    if !env.plat.is_free(canary_at, 4096, (0, 0)) {
+        return Err(format!("no free RAM at {canary_at:#x} for the canary"));
+    }
+    let canary = 0xc0ff_ee00_dead_beef_u64;
+    // SAFETY: free RAM just past guest memory (checked), used by nothing else.
+    unsafe { core::ptr::write_volatile(canary_at as *mut u64, canary) };
+    let targets = [GUEST_BYTES, GUEST_BYTES + 0x1000, 0x2000_0000, canary_at, 1 << 40];
+    let mut ops = vec![seg.slbmte(env.plat, 1)?];
+    for (k, &gpa) in targets.iter().enumerate() {
+        let (x, h, l) = hpte_for(&p, &seg, seg.ea + ((k as u64) << 12), gpa, 12, 0b10)?;
+        ops.push(enter(x, h, l));
+        ops.push(Op::Store(seg.ea + ((k as u64) << 12), 0x0bad));
+    }
+    let r = p.run(&ops)?;
+    for (k, gpa) in targets.iter().enumerate() {
+        expect_status(&format!("H_ENTER of guest-real {gpa:#x}"), &r[1 + 2 * k], H_PARAMETER)?;
+        expect_fault("store", &r[2 + 2 * k], 0x300, seg.ea + ((k as u64) << 12), DSISR_NOPTE)?;
+    }
+    // SAFETY: as above.
+    let after = unsafe { core::ptr::read_volatile(canary_at as *const u64) };
+    if after != canary {
+        return Err(format!("host memory past the guest changed: {after:#x}"));
+    }
+    p.gh.check_invariants().map_err(|v| format!("GuestHpt invariant: {v:?}"))?;
+    Ok(format!(
+        "{} mappings outside the memslots (first {:#x}, host image {:#x}, 1T) refused H_PARAMETER, {} guest stores faulted (DSI no PTE), canary past the guest intact, table invariants hold",
+        targets.len(),
+        targets[0],
+        targets[2],
+        targets.len()
+    ))
+}
+
+fn mix(k: u64, round: u64) -> u64 {
+    let x = (k + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (round + 7).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^ (x >> 29)
+}
+
+/// Dirty logging of slot 1 from the C bits the CPU sets, harvested by
+/// mmu-generic's dirty-log driver through GuestHpt's reverse map while the
+/// guest keeps running with its mappings: rounds of writes, a page written then
+/// removed (its C folded), a page entered while logging.
+fn dirty_log(env: &Env) -> Outcome {
+    let mut p = env.partition()?;
+    let seg = seg4k();
+    let n = 48u64;
+    let gpa = |k: u64| SLOT0_BYTES + (k << 12) * 5;
+    let slots = enter_pages(&mut p, env.plat, &seg, gpa, n)?;
+    let ea = |k: u64| seg.ea + (k << 12);
+    // Written before logging starts: not to be reported.
+    let pre: Vec<Op> = (0..n).map(|k| Op::Store(ea(k), k)).collect();
+    p.run(&pre)?;
+    let slot = *p.gh.memslots().get(SlotId(1)).ok_or("slot 1")?;
+    p.gh.queue_folded_dirty(true);
+    let mut flush = FlushToken::new();
+    let log = SlotDirtyLog::start(&slot, Tracking::HardwareDirty, LogMode::Bitmap, &mut p.gh, &mut flush)
+        .map_err(|e| format!("start: {e:?}"))?;
+    flush.flush(&mut p.tlb);
+    p.log = Some(log);
+    let (mut written_total, mut reported_total, mut missed, mut spurious) = (0u64, 0u64, 0u64, 0u64);
+    let late = n; // entered during logging, in round 1
+    let rounds = 5u64;
+    let mut bitmap = Vec::new();
+    for round in 0..rounds {
+        let mut ops = Vec::new();
+        let mut want: Vec<u64> = (0..n).filter(|&k| mix(k, round) % 3 == 0).map(gpa).collect();
+        for &g in &want {
+            let k = (g - SLOT0_BYTES) / (5 << 12);
+            ops.push(Op::Store(ea(k), round << 32 | k));
+        }
+        if round == 1 {
+            // Written, then removed by the guest: the C bit leaves the hardware.
+            let k = (0..n).find(|&k| mix(k, round) % 3 != 0).unwrap_or(0);
+            ops.push(Op::Store(ea(k), 0xdead));
+            ops.push(hc(H_REMOVE, &[0, slots[k as usize], 0]));
+            want.push(gpa(k));
+            // Entered again (a new writable entry under logging), and the page
+            // beyond the first n entered for the first time.
+            let (x, h, l) = hpte_for(&p, &seg, ea(k), gpa(k), 12, 0b10)?;
+            ops.push(enter(x, h, l));
+            let (x, h, l) = hpte_for(&p, &seg, ea(late), gpa(late), 12, 0b10)?;
+            ops.push(enter(x, h, l));
+        }
+        if round == 3 {
+            ops.push(Op::Store(ea(late), 0x1a7e));
+            want.push(gpa(late));
+        }
+        let r = p.run(&ops)?;
+        if let Some(bad) = r.iter().find(|x| x[res::FCOUNT] != 0) {
+            return Err(format!("round {round}: fault {:#x} at {:#x}", bad[res::FVEC], bad[res::FADDR]));
+        }
+        let mut log = p.log.take().ok_or("log")?;
+        let f = log.get_and_clear(&mut p.gh, &mut bitmap).map_err(|e| format!("round {round}: {e:?}"))?;
+        f.flush(&mut p.tlb);
+        p.log = Some(log);
+        let mut got = Vec::new();
+        for (w, word) in bitmap.iter().enumerate() {
+            for b in 0..64 {
+                if word & (1 << b) != 0 {
+                    got.push(SLOT0_BYTES + (((w * 64 + b) as u64) << 12));
+                }
+            }
+        }
+        want.sort_unstable();
+        missed += want.iter().filter(|g| !got.contains(g)).count() as u64;
+        spurious += got.iter().filter(|g| !want.contains(g)).count() as u64;
+        written_total += want.len() as u64;
+        reported_total += got.len() as u64;
+    }
+    if missed != 0 || spurious != 0 {
+        return Err(format!("{rounds} rounds: {written_total} pages written, {reported_total} reported, {missed} missed, {spurious} spurious"));
+    }
+    Ok(format!(
+        "{rounds} rounds over {n}+1 mapped pages: {written_total} pages written, {reported_total} reported, 0 missed, 0 spurious (incl. a page written, H_REMOVEd ({} C bit folded) and entered again, and one first entered while logging); {} tlb flushes",
+        p.gh.lost_dirty_pages(),
+        p.tlb.flushes
+    ))
+}
+
+/// Ageing from the R bits the CPU sets: mmu-generic's `age`/`test_age` through
+/// GuestHpt's reverse map, page by page, between the guest's rounds of loads.
+fn ageing(env: &Env) -> Outcome {
+    let mut p = env.partition()?;
+    let seg = seg4k();
+    let n = 48u64;
+    let gpa = |k: u64| SLOT0_BYTES + (k << 12) * 3;
+    enter_pages(&mut p, env.plat, &seg, gpa, n)?;
+    let ea = |k: u64| seg.ea + (k << 12);
+    let slots = p.gh.memslots().clone();
+    let whole = HvaRange::from_len(Hva(p.base + SLOT0_BYTES), GUEST_BYTES - SLOT0_BYTES).ok_or("range")?;
+    let young_pages = |p: &Partition| -> Vec<u64> {
+        (0..n)
+            .filter(|&k| {
+                let r = HvaRange::from_len(Hva(p.base + gpa(k)), 4096).expect("in range");
+                test_age(&slots, &p.gh, r, NoAccessedBit::ReportOld).young
+            })
+            .collect()
+    };
+    let mut flush = FlushToken::new();
+    let first = age(&slots, &mut p.gh, whole, NoAccessedBit::ReportOld, &mut flush);
+    flush.flush(&mut p.tlb);
+    if !young_pages(&p).is_empty() {
+        return Err(String::from("pages still young after age()"));
+    }
+    let (mut touched_total, mut missed, mut spurious, mut aged) = (0u64, 0u64, 0u64, 0u64);
+    let rounds = 4u64;
+    for round in 0..rounds {
+        let want: Vec<u64> = (0..n).filter(|&k| mix(k, round + 10) % 4 == 0).collect();
+        let ops: Vec<Op> = want.iter().map(|&k| Op::Load(ea(k))).collect();
+        let r = p.run(&ops)?;
+        if let Some(bad) = r.iter().find(|x| x[res::FCOUNT] != 0) {
+            return Err(format!("round {round}: fault {:#x} at {:#x}", bad[res::FVEC], bad[res::FADDR]));
+        }
+        let got = young_pages(&p);
+        missed += want.iter().filter(|k| !got.contains(k)).count() as u64;
+        spurious += got.iter().filter(|k| !want.contains(k)).count() as u64;
+        touched_total += want.len() as u64;
+        let mut flush = FlushToken::new();
+        let rep = age(&slots, &mut p.gh, whole, NoAccessedBit::ReportOld, &mut flush);
+        flush.flush(&mut p.tlb);
+        aged += rep.young_leaves;
+        if rep.young_leaves != want.len() as u64 {
+            return Err(format!(
+                "round {round}: age() found {} young leaves, the guest touched {}",
+                rep.young_leaves,
+                want.len()
+            ));
+        }
+    }
+    if missed != 0 || spurious != 0 {
+        return Err(format!(
+            "{rounds} rounds: {touched_total} pages touched, {missed} missed, {spurious} spurious"
+        ));
+    }
+    Ok(format!(
+        "first pass aged {} young leaves; {rounds} rounds of guest loads: {touched_total} pages touched, test_age found each (0 missed, 0 spurious), age() cleared {aged}; {} tlb flushes",
+        first.young_leaves,
         p.tlb.flushes
     ))
 }
