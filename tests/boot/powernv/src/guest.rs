@@ -56,14 +56,8 @@ pub enum Op {
     Load(u64),
     /// Store `value` at `ea` with MSR[DR] = 1.
     Store(u64, u64),
-    /// Store `value` at `ea + i * stride` for `i < count`, DR = 1.
-    StoreRange { ea: u64, count: u64, stride: u64, value: u64 },
-    /// Load from `ea + i * stride` for `i < count`, DR = 1; result[0] = sum.
-    LoadRange { ea: u64, count: u64, stride: u64 },
     /// `slbmte rs, rb`.
     Slbmte { rs: u64, rb: u64 },
-    /// `slbie rb`.
-    Slbie(u64),
     /// Branch to `ea` with IR = DR = 1 (the code there must be EXEC_STUB's);
     /// result[0] = what it left in r27 ([`EXEC_MAGIC`]).
     Exec(u64),
@@ -81,13 +75,8 @@ impl Op {
             }
             Op::Load(ea) => (w[0], w[1]) = (2, ea),
             Op::Store(ea, v) => (w[0], w[1], w[2]) = (3, ea, v),
-            Op::StoreRange { ea, count, stride, value } => {
-                (w[0], w[1], w[2], w[3], w[4]) = (4, ea, count, stride, value)
-            }
             Op::Slbmte { rs, rb } => (w[0], w[1], w[2]) = (5, rs, rb),
-            Op::Slbie(rb) => (w[0], w[1]) = (6, rb),
             Op::Exec(ea) => (w[0], w[1]) = (7, ea),
-            Op::LoadRange { ea, count, stride } => (w[0], w[1], w[2], w[3]) = (8, ea, count, stride),
         }
         w
     }
@@ -194,16 +183,10 @@ guest_loop:
     beq     op_load
     cmpdi   3, 3
     beq     op_store
-    cmpdi   3, 4
-    beq     op_store_range
     cmpdi   3, 5
     beq     op_slbmte
-    cmpdi   3, 6
-    beq     op_slbie
     cmpdi   3, 7
     beq     op_exec
-    cmpdi   3, 8
-    beq     op_load_range
     b       op_end
 
 op_next:
@@ -266,50 +249,10 @@ op_store:
     isync
     b       op_next
 
-op_store_range:
-    ld      4, 8(31)
-    ld      8, 16(31)
-    ld      9, 24(31)
-    ld      7, 32(31)
-    cmpdi   8, 0
-    beq     op_next
-    mtctr   8
-    bl      dr_on
-1:  std     7, 0(4)
-    add     4, 4, 9
-    bdnz    1b
-    mtmsrd  5
-    isync
-    b       op_next
-
-op_load_range:
-    ld      4, 8(31)
-    ld      8, 16(31)
-    ld      9, 24(31)
-    li      10, 0
-    cmpdi   8, 0
-    beq     2f
-    mtctr   8
-    bl      dr_on
-1:  ld      7, 0(4)
-    add     10, 10, 7
-    add     4, 4, 9
-    bdnz    1b
-    mtmsrd  5
-    isync
-2:  std     10, 0(30)
-    b       op_next
-
 op_slbmte:
     ld      4, 8(31)
     ld      5, 16(31)
     slbmte  4, 5
-    isync
-    b       op_next
-
-op_slbie:
-    ld      4, 8(31)
-    slbie   4
     isync
     b       op_next
 

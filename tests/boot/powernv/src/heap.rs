@@ -42,13 +42,6 @@ pub unsafe fn init(base: usize, size: usize) {
     s.end = base + size;
 }
 
-/// Bytes of the heap region not yet handed out by the bump pointer.
-pub fn unused() -> usize {
-    // SAFETY: see `Sync`; a plain read.
-    let s = unsafe { &*HEAP.0.get() };
-    s.end - s.next
-}
-
 fn class_of(layout: &Layout) -> Option<usize> {
     let size = layout.size().max(layout.align()).max(1 << MIN_SHIFT);
     let shift = usize::BITS - (size - 1).leading_zeros();

@@ -66,14 +66,8 @@ pub struct Vcpu {
 pub mod msr {
     /// 64-bit mode.
     pub const SF: u64 = 1 << 63;
-    /// Hypervisor state.
-    pub const HV: u64 = 1 << 60;
     /// Machine check enable.
     pub const ME: u64 = 1 << 12;
-    /// Instruction relocation.
-    pub const IR: u64 = 1 << 5;
-    /// Data relocation.
-    pub const DR: u64 = 1 << 4;
     /// Recoverable interrupt.
     pub const RI: u64 = 1 << 1;
 }

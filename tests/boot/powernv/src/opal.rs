@@ -1,4 +1,4 @@
-//! OPAL, skiboot's runtime interface: the console, LPC I/O and power-off.
+//! OPAL, skiboot's runtime interface: the console and power-off.
 //!
 //! Token numbers from skiboot's `include/opal-api.h`.
 
@@ -10,12 +10,9 @@ use crate::entry::opal_gate;
 const OPAL_CONSOLE_WRITE: u64 = 1;
 const OPAL_CEC_POWER_DOWN: u64 = 5;
 const OPAL_POLL_EVENTS: u64 = 10;
-const OPAL_LPC_WRITE: u64 = 68;
 const OPAL_SUCCESS: i64 = 0;
 const OPAL_BUSY: i64 = -2;
 const OPAL_BUSY_EVENT: i64 = -12;
-/// LPC address space selector of `OPAL_LPC_WRITE`: I/O ports.
-const OPAL_LPC_IO: u64 = 1;
 
 static BASE: AtomicU64 = AtomicU64::new(0);
 static ENTRY: AtomicU64 = AtomicU64::new(0);
@@ -62,11 +59,6 @@ fn console_write(mut bytes: &[u8]) {
             _ => return,
         }
     }
-}
-
-/// Writes a byte to an LPC I/O port of chip 0.
-pub fn lpc_io_write8(port: u64, value: u8) -> i64 {
-    call(OPAL_LPC_WRITE, &[0, OPAL_LPC_IO, port, u64::from(value), 1])
 }
 
 /// Powers the machine off (QEMU exits 0); returns only if OPAL refused.

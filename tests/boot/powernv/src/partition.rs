@@ -36,7 +36,7 @@ impl Model {
     /// From the PVR's version field.
     pub fn from_pvr(pvr: u64) -> Option<Self> {
         match pvr >> 16 {
-            0x4b | 0x4c | 0x4d => Some(Self::Power8),
+            0x4b..=0x4d => Some(Self::Power8),
             0x4e => Some(Self::Power9),
             _ => None,
         }
@@ -175,8 +175,6 @@ impl Platform {
 
 /// The guest partition.
 pub struct Partition {
-    /// Processor generation.
-    pub model: Model,
     /// The guest's hashed page table and reverse map.
     pub gh: GuestHpt<HvaIdentity>,
     /// The guest's vCPU.
@@ -308,7 +306,6 @@ impl Partition {
 
         let vcpu = Box::new(Vcpu { pc: guest::ENTRY, msr: msr::SF | msr::ME | msr::RI, ..Vcpu::default() });
         Ok(Self {
-            model,
             gh,
             vcpu,
             base,

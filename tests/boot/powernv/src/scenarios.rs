@@ -626,14 +626,14 @@ fn dirty_log(env: &Env) -> Outcome {
     let mut bitmap = Vec::new();
     for round in 0..rounds {
         let mut ops = Vec::new();
-        let mut want: Vec<u64> = (0..n).filter(|&k| mix(k, round) % 3 == 0).map(gpa).collect();
+        let mut want: Vec<u64> = (0..n).filter(|&k| mix(k, round).is_multiple_of(3)).map(gpa).collect();
         for &g in &want {
             let k = (g - SLOT0_BYTES) / (5 << 12);
             ops.push(Op::Store(ea(k), round << 32 | k));
         }
         if round == 1 {
             // Written, then removed by the guest: the C bit leaves the hardware.
-            let k = (0..n).find(|&k| mix(k, round) % 3 != 0).unwrap_or(0);
+            let k = (0..n).find(|&k| !mix(k, round).is_multiple_of(3)).unwrap_or(0);
             ops.push(Op::Store(ea(k), 0xdead));
             ops.push(hc(H_REMOVE, &[0, slots[k as usize], 0]));
             want.push(gpa(k));
@@ -708,7 +708,7 @@ fn ageing(env: &Env) -> Outcome {
     let (mut touched_total, mut missed, mut spurious, mut aged) = (0u64, 0u64, 0u64, 0u64);
     let rounds = 4u64;
     for round in 0..rounds {
-        let want: Vec<u64> = (0..n).filter(|&k| mix(k, round + 10) % 4 == 0).collect();
+        let want: Vec<u64> = (0..n).filter(|&k| mix(k, round + 10).is_multiple_of(4)).collect();
         let ops: Vec<Op> = want.iter().map(|&k| Op::Load(ea(k))).collect();
         let r = p.run(&ops)?;
         if let Some(bad) = r.iter().find(|x| x[res::FCOUNT] != 0) {
