@@ -58,6 +58,8 @@ pub enum Op {
     Store(u64, u64),
     /// `slbmte rs, rb`.
     Slbmte { rs: u64, rb: u64 },
+    /// Loop forever (checks the hypervisor decrementer watchdog).
+    Spin,
     /// Branch to `ea` with IR = DR = 1 (the code there must be EXEC_STUB's);
     /// result[0] = what it left in r27 ([`EXEC_MAGIC`]).
     Exec(u64),
@@ -77,6 +79,7 @@ impl Op {
             Op::Store(ea, v) => (w[0], w[1], w[2]) = (3, ea, v),
             Op::Slbmte { rs, rb } => (w[0], w[1], w[2]) = (5, rs, rb),
             Op::Exec(ea) => (w[0], w[1]) = (7, ea),
+            Op::Spin => w[0] = 4,
         }
         w
     }
@@ -183,6 +186,8 @@ guest_loop:
     beq     op_load
     cmpdi   3, 3
     beq     op_store
+    cmpdi   3, 4
+    beq     op_spin
     cmpdi   3, 5
     beq     op_slbmte
     cmpdi   3, 7
@@ -248,6 +253,9 @@ op_store:
     mtmsrd  5
     isync
     b       op_next
+
+op_spin:
+    b       op_spin
 
 op_slbmte:
     ld      4, 8(31)

@@ -66,6 +66,7 @@ fn read_platform(fdt_addr: u64) -> Result<Platform, &'static str> {
     }
     let mut sizes = None;
     let mut seg_1t = false;
+    let mut tb_hz = 0;
     t.for_each_prop(|p| {
         if p.name == b"reg" && (fdt::base_name(p.node) == b"memory" || p.parent == b"reserved-memory") {
             let list = if p.parent == b"reserved-memory" { &mut reserved } else { &mut memory };
@@ -78,6 +79,9 @@ fn read_platform(fdt_addr: u64) -> Result<Platform, &'static str> {
         if p.name == b"ibm,segment-page-sizes" && sizes.is_none() {
             sizes = PageSizes::from_be_bytes(p.value).ok();
         }
+        if p.name == b"timebase-frequency" && p.value.len() == 4 && tb_hz == 0 {
+            tb_hz = u64::from(u32::from_be_bytes([p.value[0], p.value[1], p.value[2], p.value[3]]));
+        }
         if p.name == b"ibm,processor-segment-sizes" {
             seg_1t |= p.value.chunks(4).any(|c| c == [0, 0, 0, 40]);
         }
@@ -88,6 +92,7 @@ fn read_platform(fdt_addr: u64) -> Result<Platform, &'static str> {
         overflow,
         sizes: sizes.ok_or("no usable ibm,segment-page-sizes")?,
         seg_1t,
+        tb_hz,
     })
 }
 
@@ -112,7 +117,14 @@ extern "C" fn kmain(fdt_addr: u64, opal_base: u64, opal_entry: u64) -> ! {
                 plat.reserved.len(),
                 plat.seg_1t
             );
+            let t0 = spr::timebase();
             let (p, f) = scenarios::run_all(model, &plat, guest_base);
+            let ticks = spr::timebase() - t0;
+            kprintln!(
+                "scenarios took {ticks} timebase ticks ({} ms at {} Hz)",
+                ticks * 1000 / plat.tb_hz.max(1),
+                plat.tb_hz
+            );
             kprintln!("{p} passed, {f} failed");
             f
         }

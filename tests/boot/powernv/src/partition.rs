@@ -159,6 +159,8 @@ pub struct Platform {
     pub sizes: PageSizes,
     /// 1 TB segments are listed in `ibm,processor-segment-sizes`.
     pub seg_1t: bool,
+    /// The CPU's `timebase-frequency`.
+    pub tb_hz: u64,
 }
 
 impl Platform {
@@ -195,7 +197,13 @@ pub struct Partition {
     _patb: Option<Vec<u64>>,
     /// The VRMA page shift.
     pub vrma_shift: u32,
+    /// Timebase ticks a guest entry may run before the hypervisor decrementer
+    /// (0x980) ends it as hung.
+    pub watchdog: u32,
 }
+
+/// Default watchdog: 2^31 - 1 ticks (4.2 s at QEMU's 512 MHz timebase; HDEC is 32 bits).
+pub const WATCHDOG_TICKS: u32 = 0x7fff_ffff;
 
 /// Bytes of slot 0 (guest-real 0.., reachable in real mode through the VRMA).
 pub const SLOT0_BYTES: u64 = 16 << 20;
@@ -298,9 +306,12 @@ impl Partition {
         if model == Model::Power8 {
             new |= lpcr::VPM0;
         }
+        // HDEC interrupts on: the watchdog of every guest entry.
+        new |= lpcr::HDICE;
         // SAFETY: guest real mode through the VRMA, virtual-mode faults to the
-        // guest (VPM1 = 0), HPT mode, big-endian interrupts, no HDEC interrupts:
-        // the hypervisor itself runs in real mode with HV = 1, unaffected.
+        // guest (VPM1 = 0), HPT mode, big-endian interrupts, HDEC interrupts only
+        // while the guest runs (the hypervisor runs with EE = 0): the hypervisor
+        // itself runs in real mode with HV = 1, unaffected.
         unsafe { spr::set_lpcr(new) };
         spr::flush_partition_tlb(model.tlb_sets());
 
@@ -316,6 +327,7 @@ impl Partition {
             entries: 0,
             _patb: patb,
             vrma_shift,
+            watchdog: WATCHDOG_TICKS,
         })
     }
 
@@ -353,8 +365,15 @@ impl Partition {
         }
         loop {
             self.entries += 1;
+            spr::set_hdec(self.watchdog);
             let trap = hv::run(&mut self.vcpu);
             let v = &mut *self.vcpu;
+            if trap == 0x980 {
+                return Err(format!(
+                    "guest watchdog: HDEC (0x980) after {} ticks, guest at {:#x} msr {:#x}",
+                    self.watchdog, v.hsrr0, v.hsrr1
+                ));
+            }
             if trap != 0xc00 {
                 return Err(format!(
                     "guest exit {trap:#x}: hsrr0 {:#x} hsrr1 {:#x} hdar {:#x} hdsisr {:#x} srr0 {:#x} srr1 {:#x}",

@@ -126,6 +126,7 @@ pub fn run_all(model: Model, plat: &Platform, guest_base: u64) -> (u32, u32) {
     ] {
         report(name, map(&env, shift, ssize));
     }
+    report("hdec-watchdog", watchdog(&env));
     report("exec-through-guest-hpte", exec(&env));
     report("protect-and-remove", protect_remove(&env));
     report("clear-ref-mod-bulk-remove", clear_bulk(&env));
@@ -699,9 +700,18 @@ fn ageing(env: &Env) -> Outcome {
             })
             .collect()
     };
+    // Every page touched once: the first pass must find them all young.
+    let all: Vec<Op> = (0..n).map(|k| Op::Load(ea(k))).collect();
+    p.run(&all)?;
+    if young_pages(&p).len() as u64 != n {
+        return Err(format!("{} of {n} loaded pages young", young_pages(&p).len()));
+    }
     let mut flush = FlushToken::new();
     let first = age(&slots, &mut p.gh, whole, NoAccessedBit::ReportOld, &mut flush);
     flush.flush(&mut p.tlb);
+    if first.young_leaves != n {
+        return Err(format!("first age(): {} young leaves of {n}", first.young_leaves));
+    }
     if !young_pages(&p).is_empty() {
         return Err(String::from("pages still young after age()"));
     }
@@ -740,4 +750,22 @@ fn ageing(env: &Env) -> Outcome {
         first.young_leaves,
         p.tlb.flushes
     ))
+}
+
+/// A guest that never exits is ended by the hypervisor decrementer (0x980),
+/// the watchdog of every guest entry, and reported with where it was.
+fn watchdog(env: &Env) -> Outcome {
+    let mut p = env.partition()?;
+    p.watchdog = 1 << 24;
+    let t0 = crate::spr::timebase();
+    match p.run(&[Op::Spin]) {
+        Ok(_) => Err(String::from("a spinning guest exited")),
+        Err(e) if e.starts_with("guest watchdog") && p.vcpu.hsrr1 & (1 << 60) == 0 => Ok(format!(
+            "spinning guest ended by HDEC after {} ticks (set {}), at guest-real {:#x} with HV = 0",
+            crate::spr::timebase() - t0,
+            p.watchdog,
+            p.vcpu.hsrr0
+        )),
+        Err(e) => Err(e),
+    }
 }

@@ -52,6 +52,14 @@ mtspr!(set_lpidr, 319, "LPIDR");
 mtspr!(set_sdr1, 25, "SDR1 (the POWER8 hashed page table)");
 mtspr!(set_ptcr, 464, "PTCR (the POWER9 partition table)");
 mtspr!(set_hsprg0_raw, 304, "HSPRG0");
+mtspr!(set_hdec_raw, 310, "HDEC");
+
+/// Arms the hypervisor decrementer: an interrupt at 0x980 once `ticks`
+/// timebase ticks have passed with the guest running (LPCR[HDICE] = 1).
+pub fn set_hdec(ticks: u32) {
+    // SAFETY: HDEC only raises the interrupt our 0x980 vector turns into a guest exit.
+    unsafe { set_hdec_raw(u64::from(ticks)) }
+}
 
 /// Points HSPRG0, read by every hypervisor vector, at a vCPU.
 pub fn set_hsprg0(v: u64) {
