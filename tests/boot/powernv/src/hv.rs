@@ -66,6 +66,8 @@ pub struct Vcpu {
 pub mod msr {
     /// 64-bit mode.
     pub const SF: u64 = 1 << 63;
+    /// Data relocation.
+    pub const DR: u64 = 1 << 4;
     /// Machine check enable.
     pub const ME: u64 = 1 << 12;
     /// Recoverable interrupt.

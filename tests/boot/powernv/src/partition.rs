@@ -13,6 +13,7 @@ use arch_ppc_book3s::hash::{HptGeometry, SegmentSize, VirtAddr};
 use arch_ppc_book3s::hpte::{HpteFormat, HPTE_R_M, HPTE_V_VALID};
 use arch_ppc_book3s::pagesize::PageSizes;
 use arch_ppc_book3s::papr::H_ENTER;
+use arch_ppc_book3s::slb::SlbEntry;
 use mmu_generic::addr::{Gfn, GfnRange, Hva};
 use mmu_generic::backend::{FlushToken, MmuBackend, TlbFlush};
 use mmu_generic::dirty_log::SlotDirtyLog;
@@ -82,6 +83,9 @@ mod lpcr {
     /// HDICE: hypervisor decrementer interrupts enabled.
     pub const HDICE: u64 = 1;
 }
+
+/// DSISR: no translation found (Power ISA Book III 6.5.3).
+const DSISR_NOPTE: u64 = 0x4000_0000;
 
 /// The VRMA's VSID (a 1 TB segment, Power ISA Book III 5.7.3.1).
 pub const VRMA_VSID: u64 = 0x1ff_ffff;
@@ -197,6 +201,10 @@ pub struct Partition {
     _patb: Option<Vec<u64>>,
     /// The VRMA page shift.
     pub vrma_shift: u32,
+    /// Absent entries mapped again on a hypervisor data storage interrupt.
+    pub fault_ins: u64,
+    /// Data storage interrupts the hypervisor delivered to the guest.
+    pub reflected: u64,
     /// Timebase ticks a guest entry may run before the hypervisor decrementer
     /// (0x980) ends it as hung.
     pub watchdog: u32,
@@ -328,7 +336,65 @@ impl Partition {
             _patb: patb,
             vrma_shift,
             watchdog: WATCHDOG_TICKS,
+            fault_ins: 0,
+            reflected: 0,
         })
+    }
+
+    /// LPCR[VPM1]: with it, the guest's virtual-mode storage interrupts come to
+    /// the hypervisor as HDSI (0xE00), which maps absent entries again
+    /// ([`GuestHpt::fault_in`], after a zap) or delivers the interrupt to the
+    /// guest, as KVM HV does.
+    pub fn set_vpm1(&mut self, on: bool) {
+        let l = spr::lpcr();
+        let new = if on { l | lpcr::VPM1 } else { l & !lpcr::VPM1 };
+        // SAFETY: only where the guest's virtual-mode storage interrupts go changes;
+        // the run loop handles 0xE00.
+        unsafe { spr::set_lpcr(new) };
+    }
+
+    /// A hypervisor data storage interrupt (HDSI): maps an absent entry again
+    /// and retries, or delivers a DSI to the guest's 0x300.
+    fn hdsi_enabled(&self) -> bool {
+        spr::lpcr() & lpcr::VPM1 != 0
+    }
+
+    fn hdsi(&mut self) -> Result<(), String> {
+        let v = &*self.vcpu;
+        let (ea, dsisr, pc, gmsr) = (v.hdar, v.hdsisr, v.hsrr0, v.hsrr1);
+        if gmsr & msr::DR == 0 {
+            return Err(format!(
+                "guest real-mode access at {ea:#x} (pc {pc:#x}) outside the VRMA: HDSISR {dsisr:#x}"
+            ));
+        }
+        if dsisr & DSISR_NOPTE != 0 {
+            if let Some(word) = spr::slbfee(ea) {
+                let e = SlbEntry { esid_word: 0, vsid_word: word };
+                let seg = self.gh.page_sizes().segment_for_slb(word).map(|s| s.base_shift);
+                let va = e.vsid().zip(e.segment_size()).and_then(|(vsid, ss)| VirtAddr::new(vsid, ss, ea));
+                if let (Some(va), Some(base_shift)) = (va, seg) {
+                    if let Some(found) = self.gh.find(&va, base_shift) {
+                        if self.gh.is_absent(found.ptex) {
+                            self.gh
+                                .fault_in(found.ptex)
+                                .map_err(|e| format!("fault_in {:#x}: {e:?}", found.ptex))?;
+                            spr::ptesync();
+                            self.fault_ins += 1;
+                            let v = &mut *self.vcpu;
+                            (v.pc, v.msr) = (pc, gmsr);
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        // The guest's own fault: deliver it as the DSI the CPU would have given
+        // (SRR1 = the MSR with bits 33:36 and 42:47 cleared), to its 0x300 in real mode.
+        spr::set_guest_dsi_regs(pc, gmsr & !0x783f_0000, ea, dsisr);
+        self.reflected += 1;
+        let v = &mut *self.vcpu;
+        (v.pc, v.msr) = (0x300, msr::SF | msr::ME);
+        Ok(())
     }
 
     /// The host-real address of guest-real `gpa` (`len` bytes), if inside guest memory.
@@ -367,6 +433,10 @@ impl Partition {
             self.entries += 1;
             spr::set_hdec(self.watchdog);
             let trap = hv::run(&mut self.vcpu);
+            if trap == 0xe00 && self.hdsi_enabled() {
+                self.hdsi()?;
+                continue;
+            }
             let v = &mut *self.vcpu;
             if trap == 0x980 {
                 return Err(format!(

@@ -21,6 +21,7 @@ use mmu_generic::age::{age, test_age, NoAccessedBit};
 use mmu_generic::backend::FlushToken;
 use mmu_generic::dirty_log::{LogMode, SlotDirtyLog, Tracking};
 use mmu_generic::memslot::SlotId;
+use mmu_generic::zap::zap_hva_range;
 
 use crate::guest::{res, Op, EXEC_MAGIC, EXEC_STUB};
 use crate::kprintln;
@@ -132,6 +133,7 @@ pub fn run_all(model: Model, plat: &Platform, guest_base: u64) -> (u32, u32) {
     report("clear-ref-mod-bulk-remove", clear_bulk(&env));
     report("bad-arguments-and-pteg-full", bad_args(&env));
     report("outside-memslots", outside(&env));
+    report("invalidate-then-fault-in-vpm1", invalidate(&env));
     report("dirty-log-from-c-bits", dirty_log(&env));
     report("ageing-from-r-bits", ageing(&env));
     (passed, failed)
@@ -768,4 +770,66 @@ fn watchdog(env: &Env) -> Outcome {
         )),
         Err(e) => Err(e),
     }
+}
+
+/// With LPCR[VPM1] the guest's virtual-mode storage interrupts come to the
+/// hypervisor (HDSI, 0xE00). An MMU-notifier invalidation (mmu-generic's
+/// `zap_hva_range` through GuestHpt) leaves entries absent; the guest's next
+/// access is an HDSI that `GuestHpt::fault_in` answers, invisible to the guest;
+/// a fault of the guest's own (no entry, a read-only page) is delivered to its 0x300.
+fn invalidate(env: &Env) -> Outcome {
+    let mut p = env.partition()?;
+    p.set_vpm1(true);
+    let seg = seg4k();
+    let n = 8u64;
+    let gpa = |k: u64| SLOT0_BYTES + 0x20_0000 + (k << 12);
+    let ea = |k: u64| seg.ea + (k << 12);
+    let slots = enter_pages(&mut p, env.plat, &seg, gpa, n)?;
+    let stores: Vec<Op> = (0..n).map(|k| Op::Store(ea(k), 0x1000 + k)).collect();
+    let r = p.run(&stores)?;
+    if let Some(bad) = r.iter().find(|x| x[res::FCOUNT] != 0) {
+        return Err(format!("store fault {:#x} at {:#x}", bad[res::FVEC], bad[res::FADDR]));
+    }
+    let range = HvaRange::from_len(Hva(p.base + gpa(2)), 4 << 12).ok_or("range")?;
+    let gslots = p.gh.memslots().clone();
+    let mut flush = FlushToken::new();
+    let zapped = zap_hva_range(&gslots, &mut p.gh, range, &mut flush, |_, _| {});
+    flush.flush(&mut p.tlb);
+    let absent = slots.iter().filter(|&&s| p.gh.is_absent(s)).count();
+    if zapped != 4 || absent != 4 {
+        return Err(format!("zap of 4 pages: {zapped} leaves zapped, {absent} entries absent"));
+    }
+    let mut ops: Vec<Op> = (0..n).map(|k| Op::Load(ea(k))).collect();
+    let unmapped = seg.ea + (64 << 12);
+    ops.extend([
+        hc(H_READ, &[0, slots[3]]),
+        Op::Load(unmapped),
+        hc(H_PROTECT, &[pflags(0b11, false), slots[0], 0]),
+        Op::Store(ea(0), 9),
+    ]);
+    let r = p.run(&ops)?;
+    for (k, rr) in r.iter().enumerate().take(n as usize) {
+        no_fault("load", rr)?;
+        if rr[0] != 0x1000 + k as u64 {
+            return Err(format!("page {k} read {:#x}", rr[0]));
+        }
+    }
+    let nu = n as usize;
+    if r[nu][1] & HPTE_V_VALID == 0 {
+        return Err(format!("H_READ of a faulted-in entry: v {:#x}", r[nu][1]));
+    }
+    expect_fault("load of an unmapped address", &r[nu + 1], 0x300, unmapped, DSISR_NOPTE)?;
+    expect_fault("store to read-only", &r[nu + 3], 0x300, ea(0), DSISR_PROT | DSISR_STORE)?;
+    if p.fault_ins != 4 || p.reflected != 2 {
+        return Err(format!(
+            "{} fault_in (want 4), {} delivered to the guest (want 2)",
+            p.fault_ins, p.reflected
+        ));
+    }
+    p.gh.check_invariants().map_err(|v| format!("GuestHpt invariant: {v:?}"))?;
+    Ok(format!(
+        "zap of 4 of {n} pages left 4 entries absent; the guest's reads took {} HDSIs answered by fault_in (the guest saw 0 faults, read every value); {} own faults (no PTE, read-only) delivered by the hypervisor to the guest's 0x300; invariants hold",
+        p.fault_ins,
+        p.reflected
+    ))
 }

@@ -139,3 +139,30 @@ pub fn timebase() -> u64 {
     unsafe { asm!("mftb {0}", out(reg) v, options(nomem, nostack)) };
     v
 }
+
+/// `slbfee.`: the VSID word of the SLB entry translating `ea`, if any (the SLB
+/// holds the guest's entries while the hypervisor runs: it is not switched).
+pub fn slbfee(ea: u64) -> Option<u64> {
+    let rt: u64;
+    let cr: u64;
+    // SAFETY: an SLB search; it changes nothing but CR0 and RT.
+    unsafe {
+        asm!("slbfee. {rt}, {rb}", "mfcr {cr}", rt = out(reg) rt, rb = in(reg) ea, cr = out(reg) cr, options(nostack))
+    };
+    // CR0[EQ] (bit 2 of the 32-bit CR): found.
+    (cr & 0x2000_0000 != 0).then_some(rt)
+}
+
+/// Loads SRR0, SRR1, DAR and DSISR with the state of a data storage interrupt
+/// the hypervisor delivers to the guest (its next `hrfid` goes to the guest's 0x300).
+pub fn set_guest_dsi_regs(srr0: u64, srr1: u64, dar: u64, dsisr: u64) {
+    // SAFETY: these registers belong to the guest while it runs; the hypervisor
+    // takes no interrupt (and so no SRR0/1 overwrite) before the hrfid.
+    unsafe {
+        asm!(
+            "mtsrr0 {0}", "mtsrr1 {1}", "mtdar {2}", "mtdsisr {3}",
+            in(reg) srr0, in(reg) srr1, in(reg) dar, in(reg) dsisr,
+            options(nostack)
+        )
+    };
+}
