@@ -210,6 +210,10 @@ pub struct Partition {
     pub watchdog: u32,
 }
 
+/// Guest exits one operation list may take (its hypercalls and HDSIs are a few
+/// dozen): more means the hypervisor and the guest are stuck in a loop.
+const MAX_EXITS_PER_RUN: u32 = 100_000;
+
 /// Default watchdog: 2^31 - 1 ticks (4.2 s at QEMU's 512 MHz timebase; HDEC is 32 bits).
 pub const WATCHDOG_TICKS: u32 = 0x7fff_ffff;
 
@@ -429,8 +433,13 @@ impl Partition {
                 self.write(guest::RESULTS + (i as u64) * 128 + 8 * k as u64, 0).ok_or("results")?;
             }
         }
+        let mut exits = 0u32;
         loop {
             self.entries += 1;
+            exits += 1;
+            if exits > MAX_EXITS_PER_RUN {
+                return Err(format!("the guest exited {MAX_EXITS_PER_RUN} times without finishing its list"));
+            }
             spr::set_hdec(self.watchdog);
             let trap = hv::run(&mut self.vcpu);
             if trap == 0xe00 && self.hdsi_enabled() {
