@@ -17,6 +17,7 @@ pub mod bootproto;
 pub mod cmos;
 pub mod cpuid;
 pub mod migrate;
+pub mod mmio;
 pub mod mmu;
 pub mod msr;
 pub mod pic;
@@ -154,6 +155,7 @@ pub fn run(found: Result<Blob, BlobError>, pool_start: u64, tally: &mut Tally) {
         exits: ExitCounts::default(),
         test: run::TestReport::default(),
         absent_ports: alloc::vec::Vec::new(),
+        mmio: run::AbsentMmio::default(),
         tsc_per_ms,
         t0: crate::port::rdtsc(),
         init_at: None,
@@ -193,6 +195,19 @@ pub fn run(found: Result<Blob, BlobError>, pool_start: u64, tally: &mut Tally) {
         match init_ms {
             Some(ms) => Ok(format!("Debian's kernel reached /init in {}.{:03} s", ms / 1000, ms % 1000)),
             None => Err(String::from("the kernel never ran /init")),
+        },
+    );
+    let m = &vm.mmio;
+    pass(
+        tally,
+        "linux absent MMIO",
+        if m.loads > 0 && m.stores > 0 {
+            Ok(format!("{} loads read all ones, {} stores dropped, frames {:x?}", m.loads, m.stores, m.pages))
+        } else {
+            Err(format!(
+                "{} loads, {} stores outside every memslot: the test program's accesses never came",
+                m.loads, m.stores
+            ))
         },
     );
     for (name, r) in core::mem::take(&mut live.lines) {

@@ -46,6 +46,20 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Reads `N` bytes at `gpa`.
+    pub fn read<const N: usize>(&self, gpa: u64) -> Result<[u8; N], OutOfRam> {
+        let src = self.check(gpa, N as u64)?;
+        let mut out = [0u8; N];
+        // SAFETY: as in `write` (a read of the guest's block).
+        unsafe { core::ptr::copy_nonoverlapping(src as *const u8, out.as_mut_ptr(), N) };
+        Ok(out)
+    }
+
+    /// Reads a little-endian u64 at `gpa`.
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, OutOfRam> {
+        self.read::<8>(gpa).map(u64::from_le_bytes)
+    }
+
     /// The 4 KiB page `gfn` as host memory (for the migration copy).
     pub fn page(&self, gfn: u64) -> Result<&[u8], OutOfRam> {
         let src = self.check(gfn << 12, 4096)?;

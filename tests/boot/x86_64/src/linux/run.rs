@@ -7,6 +7,7 @@ use core::arch::asm;
 
 use super::cmos::Cmos;
 use super::cpuid::guest_cpuid;
+use super::mmio;
 use super::mmu::GuestMmu;
 use super::msr::{MsrAnswer, Msrs};
 use super::pic::Pic;
@@ -77,6 +78,17 @@ pub struct TestReport {
     pub sum: [Option<u32>; 2],
 }
 
+/// Accesses outside every memslot, answered as absent.
+#[derive(Clone, Debug, Default)]
+pub struct AbsentMmio {
+    /// Loads completed with all ones.
+    pub loads: u64,
+    /// Stores dropped.
+    pub stores: u64,
+    /// Guest frames touched (each once).
+    pub pages: Vec<u64>,
+}
+
 /// The Linux guest's machine: vCPU, MMU, RAM and the legacy devices.
 pub struct Vm<C: VCpu + Vendor, M: GuestMmu> {
     /// The vCPU.
@@ -99,6 +111,8 @@ pub struct Vm<C: VCpu + Vendor, M: GuestMmu> {
     pub exits: ExitCounts,
     /// The test program's reports.
     pub test: TestReport,
+    /// Accesses outside every memslot.
+    pub mmio: AbsentMmio,
     /// Ports outside every device the guest touched (each once, for the report).
     pub absent_ports: Vec<u16>,
     /// TSC ticks per millisecond.
@@ -258,19 +272,34 @@ impl<C: VCpu + Vendor, M: GuestMmu> Vm<C, M> {
         }
     }
 
+    /// An access outside every memslot: completed as absent (see [`super::mmio`]).
+    fn absent_mmio(&mut self, gpa: u64) -> Result<(), End> {
+        let rip = self.cpu.rip();
+        let cr = self.cpu.control();
+        let decoded = mmio::fetch(&self.ram, &cr, rip).and_then(|code| mmio::decode(&code));
+        let d = decoded.map_err(|e| {
+            End::Failed(alloc::format!("access to gpa {gpa:#x} outside every memslot at rip {rip:#x}: {e:?}"))
+        })?;
+        if let mmio::Access::Load { reg, .. } = d.access {
+            let old = self.cpu.reg(reg);
+            self.cpu.set_reg(reg, mmio::load_result(old, d.access));
+            self.mmio.loads += 1;
+        } else {
+            self.mmio.stores += 1;
+        }
+        if !self.mmio.pages.contains(&(gpa >> 12)) && self.mmio.pages.len() < 16 {
+            self.mmio.pages.push(gpa >> 12);
+        }
+        self.cpu.skip(d.len as u64);
+        Ok(())
+    }
+
     fn handle(&mut self, exit: LinuxExit) -> Result<(), End> {
         match exit {
             LinuxExit::NestedFault { gpa, info, .. } => {
                 self.exits.npf += 1;
                 match self.mmu.fault(gpa, info, &mut self.cpu) {
-                    Ok(FaultOutcome::NoSlot) => {
-                        return Err(End::Failed(alloc::format!(
-                            "access to gpa {:#x} outside every memslot (rip {:#x}, info {:#x})",
-                            gpa,
-                            self.cpu.rip(),
-                            info
-                        )))
-                    }
+                    Ok(FaultOutcome::NoSlot) => self.absent_mmio(gpa)?,
                     Ok(FaultOutcome::Denied) => {
                         return Err(End::Failed(alloc::format!("access to gpa {gpa:#x} denied")))
                     }

@@ -6,7 +6,7 @@
 
 use core::arch::global_asm;
 
-use super::vcpu::{Event, IoSize, LinuxExit, VCpu};
+use super::vcpu::{ControlRegs, Event, IoSize, LinuxExit, VCpu};
 use crate::port::{cpuid, rdmsr, wrmsr};
 use crate::vendor::{Exit, GuestRegs, GuestStart, NestedFormat, Vendor};
 
@@ -224,6 +224,21 @@ fn put_seg(off: usize, sel: u16, attrib: u16, limit: u32, base: u64) {
     put(off + 2, attrib);
     put(off + 4, limit);
     put(off + 8, base);
+}
+
+/// The saved register of x86 number `n`; `None` for RSP (number 4), which lives in the VMCB.
+fn gpr_slot(r: &mut GuestRegs, n: u8) -> Option<&mut u64> {
+    Some(match n & 15 {
+        0 => &mut r.rax,
+        1 => &mut r.rcx,
+        2 => &mut r.rdx,
+        3 => &mut r.rbx,
+        4 => return None,
+        5 => &mut r.rbp,
+        6 => &mut r.rsi,
+        7 => &mut r.rdi,
+        n => &mut r.r[(n - 8) as usize],
+    })
 }
 
 /// Why the Linux vCPU could not be made.
@@ -461,6 +476,29 @@ impl VCpu for SvmCpu {
         } else {
             put(C_INTERCEPT_MISC1, misc1 & !MISC1_VINTR);
             put(C_VINTR, vintr & !(VINTR_V_IRQ | VINTR_IGN_TPR));
+        }
+    }
+
+    fn control(&self) -> ControlRegs {
+        ControlRegs {
+            cr0: get(S_CR0),
+            cr3: get(S_CR3),
+            cr4: get(S_CR4),
+            efer: get::<u64>(S_EFER) & !EFER_SVME,
+        }
+    }
+
+    fn reg(&mut self, n: u8) -> u64 {
+        match gpr_slot(&mut self.regs, n) {
+            Some(r) => *r,
+            None => get(S_RSP),
+        }
+    }
+
+    fn set_reg(&mut self, n: u8, v: u64) {
+        match gpr_slot(&mut self.regs, n) {
+            Some(r) => *r = v,
+            None => put(S_RSP, v),
         }
     }
 

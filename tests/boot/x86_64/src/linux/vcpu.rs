@@ -104,6 +104,19 @@ pub enum Event {
     },
 }
 
+/// The guest's control state the VMM reads (for its page walks).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ControlRegs {
+    /// CR0.
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// EFER.
+    pub efer: u64,
+}
+
 /// The vCPU of the Linux VMM.
 pub trait VCpu {
     /// Runs the guest until the next exit. A host interrupt arriving while the guest
@@ -129,6 +142,13 @@ pub trait VCpu {
     fn event_pending(&self) -> bool;
     /// Asks for an exit as soon as the guest can take an interrupt (or stops asking).
     fn request_interrupt_window(&mut self, on: bool);
+    /// The guest's control registers.
+    fn control(&self) -> ControlRegs;
+    /// General register `n` in the x86 encoding (0 RAX, 1 RCX, 2 RDX, 3 RBX, 4 RSP, 5 RBP,
+    /// 6 RSI, 7 RDI, 8-15 R8-R15).
+    fn reg(&mut self, n: u8) -> u64;
+    /// Sets general register `n` (same encoding).
+    fn set_reg(&mut self, n: u8, v: u64);
     /// Reads an MSR the hardware keeps in the vCPU's state (`None`: not such an MSR).
     fn state_msr(&self, msr: u32) -> Option<u64>;
     /// Writes an MSR the hardware keeps in the vCPU's state; false if not such an MSR.
