@@ -52,6 +52,8 @@ struct Migration {
     final_round: u64,
     lost: u64,
     written: u64,
+    /// When logging started (ms into the run).
+    started_ms: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -137,7 +139,8 @@ impl Live {
                 m.lost = (0..npages).filter(|&g| !self.same_page(vm, g)).count() as u64;
                 let copied = m.bulk + m.written;
                 let line = format!(
-                    "split huge pages {}, {} rounds + final, pages copied {} (bulk {}, rounds {:?}, final {}), {} lost writes",
+                    "rounds over {} ms after the bulk copy, split huge pages {}, {} rounds + final, pages copied {} (bulk {}, rounds {:?}, final {}), {} lost writes",
+                    now - m.started_ms,
                     m.split,
                     m.rounds.len(),
                     copied,
@@ -210,7 +213,7 @@ impl Live {
         for g in 0..npages {
             self.copy_page(vm, g);
         }
-        let m = Migration { split, bulk: npages, ..Migration::default() };
+        let m = Migration { split, bulk: npages, started_ms: vm.ms(), ..Migration::default() };
         self.phase = Phase::Migrate { mode, m, next: vm.ms() + ROUND_MS };
     }
 
