@@ -1,7 +1,8 @@
 /*
  * The guest's test program (static, run by /init in the initramfs).
  *
- * Rounds of work until the hypervisor says its live phases are done (or MAX_ROUNDS):
+ * Rounds of work until the hypervisor says its live phases are done (at least MIN_ROUNDS,
+ * at most MAX_ROUNDS):
  * each round forks WORKERS processes that map anonymous memory, write a pattern, read it
  * back and unmap it, and write, read back and remove a file on tmpfs (page cache). The
  * parent keeps a known region filled from a fixed generator; at the end it prints its
@@ -33,6 +34,7 @@
 #define PORT_SUM 0x5f4
 #define PORT_VERDICT 0x5f8
 #define WORKERS 4
+#define MIN_ROUNDS 3
 #define MAX_ROUNDS 400
 #define KNOWN_BYTES (1u << 20)
 #define MAP_BYTES (2u << 20)
@@ -154,7 +156,7 @@ int main(void)
 	       MAP_BYTES >> 10, FILE_BYTES >> 10);
 	unsigned errors = check_absent(), rounds = 0, forks = 0;
 	outl(1, PORT_STATE);
-	while (rounds < MAX_ROUNDS && inl(PORT_STATE) != 1) {
+	while (rounds < MIN_ROUNDS || (rounds < MAX_ROUNDS && inl(PORT_STATE) != 1)) {
 		pid_t pids[WORKERS];
 		for (int w = 0; w < WORKERS; w++) {
 			pids[w] = fork();

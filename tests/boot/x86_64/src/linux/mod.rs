@@ -155,6 +155,8 @@ pub fn run(found: Result<Blob, BlobError>, pool_start: u64, tally: &mut Tally) {
         exits: ExitCounts::default(),
         test: run::TestReport::default(),
         absent_ports: alloc::vec::Vec::new(),
+        ports: alloc::vec::Vec::new(),
+        exits_at_init: ExitCounts::default(),
         mmio: run::AbsentMmio::default(),
         tsc_per_ms,
         t0: crate::port::rdtsc(),
@@ -176,7 +178,12 @@ pub fn run(found: Result<Blob, BlobError>, pool_start: u64, tally: &mut Tally) {
     let total_ms = vm.ms();
     let init_ms = vm.init_at.map(|t| t.saturating_sub(vm.t0) / tsc_per_ms);
     let c = vm.mmu.counters();
-    println!("linux: {}", exits_line(&vm.exits));
+    println!("linux: boot to /init: {}", exits_line(&vm.exits_at_init));
+    println!("linux: whole run: {}", exits_line(&vm.exits));
+    let mut ports = vm.ports.clone();
+    ports.sort_unstable_by_key(|p| core::cmp::Reverse(p.1));
+    let busiest: alloc::vec::Vec<String> = ports.iter().take(8).map(|(p, n)| format!("{p:#x} {n}")).collect();
+    println!("linux: port exits by port (busiest first): {}", busiest.join(", "));
     println!(
         "linux: nested faults {} ({} leaves installed, {} retried), {} table frames; interrupts delivered IRQ0 {}, IRQ4 {}; PIT expiries {}; serial bytes {}",
         vm.exits.npf,

@@ -113,6 +113,10 @@ pub struct Vm<C: VCpu + Vendor, M: GuestMmu> {
     pub test: TestReport,
     /// Accesses outside every memslot.
     pub mmio: AbsentMmio,
+    /// Exits per port (in and out), in first-use order.
+    pub ports: Vec<(u16, u64)>,
+    /// The exit counts when /init first printed.
+    pub exits_at_init: ExitCounts,
     /// Ports outside every device the guest touched (each once, for the report).
     pub absent_ports: Vec<u16>,
     /// TSC ticks per millisecond.
@@ -133,6 +137,7 @@ impl<C: VCpu + Vendor, M: GuestMmu> Vm<C, M> {
         let text = core::str::from_utf8(line).unwrap_or("<non-UTF-8 line>");
         if self.init_at.is_none() && text.starts_with("vmmu init:") {
             self.init_at = Some(rdtsc());
+            self.exits_at_init = self.exits;
         }
         println!("linux| {}", text);
     }
@@ -148,6 +153,10 @@ impl<C: VCpu + Vendor, M: GuestMmu> Vm<C, M> {
 
     fn port_io(&mut self, port: u16, size: IoSize, write: Option<u32>) -> Result<u32, End> {
         let now = rdtsc();
+        match self.ports.iter_mut().find(|(p, _)| *p == port) {
+            Some((_, n)) => *n += 1,
+            None => self.ports.push((port, 1)),
+        }
         let byte = write.map(|v| v as u8);
         let mut lines: Vec<Vec<u8>> = Vec::new();
         let r = if let Some(r) = self.serial.io(port, byte, &mut |l| lines.push(Vec::from(l))) {
