@@ -74,7 +74,7 @@ fn parse_hex(s: &[u8]) -> Option<u64> {
 }
 
 /// Parses "<name> <hex> <hex>\n" at the start of `text`; returns the pair and the rest.
-fn parse_line<'a>(text: &'a [u8], name: &[u8]) -> Option<((u64, u64), &'a [u8])> {
+pub(super) fn parse_line<'a>(text: &'a [u8], name: &[u8]) -> Option<((u64, u64), &'a [u8])> {
     let rest = text.strip_prefix(name)?.strip_prefix(b" ")?;
     let nl = rest.iter().position(|&c| c == b'\n')?;
     let mut fields = rest[..nl].split(|&c| c == b' ');

@@ -24,6 +24,7 @@ pub mod pic;
 pub mod pit;
 pub mod ram;
 pub mod run;
+pub mod selftest;
 pub mod serial;
 pub mod svm_cpu;
 pub mod vcpu;
@@ -103,6 +104,7 @@ pub fn run(found: Result<Blob, BlobError>, pool_start: u64, tally: &mut Tally) {
             return pass(tally, "linux setup", Err(format!("the PVH module is not a usable guest: {e:?}")))
         }
     };
+    pass(tally, "linux device models", selftest::run());
     let mut pool = FramePool::new(pool_start, blob.start & !(FRAME_2M - 1));
     let Some(tsc_per_ms) = timer::calibrate_tsc() else {
         return pass(tally, "linux setup", Err(String::from("TSC calibration against PIT channel 2 failed")));
