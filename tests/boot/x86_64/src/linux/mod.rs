@@ -54,7 +54,7 @@ pub const CMDLINE: &str = "console=ttyS0 quiet noapic nolapic nosmp nokaslr";
 /// Guest RAM.
 const RAM_BYTES: u64 = 128 << 20;
 /// The run's limit (ms of host time).
-const RUN_LIMIT_MS: u64 = 240_000;
+const RUN_LIMIT_MS: u64 = 200_000;
 
 /// The Linux guest handed over by PVH, if the image was started with one.
 pub fn find(start_info: u32) -> Option<Result<Blob, BlobError>> {
