@@ -25,6 +25,7 @@ use mmu_generic::memslot::SlotId;
 use super::mmu::GuestMmu;
 use super::run::{End, Vm};
 use super::vcpu::VCpu;
+use crate::port::rdtsc;
 use crate::vendor::Vendor;
 
 /// The RAM slot.
@@ -54,6 +55,8 @@ struct Migration {
     written: u64,
     /// When logging started (ms into the run).
     started_ms: u64,
+    /// Nested faults when logging started.
+    npf_at_start: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -120,6 +123,7 @@ impl Live {
             Phase::Idle if vm.test.started.is_some() => self.start_migration(vm, 0),
             Phase::Idle => self.phase = Phase::Idle,
             Phase::Migrate { mode, mut m, next } if now >= next => {
+                let pause_from = rdtsc();
                 let r = match self.round(vm) {
                     Ok(n) => n,
                     Err(e) => {
@@ -135,11 +139,14 @@ impl Live {
                 // The final round: the guest is held (this runs between exits) until the
                 // destination has been compared with guest memory.
                 m.final_round = r;
+                // The guest stayed stopped from the final harvest through its copy.
+                let pause_us = rdtsc().saturating_sub(pause_from) * 1000 / vm.tsc_per_ms.max(1);
+                let faults = vm.exits.npf - m.npf_at_start;
                 m.written = m.rounds.iter().sum::<u64>() + r;
                 m.lost = (0..npages).filter(|&g| !self.same_page(vm, g)).count() as u64;
                 let copied = m.bulk + m.written;
                 let line = format!(
-                    "rounds over {} ms after the bulk copy, split huge pages {}, {} rounds + final, pages copied {} (bulk {}, rounds {:?}, final {}), {} lost writes",
+                    "rounds over {} ms after the bulk copy, split huge pages {}, {} rounds + final, pages copied {} (bulk {}, rounds {:?}, final {}), final-round pause {} us, {} nested faults while logging, {} lost writes",
                     now - m.started_ms,
                     m.split,
                     m.rounds.len(),
@@ -147,6 +154,8 @@ impl Live {
                     m.bulk,
                     m.rounds,
                     m.final_round,
+                    pause_us,
+                    faults,
                     m.lost
                 );
                 let r = if m.lost != 0 {
@@ -213,7 +222,13 @@ impl Live {
         for g in 0..npages {
             self.copy_page(vm, g);
         }
-        let m = Migration { split, bulk: npages, started_ms: vm.ms(), ..Migration::default() };
+        let m = Migration {
+            split,
+            bulk: npages,
+            started_ms: vm.ms(),
+            npf_at_start: vm.exits.npf,
+            ..Migration::default()
+        };
         self.phase = Phase::Migrate { mode, m, next: vm.ms() + ROUND_MS };
     }
 

@@ -63,9 +63,8 @@ impl GuestRam {
     /// The 4 KiB page `gfn` as host memory (for the migration copy).
     pub fn page(&self, gfn: u64) -> Result<&[u8], OutOfRam> {
         let src = self.check(gfn << 12, 4096)?;
-        // SAFETY: as in `read`; the slice is used while the VMM holds the vCPU (between
-        // exits) or while the guest runs and may change it, which the migration copy
-        // tolerates by design (the dirty log reports the page again).
+        // SAFETY: as in `read`; the guest runs on this CPU only inside the VMM's VMRUN, so
+        // the page does not change while the VMM holds the slice.
         Ok(unsafe { core::slice::from_raw_parts(src as *const u8, 4096) })
     }
 }
