@@ -14,7 +14,8 @@
  *   out 0x5f4 <- checksum, low 32 bits, then high 32 bits
  *   out 0x5f8 <- verdict: the number of errors (0 passes); the hypervisor ends the run
  *
- * It also maps guest-physical ABSENT_PA (outside every memslot) through /dev/mem: loads
+ * First it sleeps 100 ms (the guest idles: HLT until the timer interrupt) and checks the
+ * time that passed. It also maps guest-physical ABSENT_PA (outside every memslot) through /dev/mem: loads
  * must read all ones and stores must vanish, as on a bus where nothing decodes the address.
  */
 #include <errno.h>
@@ -27,6 +28,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define ABSENT_PA 0xc0000000ul
@@ -135,6 +137,18 @@ static int check_absent(void)
 	return bad;
 }
 
+/* An idle guest: the kernel halts until its timer (the PIT) wakes it after 100 ms. */
+static int check_sleep(void)
+{
+	struct timespec a, b, d = {0, 100 * 1000 * 1000};
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	nanosleep(&d, NULL);
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	long ms = (b.tv_sec - a.tv_sec) * 1000 + (b.tv_nsec - a.tv_nsec) / 1000000;
+	printf("vmmu-test: a 100 ms sleep took %ld ms\n", ms);
+	return ms < 100 || ms > 5000;
+}
+
 static int worker(unsigned seed)
 {
 	return check_anon(seed) | check_file(seed);
@@ -154,7 +168,7 @@ int main(void)
 		known[i] = lcg(&s);
 	printf("vmmu-test: %d workers per round, %u KiB anonymous and %u KiB tmpfs each\n", WORKERS,
 	       MAP_BYTES >> 10, FILE_BYTES >> 10);
-	unsigned errors = check_absent(), rounds = 0, forks = 0;
+	unsigned errors = check_absent() + check_sleep(), rounds = 0, forks = 0;
 	outl(1, PORT_STATE);
 	while (rounds < MIN_ROUNDS || (rounds < MAX_ROUNDS && inl(PORT_STATE) != 1)) {
 		pid_t pids[WORKERS];
