@@ -1,8 +1,8 @@
 //! Checks of the Linux VMM's pure parts against their specifications, run in the image
 //! before the guest boots (the image has no host test harness): the `mov` decoder (Intel
 //! SDM Vol. 2, chapter 2) on encodings gcc emits, the 8259A's priorities, EOIs and cascade,
-//! the 8254's counting, periodic expiry and channel-2 output, the e820 map and the module
-//! header. A guest that boots exercises these too, but only in the ways one kernel uses
+//! the 8254's counting, periodic expiry and channel-2 output, the 16450's registers and
+//! transmitter interrupt, the e820 map and the module header. A guest that boots exercises these too, but only in the ways one kernel uses
 //! them; these pin down the rules.
 
 use alloc::format;
@@ -13,6 +13,7 @@ use super::bootproto::{e820_from_slots, E820, E820_RAM, E820_RESERVED};
 use super::mmio::{decode, load_result, Access, Decoded};
 use super::pic::Pic;
 use super::pit::{Pit, PIT_HZ};
+use super::serial::Serial;
 
 fn code(bytes: &[u8]) -> [u8; 15] {
     let mut c = [0x90u8; 15];
@@ -174,6 +175,47 @@ fn check_pit() -> Result<usize, String> {
     Ok(n)
 }
 
+/// The UART checks Linux's 8250 autoconfig and startup make (drivers/tty/serial/8250).
+fn check_serial() -> Result<usize, String> {
+    let mut u = Serial::new();
+    let mut printed = alloc::vec::Vec::new();
+    let mut io =
+        |u: &mut Serial, reg: u16, v: Option<u8>| u.io(0x3f8 + reg, v, &mut |l| printed.push(l.len()));
+    let mut n = 0;
+    let mut expect = |what: &str, ok: bool| {
+        n += 1;
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("UART: {what}"))
+        }
+    };
+    io(&mut u, 1, Some(0x0f));
+    expect("IER keeps its 4 bits", io(&mut u, 1, None) == Some(0x0f))?;
+    io(&mut u, 1, Some(0));
+    io(&mut u, 4, Some(0x1a)); // loopback with RTS and OUT2
+    expect("loopback MSR 0x90", io(&mut u, 6, None).map(|v| v & 0xf0) == Some(0x90))?;
+    io(&mut u, 4, Some(0x0b)); // DTR, RTS, OUT2
+    io(&mut u, 2, Some(0x01)); // FIFO enable: a 16450 has none
+    expect("no FIFO in IIR", io(&mut u, 2, None).map(|v| v & 0xc0) == Some(0))?;
+    io(&mut u, 3, Some(0x83));
+    io(&mut u, 0, Some(0x01));
+    io(&mut u, 1, Some(0x00));
+    expect("divisor latch reads back", io(&mut u, 0, None) == Some(1))?;
+    io(&mut u, 3, Some(0x03));
+    io(&mut u, 1, Some(0x02)); // THRI with the holding register empty
+    expect("THRE interrupt raised on enabling", u.irq_line())?;
+    expect("IIR reports THRE", io(&mut u, 2, None) == Some(0x02))?;
+    expect("reading IIR clears it", !u.irq_line() && io(&mut u, 2, None) == Some(0x01))?;
+    for b in b"ok\n" {
+        io(&mut u, 0, Some(*b));
+    }
+    expect("a transmitted byte raises THRE again", u.irq_line())?;
+    expect("LSR: transmitter empty", io(&mut u, 5, None) == Some(0x60))?;
+    expect("a line reaches the console", printed == [2])?;
+    Ok(n)
+}
+
 /// A module-header line and the (offset, size) it must parse to.
 type HeaderCase<'a> = (&'a [u8], Option<(u64, u64)>);
 
@@ -207,6 +249,10 @@ pub fn run() -> Result<String, String> {
     let d = check_decoder()?;
     let p = check_pic()?;
     let t = check_pit()?;
+    let u = check_serial()?;
     let e = check_e820_and_header()?;
-    Ok(format!("{} checks: mov decoder {d}, 8259A {p}, 8254 {t}, e820 and module header {e}", d + p + t + e))
+    Ok(format!(
+        "{} checks: mov decoder {d}, 8259A {p}, 8254 {t}, 16450 {u}, e820 and module header {e}",
+        d + p + t + u + e
+    ))
 }
