@@ -111,6 +111,8 @@ long_entry:
     mov %ax, %gs
     mov $boot_stack_top, %rsp
     mov %ebp, %edi
+    /* the loader's information structure (PVH start info, multiboot2 info) */
+    mov %ebx, %esi
     xor %ebp, %ebp
     call kernel_entry
 3:

@@ -27,6 +27,7 @@ mod guest;
 mod harness;
 mod heap;
 mod idt;
+mod linux;
 mod nested;
 mod port;
 mod race;
@@ -50,7 +51,7 @@ const RAM_TOP: u64 = 120 << 20;
 const HEAP_SIZE: u64 = 8 << 20;
 
 #[no_mangle]
-extern "C" fn kernel_entry(protocol: u32) -> ! {
+extern "C" fn kernel_entry(protocol: u32, boot_info: u32) -> ! {
     console::init(protocol);
     gdt::init();
     idt::init();
@@ -69,6 +70,13 @@ extern "C" fn kernel_entry(protocol: u32) -> ! {
     );
     timer::init();
     let mut tally = scenarios::Tally { passed: 0, failed: 0 };
+    // Started with a Linux guest as the PVH module: the Linux VMM runs instead of the
+    // scenarios (a separate QEMU run in ci/boot-x86_64).
+    if let Some(found) = linux::find(if protocol == boot::PROTO_PVH { boot_info } else { 0 }) {
+        linux::run(found, heap_start + HEAP_SIZE, &mut tally);
+        println!("{} passed, {} failed", tally.passed, tally.failed);
+        console::exit(tally.failed == 0 && tally.passed > 0);
+    }
     if svm::available() {
         match svm::Svm::new() {
             Ok(mut v) => scenarios::run_all(&mut v, pool, &mut tally),
