@@ -21,6 +21,7 @@ extern crate alloc;
 mod apic;
 mod boot;
 mod console;
+mod decode;
 mod frames;
 mod gdt;
 mod guest;
@@ -31,9 +32,13 @@ mod nested;
 mod port;
 mod race;
 mod scenarios;
+mod sguest;
+mod shadow_scenarios;
+mod shadow_vm;
 mod smp;
 mod spin;
 mod svm;
+mod svm_shadow;
 mod timer;
 mod vendor;
 mod vmx;
@@ -71,7 +76,10 @@ extern "C" fn kernel_entry(protocol: u32) -> ! {
     let mut tally = scenarios::Tally { passed: 0, failed: 0 };
     if svm::available() {
         match svm::Svm::new() {
-            Ok(mut v) => scenarios::run_all(&mut v, pool, &mut tally),
+            Ok(mut v) => {
+                scenarios::run_all(&mut v, &mut pool, &mut tally);
+                shadow_scenarios::run_all(&mut svm_shadow::SvmShadow::new(), &mut pool, &mut tally);
+            }
             Err(e) => {
                 println!("FAIL setup: SVM unusable: {:?}", e);
                 tally.failed += 1;
@@ -79,7 +87,7 @@ extern "C" fn kernel_entry(protocol: u32) -> ! {
         }
     } else if vmx::available() {
         match vmx::Vmx::new(&mut pool) {
-            Ok(mut v) => scenarios::run_all(&mut v, pool, &mut tally),
+            Ok(mut v) => scenarios::run_all(&mut v, &mut pool, &mut tally),
             Err(e) => {
                 println!("FAIL setup: VMX unusable: {:?}", e);
                 tally.failed += 1;
