@@ -42,6 +42,7 @@ mod svm_shadow;
 mod timer;
 mod vendor;
 mod vmx;
+mod vmx_shadow;
 
 use core::panic::PanicInfo;
 
@@ -87,7 +88,10 @@ extern "C" fn kernel_entry(protocol: u32) -> ! {
         }
     } else if vmx::available() {
         match vmx::Vmx::new(&mut pool) {
-            Ok(mut v) => scenarios::run_all(&mut v, &mut pool, &mut tally),
+            Ok(mut v) => {
+                scenarios::run_all(&mut v, &mut pool, &mut tally);
+                shadow_scenarios::run_all(&mut vmx_shadow::VmxShadow::new(), &mut pool, &mut tally);
+            }
             Err(e) => {
                 println!("FAIL setup: VMX unusable: {:?}", e);
                 tally.failed += 1;
