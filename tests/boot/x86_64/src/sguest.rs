@@ -82,6 +82,8 @@ pub const OP_TO_PAE: u32 = 11;
 /// Switches to 4-level long mode with CR3 = `a` (paging off, CR4.PAE, CR3, EFER.LME and
 /// NXE, paging on, far jump to a 64-bit code segment); the script goes on in 64-bit code.
 pub const OP_TO_LONG: u32 = 12;
+/// [`OP_TO_LONG`] with CR4.LA57 set as well: 5-level paging.
+pub const OP_TO_LA57: u32 = 13;
 
 global_asm!(
     r#"
@@ -159,6 +161,8 @@ sg_op32:
     je sg_to_pae
     cmp ${op_to_long}, %eax
     je sg_to_long
+    cmp ${op_to_la57}, %eax
+    je sg_to_la57
     inc %ebp
     jmp sg_next32
 sg_read32_32:
@@ -231,13 +235,20 @@ sg_to_pae:
     mov %eax, %cr0
     pop %ecx
     jmp sg_next32
+sg_to_la57:
+    mov $0x1020, %eax
+    jmp 1f
 sg_to_long:
+    mov $0x20, %eax
+1:
     push %ecx
+    push %eax
     mov %cr0, %eax
     and $0x7fffffff, %eax
     mov %eax, %cr0
+    pop %ecx
     mov %cr4, %eax
-    or $0x20, %eax
+    or %ecx, %eax
     mov %eax, %cr4
     mov %ebx, %cr3
     mov $0xc0000080, %ecx
@@ -551,6 +562,7 @@ sguest_end:
     op_bits = const OP_BITS,
     op_to_pae = const OP_TO_PAE,
     op_to_long = const OP_TO_LONG,
+    op_to_la57 = const OP_TO_LA57,
     options(att_syntax)
 );
 

@@ -116,6 +116,19 @@ const L4: Layout = Layout {
     root_a: 0x1a000,
 };
 
+const L5: Layout = Layout {
+    name: "5-level",
+    mode: GuestMode::Five,
+    eb: 8,
+    cr3: [0x20000, 0x21000],
+    pt: L4.pt,
+    pd_a: L4.pd_a,
+    alias: L4.alias,
+    alias_size: L4.alias_size,
+    self_map: 0xffff_ffff_ffff_f000,
+    root_a: 0x20000,
+};
+
 /// Kernel tables shared by the processes: 32-bit PT0 (0-4 MiB) and PAE/4-level PTs.
 const PT32_KERNEL: u64 = 0x11000;
 const PTP0: u64 = 0x16000;
@@ -245,6 +258,8 @@ fn write_tables(ram: &GuestRam) {
         ram.set(pd + 8, 8, PTP1 | P | RW);
         ram.set(pd + 16, 8, L4.pt[k] | P | RW);
         ram.set(pd + 8 * 0x100, 8, P | RW | PS);
+        // 5-level: a PML5 above each process's PML4.
+        ram.set(L5.cr3[k], 8, pml4 | P | RW);
     }
     // 32-bit processes: PDE 1 (0x400000) -> the process page table.
     ram.set(L32.cr3[0] + 4, 4, L32.pt[0] | P | RW);
@@ -279,7 +294,13 @@ pub fn run_all(vendor: &mut dyn ShadowVendor, pool: &mut FramePool, tally: &mut 
     let name = vendor.name();
     let feat = features();
     let mut lines: Vec<(String, Outcome)> = Vec::new();
-    for l in [L32, LPAE, L4] {
+    // 5-level paging where the processor has LA57 (CPUID.(EAX=7,ECX=0):ECX[16]).
+    let la57 = cpuid(7, 0).2 & (1 << 16) != 0;
+    if !la57 {
+        println!("SKIP shadow {} 5-level: this CPU model has no LA57 (CPUID.7.0:ECX[16] clear)", name);
+    }
+    let modes: &[Layout] = if la57 { &[L32, LPAE, L4, L5] } else { &[L32, LPAE, L4] };
+    for &l in modes {
         let mut b = MemslotsBuilder::new();
         for (id, (base, n)) in [(0u64, 0x200u64), (0x200, 0x100), (0x300, 0x100)].into_iter().enumerate() {
             let _ = b.create(Memslot::new(
@@ -351,6 +372,9 @@ fn boot(vm: &mut ShadowVm<'_>, l: &Layout) -> Result<(), SRunError> {
         }
         GuestMode::Four => {
             s.op(OP_TO_LONG, l.cr3[0], 0, 0);
+        }
+        GuestMode::Five => {
+            s.op(OP_TO_LA57, l.cr3[0], 0, 0);
         }
         _ => {
             s.op(OP_SET_CR3, l.cr3[0], 0, 0);
