@@ -98,6 +98,8 @@ pub enum SExit {
         /// Value.
         value: u32,
     },
+    /// HLT.
+    Halt,
     /// The run's time budget expired.
     Timer,
     /// Triple fault.

@@ -28,6 +28,7 @@ const EXIT_CR_WRITE: u64 = 0x10;
 const EXIT_PF: u64 = 0x4e;
 const EXIT_INVLPG: u64 = 0x79;
 const EXIT_MSR: u64 = 0x7c;
+const EXIT_HLT: u64 = 0x78;
 
 /// Byte of the MSR permission map holding EFER's read and write bits (MSRs
 /// C000_0000-C000_1FFF start at 0x800, two bits per MSR).
@@ -169,6 +170,7 @@ impl ShadowVendor for SvmShadow {
                 };
                 SExit::IoOut { port: (info1 >> 16) as u16, value: (self.regs.rax & mask) as u32 }
             }
+            EXIT_HLT => SExit::Halt,
             EXIT_INTR if fired => SExit::Timer,
             EXIT_SHUTDOWN => SExit::Shutdown,
             c if c & 0xffff_ffff == EXIT_INVALID => SExit::EntryFailed { code },

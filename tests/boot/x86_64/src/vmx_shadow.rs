@@ -205,6 +205,7 @@ impl ShadowVendor for VmxShadow {
                 };
                 SExit::IoOut { port: (qual >> 16) as u16, value: (self.regs.rax & mask) as u32 }
             }
+            12 => SExit::Halt,
             52 => SExit::Timer,
             2 => SExit::Shutdown,
             r => SExit::Other { code: r, info1: qual, info2: vmread(EXIT_INTR_INFO) },
