@@ -804,6 +804,7 @@ fn ageing(vm: &mut ShadowVm<'_>, l: &Layout) -> Outcome {
 }
 
 fn bad_tables(vm: &mut ShadowVm<'_>, l: &Layout, feat: &CpuFeatures) -> Outcome {
+    let emulated_before = vm.counters.emulated;
     let (read, eb) = if l.eb == 4 { (OP_READ32, 4) } else { (OP_READ64, 8) };
     let mut s = Script::default();
     s.op(OP_SET_CR3, l.cr3[0], 0, 0);
@@ -852,8 +853,10 @@ fn bad_tables(vm: &mut ShadowVm<'_>, l: &Layout, feat: &CpuFeatures) -> Outcome 
     let outside_ok = r.results[outside] == pattern(A_DATA) && r.results[again] == pattern(A_DATA);
     let rsvd_want = if l.eb == 4 { s.ops.len() as u64 } else { pattern(A_DATA + 9) };
     let leak = vm.mapping_outside_slots();
+    let emulated = vm.counters.emulated - emulated_before;
     let figures = format!(
-        "loop through the root read {:#x}/{:#x} (want {:#x}/{:#x}); guest #PF {} (want {}); read after the fixes {:#x}, {:#x}; shadow leaves outside the memslots: {:?}",
+        "{} stores to write-protected directories emulated; loop through the root read {:#x}/{:#x} (want {:#x}/{:#x}); guest #PF {} (want {}); read after the fixes {:#x}, {:#x}; shadow leaves outside the memslots: {:?}",
+        emulated,
         got_loop[0],
         got_loop[1],
         want_loop[0],
@@ -877,6 +880,22 @@ fn bad_tables(vm: &mut ShadowVm<'_>, l: &Layout, feat: &CpuFeatures) -> Outcome 
 }
 
 fn cr3_outside(vm: &mut ShadowVm<'_>, l: &Layout) -> Outcome {
+    let mut pdpte = String::new();
+    if l.mode == GuestMode::Pae {
+        // A PDPT whose first entry has a reserved bit (bit 1, R/W, is reserved in a
+        // PDPTE): MOV to CR3 raises #GP (SDM 4.4.1), which the guest's handler reports.
+        let bad_pdpt = 0x22000;
+        vm.ram().set(bad_pdpt, 8, 0x15000 | P | RW);
+        vm.after_mmu();
+        let mut s = Script::default();
+        s.op(OP_SET_CR3, bad_pdpt, 0, 0);
+        match run_script(vm, &s) {
+            Err(SRunError::GuestException(13)) => {}
+            other => return Err(format!("MOV CR3 of a PDPT with reserved bits: {:?}, not #GP in the guest", other.map(|r| r.mismatches))),
+        }
+        pdpte = format!("MOV CR3 {bad_pdpt:#x} (PDPTE with a reserved bit) -> #GP delivered to the guest ({} #GP injected); ", vm.counters.injected_gp);
+        reboot(vm, l).map_err(e)?;
+    }
     let mut s = Script::default();
     s.op(OP_SET_CR3, l.cr3[0], 0, 0);
     s.op(OP_SET_CR3, BEYOND_RAM, 0, 0);
@@ -885,7 +904,7 @@ fn cr3_outside(vm: &mut ShadowVm<'_>, l: &Layout) -> Outcome {
         Err(SRunError::Cr3OutsideRam(c)) if c == BEYOND_RAM => {
             let outside = vm.mapping_outside_slots();
             let f = format!(
-                "MOV CR3 {BEYOND_RAM:#x} stopped the run: \"{}\"; shadow leaves outside the memslots: {:?}",
+                "{pdpte}MOV CR3 {BEYOND_RAM:#x} stopped the run: \"{}\"; shadow leaves outside the memslots: {:?}",
                 SRunError::Cr3OutsideRam(c),
                 outside
             );

@@ -174,7 +174,7 @@ impl GuestRam {
 
     fn check(&self, addr: Gpa, bytes: u64) -> Result<u64, NotMemory> {
         let end = addr.0.checked_add(bytes).ok_or(NotMemory(addr))?;
-        if end > RAM_PAGES * 4096 || addr.0 % bytes != 0 {
+        if end > RAM_PAGES * 4096 || !addr.0.is_multiple_of(bytes) {
             return Err(NotMemory(addr));
         }
         Ok(self.base + addr.0)
@@ -639,7 +639,8 @@ impl<'v> ShadowVm<'v> {
         Ok((insn, rip, long))
     }
 
-    fn write_cr(&mut self, cr: u8, v: u64) -> Result<(), SRunError> {
+    /// A MOV to CRn; `Ok(false)` if it faulted (#GP injected: RIP stays on it).
+    fn write_cr(&mut self, cr: u8, v: u64) -> Result<bool, SRunError> {
         let old = self.ctl;
         match cr {
             0 => {
@@ -650,24 +651,33 @@ impl<'v> ShadowVm<'v> {
                     self.ctl.efer &= !EFER_LMA;
                 }
                 if (old.cr0 ^ self.ctl.cr0) & (CR0_PG | CR0_WP | CR0_PE) != 0 {
-                    self.paging_changed()?;
+                    return self.reload_or_restore(old);
                 }
             }
             3 => {
                 self.ctl.cr3 = v;
                 if bit(self.ctl.cr0, CR0_PG) {
-                    self.paging_changed()?;
+                    return self.reload_or_restore(old);
                 }
             }
             4 => {
                 self.ctl.cr4 = v;
                 if (old.cr4 ^ v) & (CR4_PSE | CR4_PAE | CR4_PGE | CR4_SMEP | CR4_SMAP | CR4_LA57) != 0 {
-                    self.paging_changed()?;
+                    return self.reload_or_restore(old);
                 }
             }
             _ => return Err(SRunError::Unexpected(SExit::CrWrite(cr))),
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// [`Self::paging_changed`] for a MOV to CRn: a faulting one changes nothing.
+    fn reload_or_restore(&mut self, old: Controls) -> Result<bool, SRunError> {
+        let ok = self.paging_changed()?;
+        if !ok {
+            self.ctl = old;
+        }
+        Ok(ok)
     }
 
     fn read_cr(&self, cr: u8) -> Result<u64, SRunError> {
@@ -747,8 +757,10 @@ impl<'v> ShadowVm<'v> {
         match insn.op {
             Op::MovToCr { cr, gpr } => {
                 let v = self.gpr(gpr) & mask;
-                self.skip(rip, insn.len, long);
-                self.write_cr(cr, v)
+                if self.write_cr(cr, v)? {
+                    self.skip(rip, insn.len, long);
+                }
+                Ok(())
             }
             Op::MovFromCr { cr, gpr } => {
                 let v = self.read_cr(cr)?;
