@@ -10,7 +10,10 @@
 //! `frames`, `timer`; `vendor` (the common interface), `svm`, `vmx`; `guest` (the guest
 //! program); `harness` (runs guest commands); `nested` (arch-x86's TDP engine with
 //! mmu-generic's drivers); `scenarios`; the two-CPU dirty-log race: `apic` (local APIC),
-//! `smp` (second CPU bring-up, remote TLB flush), `spin` (the MMU lock), `race`.
+//! `smp` (second CPU bring-up, remote TLB flush), `spin` (the MMU lock), `race`; shadow
+//! paging with nested paging off: `sguest` (a guest that behaves like an OS), `decode`
+//! (the instructions the hypervisor decodes), `shadow_vm` (arch-x86's shadow MMU and the
+//! exits it needs), `svm_shadow`, `vmx_shadow`, `shadow_scenarios`.
 
 #![no_std]
 #![no_main]
