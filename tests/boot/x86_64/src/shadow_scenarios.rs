@@ -409,11 +409,7 @@ fn boot(vm: &mut ShadowVm<'_>, l: &Layout) -> Result<(), SRunError> {
     s.op(OP_GET_CR3, 0, 0, 0);
     let r = run_script(vm, &s)?;
     if r.results[1] != l.cr3[0] || vm.guest_cpu().mode != l.mode {
-        return Err(SRunError::Unexpected(crate::shadow_vm::SExit::Other {
-            code: r.results[1],
-            info1: 0,
-            info2: 0,
-        }));
+        return Err(SRunError::WrongMode { mode: vm.guest_cpu().mode, cr3: r.results[1] });
     }
     Ok(())
 }
@@ -891,7 +887,12 @@ fn cr3_outside(vm: &mut ShadowVm<'_>, l: &Layout) -> Outcome {
         s.op(OP_SET_CR3, bad_pdpt, 0, 0);
         match run_script(vm, &s) {
             Err(SRunError::GuestException(13)) => {}
-            other => return Err(format!("MOV CR3 of a PDPT with reserved bits: {:?}, not #GP in the guest", other.map(|r| r.mismatches))),
+            other => {
+                return Err(format!(
+                    "MOV CR3 of a PDPT with reserved bits: {:?}, not #GP in the guest",
+                    other.map(|r| r.mismatches)
+                ))
+            }
         }
         pdpte = format!("MOV CR3 {bad_pdpt:#x} (PDPTE with a reserved bit) -> #GP delivered to the guest ({} #GP injected); ", vm.counters.injected_gp);
         reboot(vm, l).map_err(e)?;

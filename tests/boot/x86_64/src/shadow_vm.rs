@@ -344,6 +344,31 @@ pub enum SRunError {
         /// Its first bytes.
         bytes: [u8; 4],
     },
+    /// The instruction at an exit is not the kind the exit reports.
+    WrongInstruction {
+        /// Where.
+        rip: u64,
+        /// What the exit called for.
+        expected: &'static str,
+        /// What was decoded.
+        found: Op,
+    },
+    /// An emulated store's operand is not the address that faulted.
+    StoreAddress {
+        /// Where.
+        rip: u64,
+        /// The decoded operand's address.
+        decoded: u64,
+        /// The faulting address.
+        fault: u64,
+    },
+    /// The guest did not reach the paging mode its boot script switches to.
+    WrongMode {
+        /// The mode the guest is in.
+        mode: GuestMode,
+        /// CR3 as the guest reads it.
+        cr3: u64,
+    },
     /// The guest's own #PF handler found no fix for a fault.
     GuestFault(u64),
     /// The guest reported an exception it does not handle.
@@ -370,6 +395,13 @@ impl core::fmt::Display for SRunError {
             SRunError::Undecodable { rip, bytes } => {
                 write!(f, "undecodable instruction at {rip:#x}: {bytes:02x?}")
             }
+            SRunError::WrongInstruction { rip, expected, found } => {
+                write!(f, "exit for {expected} at {rip:#x}, but the instruction is {found:?}")
+            }
+            SRunError::StoreAddress { rip, decoded, fault } => {
+                write!(f, "store at {rip:#x} writes {decoded:#x}, the fault was at {fault:#x}")
+            }
+            SRunError::WrongMode { mode, cr3 } => write!(f, "the guest is in {mode:?} with CR3 {cr3:#x}"),
             SRunError::GuestFault(a) => write!(f, "guest #PF at {a:#x} without a fix"),
             SRunError::GuestException(v) => write!(f, "guest exception {v:#x}"),
             SRunError::Msr(m) => write!(f, "guest MSR access {m:#x}"),
@@ -729,13 +761,13 @@ impl<'v> ShadowVm<'v> {
     fn emulate_store(&mut self, gpa: Gpa, addr: u64) -> Result<(), SRunError> {
         let (insn, rip, long) = self.decode_at_rip()?;
         let Op::Store { mem, bytes, src } = insn.op else {
-            return Err(SRunError::Undecodable { rip, bytes: [0; 4] });
+            return Err(SRunError::WrongInstruction { rip, expected: "a store", found: insn.op });
         };
         let next = rip.wrapping_add(insn.len);
         let regs: [u64; 16] = core::array::from_fn(|i| self.gpr(i as u8));
         let ea = decode::address(&mem, |n| regs[n as usize], next, long);
         if ea != addr {
-            return Err(SRunError::Undecodable { rip, bytes: [0xea; 4] });
+            return Err(SRunError::StoreAddress { rip, decoded: ea, fault: addr });
         }
         let mask = if bytes == 8 { u64::MAX } else { (1u64 << (8 * bytes)) - 1 };
         let value = match src {
@@ -768,13 +800,15 @@ impl<'v> ShadowVm<'v> {
                 self.skip(rip, insn.len, long);
                 Ok(())
             }
-            _ => Err(SRunError::Undecodable { rip, bytes: [0x0c; 4] }),
+            other => Err(SRunError::WrongInstruction { rip, expected: "a MOV to or from CRn", found: other }),
         }
     }
 
     fn serve_invlpg(&mut self) -> Result<(), SRunError> {
         let (insn, rip, long) = self.decode_at_rip()?;
-        let Op::Invlpg(mem) = insn.op else { return Err(SRunError::Undecodable { rip, bytes: [0x01; 4] }) };
+        let Op::Invlpg(mem) = insn.op else {
+            return Err(SRunError::WrongInstruction { rip, expected: "INVLPG", found: insn.op });
+        };
         let next = rip.wrapping_add(insn.len);
         let regs: [u64; 16] = core::array::from_fn(|i| self.gpr(i as u8));
         let ea = decode::address(&mem, |n| regs[n as usize], next, long);
@@ -809,7 +843,9 @@ impl<'v> ShadowVm<'v> {
                     return self.paging_changed().map(|_| ());
                 }
             }
-            _ => return Err(SRunError::Undecodable { rip, bytes: [0x30; 4] }),
+            other => {
+                return Err(SRunError::WrongInstruction { rip, expected: "RDMSR or WRMSR", found: other })
+            }
         }
         self.skip(rip, insn.len, long);
         Ok(())

@@ -65,7 +65,16 @@ fn w(field: u64, value: u64) -> Result<(), String> {
 impl VmxShadow {
     /// A shadow-mode vendor; VMX operation must be on ([`crate::vmx::Vmx::new`]).
     pub fn new() -> Self {
-        VmxShadow { regs: GuestRegs::default(), launched: false, event: None, reinject: None, cr2: 0, entry: 0, timer: false, timer_shift: 0 }
+        VmxShadow {
+            regs: GuestRegs::default(),
+            launched: false,
+            event: None,
+            reinject: None,
+            cr2: 0,
+            entry: 0,
+            timer: false,
+            timer_shift: 0,
+        }
     }
 }
 
@@ -99,7 +108,9 @@ impl ShadowVendor for VmxShadow {
         self.timer_shift = (rdmsr(MSR_VMX_MISC) & 0x1f) as u32;
         w(PIN_CONTROLS, pin as u64)?;
         let proc = adjust(proc_msr, PROC_HLT | PROC_UNCOND_IO | PROC_INVLPG | PROC_CR3_LOAD | PROC_CR3_STORE);
-        if proc & (PROC_INVLPG | PROC_CR3_LOAD | PROC_CR3_STORE) != PROC_INVLPG | PROC_CR3_LOAD | PROC_CR3_STORE {
+        if proc & (PROC_INVLPG | PROC_CR3_LOAD | PROC_CR3_STORE)
+            != PROC_INVLPG | PROC_CR3_LOAD | PROC_CR3_STORE
+        {
             return Err(format!("processor-based controls {proc:#x} lack INVLPG or CR3 exiting"));
         }
         w(PROC_CONTROLS, proc as u64)?;
@@ -152,7 +163,8 @@ impl ShadowVendor for VmxShadow {
         if vector == 14 {
             self.cr2 = cr2;
         }
-        self.event = Some((vector as u64 | (3 << 8) | (1 << 31) | if code.is_some() { 1 << 11 } else { 0 }, code));
+        self.event =
+            Some((vector as u64 | (3 << 8) | (1 << 31) | if code.is_some() { 1 << 11 } else { 0 }, code));
     }
 
     fn run(&mut self) -> SExit {
