@@ -589,48 +589,39 @@ fn protection(vm: &mut ShadowVm<'_>, l: &Layout) -> Outcome {
 }
 
 fn zap_all(vm: &mut ShadowVm<'_>, l: &Layout) -> Outcome {
-    // Make process A's page table unsync (a store to it through the kernel map), then
-    // zap everything by generation before the guest resyncs it.
+    // One script: the guest writes its pages, makes process A's page table unsync (a
+    // store to it through the kernel map), reads CR3 (where the hypervisor zaps
+    // everything by generation, mid-script), and reads its pages back on fresh tables.
     let mut s = Script::default();
     s.op(OP_SET_CR3, l.cr3[0], 0, 0);
     for i in 0..12 {
         s.op(OP_WRITE32, USER + i * 4096 + 8, 0xa000_0000 + i, 0);
     }
     s.pte(l, pte_addr(l, 0, 30), pte_value(A_DATA + 30));
-    run_script(vm, &s).map_err(e)?;
-    let unsync = vm.mmu.unsync_pages();
-    let before = vm.mmu.stats();
-    let pages = vm.mmu.pages();
-    vm.mmu.invalidate_all();
-    let mut batches = 0;
-    let rep = vm.mmu.reclaim_obsolete(16, || {
-        batches += 1;
-        true
-    });
-    vm.after_mmu();
-    let after = vm.mmu.stats();
-    // The guest goes on: every page reads back what it wrote before the zap.
-    let mut s = Script::default();
-    s.op(OP_SET_CR3, l.cr3[0], 0, 0);
+    let cr3 = s.op(OP_GET_CR3, 0, 0, 0);
     let reads: Vec<usize> = (0..12).map(|i| s.op(OP_READ32, USER + i * 4096 + 8, 0, 0)).collect();
+    vm.zap_on_cr3_read = true;
+    vm.zap_report = None;
     let r = run_script(vm, &s).map_err(e)?;
+    let z = vm.zap_report.ok_or_else(|| String::from("the guest never read CR3: no zap"))?;
     let wrong = reads.iter().enumerate().filter(|(i, &k)| r.results[k] != 0xa000_0000 + *i as u64).count();
-    let obsolete = after.obsolete_zapped - before.obsolete_zapped;
     let figures = format!(
-        "{} shadow pages ({} unsync) made obsolete, {} freed in {} batches without syncing ({} resyncs during reclaim), {} reads wrong after, {} pages rebuilt",
-        pages,
-        unsync,
-        rep.freed,
-        rep.batches,
-        after.synced - before.synced,
+        "zapped mid-script: {} shadow pages ({} unsync) made obsolete, {} freed in {} batches, {} resynced; CR3 reads {:#x}, {} reads wrong after, {} pages rebuilt",
+        z.pages,
+        z.unsync,
+        z.freed,
+        z.batches,
+        z.resynced,
+        r.results[cr3],
         wrong,
         vm.mmu.pages()
     );
-    if unsync > 0
-        && obsolete as usize >= pages
-        && after.synced == before.synced
+    if z.unsync > 0
+        && z.obsolete as usize >= z.pages
+        && z.freed >= z.pages
+        && z.resynced == 0
         && wrong == 0
-        && rep.freed >= pages
+        && r.results[cr3] == l.cr3[0]
     {
         Ok(figures)
     } else {

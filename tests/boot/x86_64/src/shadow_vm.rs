@@ -413,6 +413,23 @@ impl core::fmt::Display for SRunError {
     }
 }
 
+/// What a zap-all while the guest ran found and did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ZapReport {
+    /// Shadow pages alive before.
+    pub pages: usize,
+    /// Of which unsync.
+    pub unsync: usize,
+    /// Pages zapped as obsolete.
+    pub obsolete: u64,
+    /// Pages freed by the reclaim.
+    pub freed: usize,
+    /// Reclaim batches.
+    pub batches: usize,
+    /// Pages resynced during the zap and reclaim (none may be).
+    pub resynced: u64,
+}
+
 /// The guest's control registers as the guest sees them.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Controls {
@@ -440,6 +457,11 @@ pub struct ShadowVm<'v> {
     pub ctl: Controls,
     /// Counters.
     pub counters: Counters,
+    /// Zap everything by generation at the guest's next MOV from CR3, in the middle of
+    /// its script (the guest's registers and TLB live).
+    pub zap_on_cr3_read: bool,
+    /// What that zap did.
+    pub zap_report: Option<ZapReport>,
     hw: Option<HwPaging>,
 }
 
@@ -466,6 +488,8 @@ impl<'v> ShadowVm<'v> {
             logs: Logs::default(),
             ctl: Controls::default(),
             counters: Counters::default(),
+            zap_on_cr3_read: false,
+            zap_report: None,
             hw: None,
         }
     }
@@ -795,6 +819,9 @@ impl<'v> ShadowVm<'v> {
                 Ok(())
             }
             Op::MovFromCr { cr, gpr } => {
+                if cr == 3 && core::mem::take(&mut self.zap_on_cr3_read) {
+                    self.zap_all_now();
+                }
                 let v = self.read_cr(cr)?;
                 self.set_gpr(gpr, v & mask);
                 self.skip(rip, insn.len, long);
@@ -802,6 +829,25 @@ impl<'v> ShadowVm<'v> {
             }
             other => Err(SRunError::WrongInstruction { rip, expected: "a MOV to or from CRn", found: other }),
         }
+    }
+
+    /// Zap-all by generation, then the batched reclaim of the obsolete pages. The
+    /// processor's root is gone with them: the next entry loads a fresh one.
+    fn zap_all_now(&mut self) {
+        let before = self.mmu.stats();
+        let (pages, unsync) = (self.mmu.pages(), self.mmu.unsync_pages());
+        self.mmu.invalidate_all();
+        let rep = self.mmu.reclaim_obsolete(16, || true);
+        self.after_mmu();
+        let after = self.mmu.stats();
+        self.zap_report = Some(ZapReport {
+            pages,
+            unsync,
+            obsolete: after.obsolete_zapped - before.obsolete_zapped,
+            freed: rep.freed,
+            batches: rep.batches,
+            resynced: after.synced - before.synced,
+        });
     }
 
     fn serve_invlpg(&mut self) -> Result<(), SRunError> {
