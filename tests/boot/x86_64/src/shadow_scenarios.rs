@@ -522,8 +522,8 @@ fn remap(vm: &mut ShadowVm<'_>, l: &Layout) -> Outcome {
 
 fn protection(vm: &mut ShadowVm<'_>, l: &Layout) -> Outcome {
     let nx = l.mode != GuestMode::Bits32;
-    // Fresh PTEs with A/D clear: 6 read-only, 7 no-execute (a `ret`), 8-11 written,
-    // 12-15 read, 16-19 untouched.
+    // Fresh PTEs with A/D clear: 6 read-only, 7 no-execute (a `ret`), 8-11 read then
+    // written, 12-15 read, 16-19 untouched.
     let ram = vm.ram();
     let ro_gfn = A_DATA + 6;
     let nx_gfn = A_DATA + 7;
@@ -538,6 +538,13 @@ fn protection(vm: &mut ShadowVm<'_>, l: &Layout) -> Outcome {
         s.pte(l, pte_addr(l, 0, i), pte_value(A_DATA + i));
     }
     s.op(OP_FLUSH, 0, 0, 0);
+    // Every page is read first, so the shadow leaf exists and the processor itself must
+    // refuse the store, the fetch (and, for 8-11, the first store: the guest's D bit).
+    s.op(OP_READ32, USER + 6 * 4096, 0, 0);
+    s.op(OP_READ32, USER + 7 * 4096, 0, 0);
+    for i in 8..12 {
+        s.op(OP_READ32, USER + i * 4096, 0, 0);
+    }
     s.op(OP_WRITE32, USER + 6 * 4096 + 16, 0x6666, 0);
     s.fix(USER + 6 * 4096, pte_addr(l, 0, 6), pte_value(ro_gfn), l.eb);
     if nx {
@@ -552,6 +559,7 @@ fn protection(vm: &mut ShadowVm<'_>, l: &Layout) -> Outcome {
     }
     // The 2 MiB / 4 MiB alias of gpa 0: a read of the mailbox through it and a store.
     let alias_read = s.op(OP_READ32, l.alias + MAILBOX, 0, 0);
+    s.op(OP_READ32, l.alias + 0x8000, 0, 0);
     s.op(OP_WRITE32, l.alias + 0x8000, 0x7777, 0);
     // The guest checks its own A/D bits.
     for i in 8..20 {
