@@ -352,7 +352,7 @@ pub fn run_all(vendor: &mut dyn ShadowVendor, pool: &mut FramePool, tally: &mut 
         let c = vm.counters;
         let s = vm.mmu.stats();
         println!(
-            "shadow {} {}: {} exits, {} #PF exits, {} shadow faults, {} leaves, {} pages made, {} unsync, {} resynced, {} emulated table writes, {} CR3 loads ({} root-cache hits), {} INVLPG, {} TLB flushes, {} #PF injected",
+            "shadow {} {}: {} exits, {} #PF exits, {} shadow faults, {} leaves, {} pages made, {} unsync, {} resynced, {} emulated table writes, {} CR3 loads ({} root-cache hits), {} INVLPG, {} guest TLB flushes requested, {} #PF injected",
             name, l.name, c.exits, c.pf_exits, s.faults, s.leaves_installed, s.pages_created, s.unsynced, s.synced, c.emulated, c.cr3_loads, s.root_hits, c.invlpgs, c.flushes, c.injected_pf
         );
     }

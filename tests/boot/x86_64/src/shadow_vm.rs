@@ -882,11 +882,14 @@ impl<'v> ShadowVm<'v> {
             Op::Wrmsr => {
                 let r = self.vendor.regs();
                 let v = (r.rax & 0xffff_ffff) | (r.rdx << 32);
-                let old = self.ctl.efer;
-                self.ctl.efer = (v & !EFER_LMA) | (old & EFER_LMA);
-                if (old ^ self.ctl.efer) & EFER_NXE != 0 && bit(self.ctl.cr0, CR0_PG) {
-                    self.skip(rip, insn.len, long);
-                    return self.paging_changed().map(|_| ());
+                let old = self.ctl;
+                self.ctl.efer = (v & !EFER_LMA) | (old.efer & EFER_LMA);
+                if (old.efer ^ self.ctl.efer) & EFER_NXE != 0
+                    && bit(self.ctl.cr0, CR0_PG)
+                    && !self.reload_or_restore(old)?
+                {
+                    // #GP injected: the WRMSR did not happen.
+                    return Ok(());
                 }
             }
             other => {
