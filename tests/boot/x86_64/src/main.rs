@@ -10,7 +10,10 @@
 //! `frames`, `timer`; `vendor` (the common interface), `svm`, `vmx`; `guest` (the guest
 //! program); `harness` (runs guest commands); `nested` (arch-x86's TDP engine with
 //! mmu-generic's drivers); `scenarios`; the two-CPU dirty-log race: `apic` (local APIC),
-//! `smp` (second CPU bring-up, remote TLB flush), `spin` (the MMU lock), `race`.
+//! `smp` (second CPU bring-up, remote TLB flush), `spin` (the MMU lock), `race`; shadow
+//! paging with nested paging off: `sguest` (a guest that behaves like an OS), `decode`
+//! (the instructions the hypervisor decodes), `shadow_vm` (arch-x86's shadow MMU and the
+//! exits it needs), `svm_shadow`, `vmx_shadow`, `shadow_scenarios`.
 
 #![no_std]
 #![no_main]
@@ -21,6 +24,7 @@ extern crate alloc;
 mod apic;
 mod boot;
 mod console;
+mod decode;
 mod frames;
 mod gdt;
 mod guest;
@@ -32,12 +36,17 @@ mod nested;
 mod port;
 mod race;
 mod scenarios;
+mod sguest;
+mod shadow_scenarios;
+mod shadow_vm;
 mod smp;
 mod spin;
 mod svm;
+mod svm_shadow;
 mod timer;
 mod vendor;
 mod vmx;
+mod vmx_shadow;
 
 use core::panic::PanicInfo;
 
@@ -79,7 +88,10 @@ extern "C" fn kernel_entry(protocol: u32, boot_info: u32) -> ! {
     }
     if svm::available() {
         match svm::Svm::new() {
-            Ok(mut v) => scenarios::run_all(&mut v, pool, &mut tally),
+            Ok(mut v) => {
+                scenarios::run_all(&mut v, &mut pool, &mut tally);
+                shadow_scenarios::run_all(&mut svm_shadow::SvmShadow::new(), &mut pool, &mut tally);
+            }
             Err(e) => {
                 println!("FAIL setup: SVM unusable: {:?}", e);
                 tally.failed += 1;
@@ -87,7 +99,10 @@ extern "C" fn kernel_entry(protocol: u32, boot_info: u32) -> ! {
         }
     } else if vmx::available() {
         match vmx::Vmx::new(&mut pool) {
-            Ok(mut v) => scenarios::run_all(&mut v, pool, &mut tally),
+            Ok(mut v) => {
+                scenarios::run_all(&mut v, &mut pool, &mut tally);
+                shadow_scenarios::run_all(&mut vmx_shadow::VmxShadow::new(), &mut pool, &mut tally);
+            }
             Err(e) => {
                 println!("FAIL setup: VMX unusable: {:?}", e);
                 tally.failed += 1;

@@ -39,7 +39,8 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn report(&mut self, name: &str, outcome: Outcome) {
+    /// Prints a scenario's line and counts it.
+    pub fn report(&mut self, name: &str, outcome: Outcome) {
         match outcome {
             Ok(figures) => {
                 self.passed += 1;
@@ -88,7 +89,7 @@ fn slot_range(slot: usize) -> (u64, u64) {
 }
 
 /// Builds the guest (memslots, code) and runs every scenario.
-pub fn run_all(vendor: &mut dyn Vendor, mut pool: FramePool, tally: &mut Tally) {
+pub fn run_all(vendor: &mut dyn Vendor, pool: &mut FramePool, tally: &mut Tally) {
     let format = vendor.format();
     let mut builder = MemslotsBuilder::new();
     let mut huge_ok = Vec::new();
@@ -109,7 +110,7 @@ pub fn run_all(vendor: &mut dyn Vendor, mut pool: FramePool, tally: &mut Tally) 
         Ok(s) => s,
         Err(e) => return tally.report("setup", Err(format!("memslots: {:?}", e))),
     };
-    let mut mmu = match Nested::new(format, &mut pool) {
+    let mut mmu = match Nested::new(format, pool) {
         Ok(m) => m,
         Err(e) => return tally.report("setup", Err(format!("nested MMU: {:?}", e))),
     };
@@ -170,7 +171,7 @@ pub fn run_all(vendor: &mut dyn Vendor, mut pool: FramePool, tally: &mut Tally) 
     // The two-CPU race needs the second CPU and SVM: the QEMU run only.
     let Harness { vendor, .. } = h;
     if matches!(format, NestedFormat::Npt) {
-        for (name, outcome) in crate::race::run(vendor, &mut pool) {
+        for (name, outcome) in crate::race::run(vendor, pool) {
             tally.report(&name, outcome);
         }
     } else {

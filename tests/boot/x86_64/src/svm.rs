@@ -11,76 +11,76 @@ use crate::vendor::{Exit, GuestRegs, GuestStart, NestedFormat, Vendor};
 
 const MSR_EFER: u32 = 0xc000_0080;
 const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
-const EFER_SVME: u64 = 1 << 12;
+pub(crate) const EFER_SVME: u64 = 1 << 12;
 
 // VMCB control area offsets (APM Vol. 2, appendix B, table B-1).
-const C_INTERCEPT_MISC1: usize = 0x00c;
-const C_INTERCEPT_MISC2: usize = 0x010;
+pub(crate) const C_INTERCEPT_MISC1: usize = 0x00c;
+pub(crate) const C_INTERCEPT_MISC2: usize = 0x010;
 const C_IOPM_BASE: usize = 0x040;
 const C_MSRPM_BASE: usize = 0x048;
 const C_ASID: usize = 0x058;
-const C_TLB_CONTROL: usize = 0x05c;
+pub(crate) const C_TLB_CONTROL: usize = 0x05c;
 const C_VINTR: usize = 0x060;
-const C_EXITCODE: usize = 0x070;
-const C_EXITINFO1: usize = 0x078;
-const C_EXITINFO2: usize = 0x080;
-const C_NP_ENABLE: usize = 0x090;
+pub(crate) const C_EXITCODE: usize = 0x070;
+pub(crate) const C_EXITINFO1: usize = 0x078;
+pub(crate) const C_EXITINFO2: usize = 0x080;
+pub(crate) const C_NP_ENABLE: usize = 0x090;
 const C_NCR3: usize = 0x0b0;
-const C_CLEAN: usize = 0x0c0;
+pub(crate) const C_CLEAN: usize = 0x0c0;
 
 // VMCB state-save area offsets (table B-2).
-const S_ES: usize = 0x400;
-const S_CS: usize = 0x410;
-const S_SS: usize = 0x420;
-const S_DS: usize = 0x430;
-const S_FS: usize = 0x440;
-const S_GS: usize = 0x450;
-const S_GDTR: usize = 0x460;
-const S_LDTR: usize = 0x470;
-const S_IDTR: usize = 0x480;
-const S_TR: usize = 0x490;
-const S_CPL: usize = 0x4cb;
-const S_EFER: usize = 0x4d0;
-const S_CR4: usize = 0x548;
-const S_CR3: usize = 0x550;
-const S_CR0: usize = 0x558;
-const S_DR7: usize = 0x560;
-const S_DR6: usize = 0x568;
-const S_RFLAGS: usize = 0x570;
-const S_RIP: usize = 0x578;
-const S_RSP: usize = 0x5d8;
-const S_RAX: usize = 0x5f8;
-const S_GPAT: usize = 0x668;
+pub(crate) const S_ES: usize = 0x400;
+pub(crate) const S_CS: usize = 0x410;
+pub(crate) const S_SS: usize = 0x420;
+pub(crate) const S_DS: usize = 0x430;
+pub(crate) const S_FS: usize = 0x440;
+pub(crate) const S_GS: usize = 0x450;
+pub(crate) const S_GDTR: usize = 0x460;
+pub(crate) const S_LDTR: usize = 0x470;
+pub(crate) const S_IDTR: usize = 0x480;
+pub(crate) const S_TR: usize = 0x490;
+pub(crate) const S_CPL: usize = 0x4cb;
+pub(crate) const S_EFER: usize = 0x4d0;
+pub(crate) const S_CR4: usize = 0x548;
+pub(crate) const S_CR3: usize = 0x550;
+pub(crate) const S_CR0: usize = 0x558;
+pub(crate) const S_DR7: usize = 0x560;
+pub(crate) const S_DR6: usize = 0x568;
+pub(crate) const S_RFLAGS: usize = 0x570;
+pub(crate) const S_RIP: usize = 0x578;
+pub(crate) const S_RSP: usize = 0x5d8;
+pub(crate) const S_RAX: usize = 0x5f8;
+pub(crate) const S_GPAT: usize = 0x668;
 
 // Intercept bits.
-const MISC1_INTR: u32 = 1 << 0;
-const MISC1_HLT: u32 = 1 << 24;
-const MISC1_IOIO: u32 = 1 << 27;
-const MISC1_SHUTDOWN: u32 = 1 << 31;
+pub(crate) const MISC1_INTR: u32 = 1 << 0;
+pub(crate) const MISC1_HLT: u32 = 1 << 24;
+pub(crate) const MISC1_IOIO: u32 = 1 << 27;
+pub(crate) const MISC1_SHUTDOWN: u32 = 1 << 31;
 const MISC2_VMRUN: u32 = 1 << 0;
 const MISC2_VMMCALL: u32 = 1 << 1;
 
 // Exit codes (table C-1).
-const EXIT_INTR: u64 = 0x60;
+pub(crate) const EXIT_INTR: u64 = 0x60;
 const EXIT_HLT: u64 = 0x78;
-const EXIT_IOIO: u64 = 0x7b;
-const EXIT_SHUTDOWN: u64 = 0x7f;
+pub(crate) const EXIT_IOIO: u64 = 0x7b;
+pub(crate) const EXIT_SHUTDOWN: u64 = 0x7f;
 const EXIT_VMMCALL: u64 = 0x81;
 const EXIT_NPF: u64 = 0x400;
-const EXIT_INVALID: u64 = 0xffff_ffff;
+pub(crate) const EXIT_INVALID: u64 = 0xffff_ffff;
 
 /// TLB_CONTROL value: flush the whole TLB on this VMRUN (APM 15.16.1).
-const TLB_FLUSH_ALL: u32 = 1;
+pub(crate) const TLB_FLUSH_ALL: u32 = 1;
 
 /// Instruction length of VMMCALL (TCG has no NRIP save, so the host knows it).
 const VMMCALL_LEN: u64 = 3;
 /// Instruction length of HLT.
 const HLT_LEN: u64 = 1;
 /// One PIT countdown, in milliseconds (the PIT counts at most about 55 ms).
-const SLICE_MS: u32 = 50;
+pub(crate) const SLICE_MS: u32 = 50;
 /// Countdowns one guest run may use up before it is stopped: about half a second of host
 /// time (TCG runs in wall-clock time, and the machine may be loaded).
-const RUN_BUDGET_SLICES: u32 = 10;
+pub(crate) const RUN_BUDGET_SLICES: u32 = 10;
 
 #[repr(C, align(4096))]
 struct Page([u8; 4096]);
@@ -89,12 +89,12 @@ struct Page([u8; 4096]);
 struct Iopm([u8; 3 * 4096]);
 
 #[repr(C, align(4096))]
-struct Msrpm([u8; 2 * 4096]);
+pub(crate) struct Msrpm(pub(crate) [u8; 2 * 4096]);
 
 static mut VMCB: Page = Page([0; 4096]);
 static mut HSAVE: Page = Page([0; 4096]);
 static mut IOPM: Iopm = Iopm([0xff; 3 * 4096]);
-static mut MSRPM: Msrpm = Msrpm([0; 2 * 4096]);
+pub(crate) static mut MSRPM: Msrpm = Msrpm([0; 2 * 4096]);
 
 global_asm!(
     r#"
@@ -164,7 +164,7 @@ svm_world_switch:
 );
 
 extern "C" {
-    fn svm_world_switch(vmcb_pa: u64, regs: *mut GuestRegs);
+    pub(crate) fn svm_world_switch(vmcb_pa: u64, regs: *mut GuestRegs);
 }
 
 /// Why SVM could not be used.
@@ -188,22 +188,22 @@ pub fn available() -> bool {
     max >= 0x8000_000a && cpuid(0x8000_0001, 0).2 & (1 << 2) != 0
 }
 
-fn vmcb() -> *mut u8 {
+pub(crate) fn vmcb() -> *mut u8 {
     core::ptr::addr_of_mut!(VMCB) as *mut u8
 }
 
-fn put<T: Copy>(off: usize, v: T) {
+pub(crate) fn put<T: Copy>(off: usize, v: T) {
     // SAFETY: VMCB is a static page owned by the single `Svm`; offsets are within it and
     // the hardware touches it only during VMRUN, which is not running now.
     unsafe { (vmcb().add(off) as *mut T).write_unaligned(v) }
 }
 
-fn get<T: Copy>(off: usize) -> T {
+pub(crate) fn get<T: Copy>(off: usize) -> T {
     // SAFETY: as in `put`.
     unsafe { (vmcb().add(off) as *const T).read_unaligned() }
 }
 
-fn put_seg(off: usize, sel: u16, attrib: u16, limit: u32, base: u64) {
+pub(crate) fn put_seg(off: usize, sel: u16, attrib: u16, limit: u32, base: u64) {
     put(off, sel);
     put(off + 2, attrib);
     put(off + 4, limit);

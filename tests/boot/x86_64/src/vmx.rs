@@ -11,123 +11,123 @@ use crate::gdt;
 use crate::port::{cpuid, rdmsr, read_cr0, read_cr3, read_cr4, write_cr0, write_cr4};
 use crate::vendor::{Exit, GuestRegs, GuestStart, NestedFormat, Vendor};
 
-const MSR_FEATURE_CONTROL: u32 = 0x3a;
-const MSR_EFER: u32 = 0xc000_0080;
-const MSR_VMX_BASIC: u32 = 0x480;
-const MSR_VMX_PINBASED: u32 = 0x481;
-const MSR_VMX_PROCBASED: u32 = 0x482;
-const MSR_VMX_EXIT: u32 = 0x483;
-const MSR_VMX_ENTRY: u32 = 0x484;
-const MSR_VMX_MISC: u32 = 0x485;
-const MSR_VMX_CR0_FIXED0: u32 = 0x486;
-const MSR_VMX_CR0_FIXED1: u32 = 0x487;
-const MSR_VMX_CR4_FIXED0: u32 = 0x488;
-const MSR_VMX_CR4_FIXED1: u32 = 0x489;
-const MSR_VMX_PROCBASED2: u32 = 0x48b;
-const MSR_VMX_EPT_VPID_CAP: u32 = 0x48c;
-const MSR_VMX_TRUE_PINBASED: u32 = 0x48d;
-const MSR_VMX_TRUE_PROCBASED: u32 = 0x48e;
-const MSR_VMX_TRUE_EXIT: u32 = 0x48f;
-const MSR_VMX_TRUE_ENTRY: u32 = 0x490;
-const CR4_VMXE: u64 = 1 << 13;
+pub(crate) const MSR_FEATURE_CONTROL: u32 = 0x3a;
+pub(crate) const MSR_EFER: u32 = 0xc000_0080;
+pub(crate) const MSR_VMX_BASIC: u32 = 0x480;
+pub(crate) const MSR_VMX_PINBASED: u32 = 0x481;
+pub(crate) const MSR_VMX_PROCBASED: u32 = 0x482;
+pub(crate) const MSR_VMX_EXIT: u32 = 0x483;
+pub(crate) const MSR_VMX_ENTRY: u32 = 0x484;
+pub(crate) const MSR_VMX_MISC: u32 = 0x485;
+pub(crate) const MSR_VMX_CR0_FIXED0: u32 = 0x486;
+pub(crate) const MSR_VMX_CR0_FIXED1: u32 = 0x487;
+pub(crate) const MSR_VMX_CR4_FIXED0: u32 = 0x488;
+pub(crate) const MSR_VMX_CR4_FIXED1: u32 = 0x489;
+pub(crate) const MSR_VMX_PROCBASED2: u32 = 0x48b;
+pub(crate) const MSR_VMX_EPT_VPID_CAP: u32 = 0x48c;
+pub(crate) const MSR_VMX_TRUE_PINBASED: u32 = 0x48d;
+pub(crate) const MSR_VMX_TRUE_PROCBASED: u32 = 0x48e;
+pub(crate) const MSR_VMX_TRUE_EXIT: u32 = 0x48f;
+pub(crate) const MSR_VMX_TRUE_ENTRY: u32 = 0x490;
+pub(crate) const CR4_VMXE: u64 = 1 << 13;
 
 // VMCS field encodings (SDM Vol. 3C appendix B).
-const GUEST_ES_SEL: u64 = 0x800;
-const GUEST_CS_SEL: u64 = 0x802;
-const GUEST_TR_SEL: u64 = 0x80e;
-const GUEST_LDTR_SEL: u64 = 0x80c;
-const HOST_ES_SEL: u64 = 0xc00;
-const HOST_CS_SEL: u64 = 0xc02;
-const HOST_SS_SEL: u64 = 0xc04;
-const HOST_DS_SEL: u64 = 0xc06;
-const HOST_FS_SEL: u64 = 0xc08;
-const HOST_GS_SEL: u64 = 0xc0a;
-const HOST_TR_SEL: u64 = 0xc0c;
-const EPT_POINTER: u64 = 0x201a;
-const GUEST_PHYS_ADDR: u64 = 0x2400;
-const VMCS_LINK_POINTER: u64 = 0x2800;
-const GUEST_PAT: u64 = 0x2804;
-const GUEST_EFER: u64 = 0x2806;
-const HOST_PAT: u64 = 0x2c00;
-const HOST_EFER: u64 = 0x2c02;
-const PIN_CONTROLS: u64 = 0x4000;
-const PROC_CONTROLS: u64 = 0x4002;
-const EXCEPTION_BITMAP: u64 = 0x4004;
-const EXIT_CONTROLS: u64 = 0x400c;
-const ENTRY_CONTROLS: u64 = 0x4012;
-const ENTRY_INTR_INFO: u64 = 0x4016;
-const PROC_CONTROLS2: u64 = 0x401e;
-const VM_INSTRUCTION_ERROR: u64 = 0x4400;
-const EXIT_REASON: u64 = 0x4402;
-const EXIT_INSTRUCTION_LEN: u64 = 0x440c;
-const GUEST_ES_LIMIT: u64 = 0x4800;
-const GUEST_LDTR_LIMIT: u64 = 0x480c;
-const GUEST_TR_LIMIT: u64 = 0x480e;
-const GUEST_GDTR_LIMIT: u64 = 0x4810;
-const GUEST_IDTR_LIMIT: u64 = 0x4812;
-const GUEST_ES_AR: u64 = 0x4814;
-const GUEST_LDTR_AR: u64 = 0x4820;
-const GUEST_TR_AR: u64 = 0x4822;
-const GUEST_INTERRUPTIBILITY: u64 = 0x4824;
-const GUEST_ACTIVITY: u64 = 0x4826;
-const GUEST_SYSENTER_CS: u64 = 0x482a;
-const PREEMPTION_TIMER: u64 = 0x482e;
-const HOST_SYSENTER_CS: u64 = 0x4c00;
-const CR0_MASK: u64 = 0x6000;
-const CR4_MASK: u64 = 0x6002;
-const CR0_SHADOW: u64 = 0x6004;
-const CR4_SHADOW: u64 = 0x6006;
-const EXIT_QUALIFICATION: u64 = 0x6400;
-const GUEST_CR0: u64 = 0x6800;
-const GUEST_CR3: u64 = 0x6802;
-const GUEST_CR4: u64 = 0x6804;
-const GUEST_ES_BASE: u64 = 0x6806;
-const GUEST_LDTR_BASE: u64 = 0x6812;
-const GUEST_TR_BASE: u64 = 0x6814;
-const GUEST_GDTR_BASE: u64 = 0x6816;
-const GUEST_IDTR_BASE: u64 = 0x6818;
-const GUEST_DR7: u64 = 0x681a;
-const GUEST_RSP: u64 = 0x681c;
-const GUEST_RIP: u64 = 0x681e;
-const GUEST_RFLAGS: u64 = 0x6820;
-const GUEST_PENDING_DBG: u64 = 0x6822;
-const GUEST_SYSENTER_ESP: u64 = 0x6824;
-const GUEST_SYSENTER_EIP: u64 = 0x6826;
-const HOST_CR0: u64 = 0x6c00;
-const HOST_CR3: u64 = 0x6c02;
-const HOST_CR4: u64 = 0x6c04;
-const HOST_FS_BASE: u64 = 0x6c06;
-const HOST_GS_BASE: u64 = 0x6c08;
-const HOST_TR_BASE: u64 = 0x6c0a;
-const HOST_GDTR_BASE: u64 = 0x6c0c;
-const HOST_IDTR_BASE: u64 = 0x6c0e;
-const HOST_SYSENTER_ESP: u64 = 0x6c10;
-const HOST_SYSENTER_EIP: u64 = 0x6c12;
-const HOST_RSP: u64 = 0x6c14;
-const HOST_RIP: u64 = 0x6c16;
+pub(crate) const GUEST_ES_SEL: u64 = 0x800;
+pub(crate) const GUEST_CS_SEL: u64 = 0x802;
+pub(crate) const GUEST_TR_SEL: u64 = 0x80e;
+pub(crate) const GUEST_LDTR_SEL: u64 = 0x80c;
+pub(crate) const HOST_ES_SEL: u64 = 0xc00;
+pub(crate) const HOST_CS_SEL: u64 = 0xc02;
+pub(crate) const HOST_SS_SEL: u64 = 0xc04;
+pub(crate) const HOST_DS_SEL: u64 = 0xc06;
+pub(crate) const HOST_FS_SEL: u64 = 0xc08;
+pub(crate) const HOST_GS_SEL: u64 = 0xc0a;
+pub(crate) const HOST_TR_SEL: u64 = 0xc0c;
+pub(crate) const EPT_POINTER: u64 = 0x201a;
+pub(crate) const GUEST_PHYS_ADDR: u64 = 0x2400;
+pub(crate) const VMCS_LINK_POINTER: u64 = 0x2800;
+pub(crate) const GUEST_PAT: u64 = 0x2804;
+pub(crate) const GUEST_EFER: u64 = 0x2806;
+pub(crate) const HOST_PAT: u64 = 0x2c00;
+pub(crate) const HOST_EFER: u64 = 0x2c02;
+pub(crate) const PIN_CONTROLS: u64 = 0x4000;
+pub(crate) const PROC_CONTROLS: u64 = 0x4002;
+pub(crate) const EXCEPTION_BITMAP: u64 = 0x4004;
+pub(crate) const EXIT_CONTROLS: u64 = 0x400c;
+pub(crate) const ENTRY_CONTROLS: u64 = 0x4012;
+pub(crate) const ENTRY_INTR_INFO: u64 = 0x4016;
+pub(crate) const PROC_CONTROLS2: u64 = 0x401e;
+pub(crate) const VM_INSTRUCTION_ERROR: u64 = 0x4400;
+pub(crate) const EXIT_REASON: u64 = 0x4402;
+pub(crate) const EXIT_INSTRUCTION_LEN: u64 = 0x440c;
+pub(crate) const GUEST_ES_LIMIT: u64 = 0x4800;
+pub(crate) const GUEST_LDTR_LIMIT: u64 = 0x480c;
+pub(crate) const GUEST_TR_LIMIT: u64 = 0x480e;
+pub(crate) const GUEST_GDTR_LIMIT: u64 = 0x4810;
+pub(crate) const GUEST_IDTR_LIMIT: u64 = 0x4812;
+pub(crate) const GUEST_ES_AR: u64 = 0x4814;
+pub(crate) const GUEST_LDTR_AR: u64 = 0x4820;
+pub(crate) const GUEST_TR_AR: u64 = 0x4822;
+pub(crate) const GUEST_INTERRUPTIBILITY: u64 = 0x4824;
+pub(crate) const GUEST_ACTIVITY: u64 = 0x4826;
+pub(crate) const GUEST_SYSENTER_CS: u64 = 0x482a;
+pub(crate) const PREEMPTION_TIMER: u64 = 0x482e;
+pub(crate) const HOST_SYSENTER_CS: u64 = 0x4c00;
+pub(crate) const CR0_MASK: u64 = 0x6000;
+pub(crate) const CR4_MASK: u64 = 0x6002;
+pub(crate) const CR0_SHADOW: u64 = 0x6004;
+pub(crate) const CR4_SHADOW: u64 = 0x6006;
+pub(crate) const EXIT_QUALIFICATION: u64 = 0x6400;
+pub(crate) const GUEST_CR0: u64 = 0x6800;
+pub(crate) const GUEST_CR3: u64 = 0x6802;
+pub(crate) const GUEST_CR4: u64 = 0x6804;
+pub(crate) const GUEST_ES_BASE: u64 = 0x6806;
+pub(crate) const GUEST_LDTR_BASE: u64 = 0x6812;
+pub(crate) const GUEST_TR_BASE: u64 = 0x6814;
+pub(crate) const GUEST_GDTR_BASE: u64 = 0x6816;
+pub(crate) const GUEST_IDTR_BASE: u64 = 0x6818;
+pub(crate) const GUEST_DR7: u64 = 0x681a;
+pub(crate) const GUEST_RSP: u64 = 0x681c;
+pub(crate) const GUEST_RIP: u64 = 0x681e;
+pub(crate) const GUEST_RFLAGS: u64 = 0x6820;
+pub(crate) const GUEST_PENDING_DBG: u64 = 0x6822;
+pub(crate) const GUEST_SYSENTER_ESP: u64 = 0x6824;
+pub(crate) const GUEST_SYSENTER_EIP: u64 = 0x6826;
+pub(crate) const HOST_CR0: u64 = 0x6c00;
+pub(crate) const HOST_CR3: u64 = 0x6c02;
+pub(crate) const HOST_CR4: u64 = 0x6c04;
+pub(crate) const HOST_FS_BASE: u64 = 0x6c06;
+pub(crate) const HOST_GS_BASE: u64 = 0x6c08;
+pub(crate) const HOST_TR_BASE: u64 = 0x6c0a;
+pub(crate) const HOST_GDTR_BASE: u64 = 0x6c0c;
+pub(crate) const HOST_IDTR_BASE: u64 = 0x6c0e;
+pub(crate) const HOST_SYSENTER_ESP: u64 = 0x6c10;
+pub(crate) const HOST_SYSENTER_EIP: u64 = 0x6c12;
+pub(crate) const HOST_RSP: u64 = 0x6c14;
+pub(crate) const HOST_RIP: u64 = 0x6c16;
 
 // Controls.
-const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
-const PROC_HLT: u32 = 1 << 7;
-const PROC_UNCOND_IO: u32 = 1 << 24;
-const PROC_SECONDARY: u32 = 1 << 31;
-const PROC2_EPT: u32 = 1 << 1;
-const PROC2_UNRESTRICTED: u32 = 1 << 7;
-const EXIT_HOST_64: u32 = 1 << 9;
-const EXIT_SAVE_EFER: u32 = 1 << 20;
-const EXIT_LOAD_EFER: u32 = 1 << 21;
-const ENTRY_LOAD_EFER: u32 = 1 << 15;
+pub(crate) const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
+pub(crate) const PROC_HLT: u32 = 1 << 7;
+pub(crate) const PROC_UNCOND_IO: u32 = 1 << 24;
+pub(crate) const PROC_SECONDARY: u32 = 1 << 31;
+pub(crate) const PROC2_EPT: u32 = 1 << 1;
+pub(crate) const PROC2_UNRESTRICTED: u32 = 1 << 7;
+pub(crate) const EXIT_HOST_64: u32 = 1 << 9;
+pub(crate) const EXIT_SAVE_EFER: u32 = 1 << 20;
+pub(crate) const EXIT_LOAD_EFER: u32 = 1 << 21;
+pub(crate) const ENTRY_LOAD_EFER: u32 = 1 << 15;
 
 // Exit reasons (SDM Vol. 3C appendix C).
-const REASON_TRIPLE_FAULT: u64 = 2;
-const REASON_HLT: u64 = 12;
-const REASON_VMCALL: u64 = 18;
-const REASON_IO: u64 = 30;
-const REASON_EPT_VIOLATION: u64 = 48;
-const REASON_PREEMPTION_TIMER: u64 = 52;
+pub(crate) const REASON_TRIPLE_FAULT: u64 = 2;
+pub(crate) const REASON_HLT: u64 = 12;
+pub(crate) const REASON_VMCALL: u64 = 18;
+pub(crate) const REASON_IO: u64 = 30;
+pub(crate) const REASON_EPT_VIOLATION: u64 = 48;
+pub(crate) const REASON_PREEMPTION_TIMER: u64 = 52;
 
 /// Budget of one guest run in TSC ticks (Bochs: about one tick per instruction).
-const RUN_BUDGET_TSC: u64 = 40_000_000;
+pub(crate) const RUN_BUDGET_TSC: u64 = 40_000_000;
 
 #[repr(C, align(4096))]
 struct Page([u8; 4096]);
@@ -225,8 +225,8 @@ vmx_exit_entry:
 );
 
 extern "C" {
-    fn vmx_world_switch(regs: *mut GuestRegs, launched: u64) -> u64;
-    fn vmx_exit_entry();
+    pub(crate) fn vmx_world_switch(regs: *mut GuestRegs, launched: u64) -> u64;
+    pub(crate) fn vmx_exit_entry();
 }
 
 /// Why VMX could not be used.
@@ -250,14 +250,14 @@ pub fn available() -> bool {
     cpuid(1, 0).2 & (1 << 5) != 0
 }
 
-fn vmread(field: u64) -> u64 {
+pub(crate) fn vmread(field: u64) -> u64 {
     let v: u64;
     // SAFETY: a VMCS is current (loaded by `Vmx::new`); VMREAD only reads it.
     unsafe { asm!("vmread {}, {}", out(reg) v, in(reg) field, options(nostack)) };
     v
 }
 
-fn vmwrite(field: u64, value: u64) -> Result<(), VmxError> {
+pub(crate) fn vmwrite(field: u64, value: u64) -> Result<(), VmxError> {
     let failed: u8;
     // SAFETY: a VMCS is current; the fields written are guest/host/control state that the
     // next VM entry checks, so a wrong value fails that entry, never host memory.
@@ -271,7 +271,7 @@ fn vmwrite(field: u64, value: u64) -> Result<(), VmxError> {
 
 /// Adjusts desired control bits to what a capability MSR allows (low half: bits that
 /// must be 1; high half: bits that may be 1).
-fn adjust(msr: u32, want: u32) -> u32 {
+pub(crate) fn adjust(msr: u32, want: u32) -> u32 {
     let cap = rdmsr(msr);
     (want | cap as u32) & (cap >> 32) as u32
 }
@@ -285,6 +285,30 @@ pub struct Vmx {
     single_context: bool,
     timer: bool,
     timer_shift: u32,
+}
+
+/// Writes the host state of the current VMCS: what the world switch returns to.
+pub(crate) fn write_host_state() -> Result<(), VmxError> {
+    vmwrite(HOST_CR0, read_cr0())?;
+    vmwrite(HOST_CR3, read_cr3())?;
+    vmwrite(HOST_CR4, read_cr4())?;
+    vmwrite(HOST_CS_SEL, gdt::KERNEL_CS as u64)?;
+    for f in [HOST_ES_SEL, HOST_SS_SEL, HOST_DS_SEL, HOST_FS_SEL, HOST_GS_SEL] {
+        vmwrite(f, gdt::KERNEL_DS as u64)?;
+    }
+    vmwrite(HOST_TR_SEL, gdt::TSS_SEL as u64)?;
+    vmwrite(HOST_FS_BASE, 0)?;
+    vmwrite(HOST_GS_BASE, 0)?;
+    vmwrite(HOST_TR_BASE, gdt::tss_base())?;
+    vmwrite(HOST_GDTR_BASE, gdt::gdt_base())?;
+    vmwrite(HOST_IDTR_BASE, crate::idt::base())?;
+    vmwrite(HOST_SYSENTER_CS, 0)?;
+    vmwrite(HOST_SYSENTER_ESP, 0)?;
+    vmwrite(HOST_SYSENTER_EIP, 0)?;
+    vmwrite(HOST_EFER, rdmsr(MSR_EFER))?;
+    vmwrite(HOST_PAT, rdmsr(0x277))?;
+    vmwrite(HOST_RIP, vmx_exit_entry as *const () as u64)?;
+    Ok(())
 }
 
 impl Vmx {
@@ -353,30 +377,11 @@ impl Vmx {
         vmwrite(CR0_SHADOW, 0)?;
         vmwrite(CR4_SHADOW, 0)?;
         vmwrite(VMCS_LINK_POINTER, u64::MAX)?;
-        // Host state: what the world switch returns to.
-        vmwrite(HOST_CR0, read_cr0())?;
-        vmwrite(HOST_CR3, read_cr3())?;
-        vmwrite(HOST_CR4, read_cr4())?;
-        vmwrite(HOST_CS_SEL, gdt::KERNEL_CS as u64)?;
-        for f in [HOST_ES_SEL, HOST_SS_SEL, HOST_DS_SEL, HOST_FS_SEL, HOST_GS_SEL] {
-            vmwrite(f, gdt::KERNEL_DS as u64)?;
-        }
-        vmwrite(HOST_TR_SEL, gdt::TSS_SEL as u64)?;
-        vmwrite(HOST_FS_BASE, 0)?;
-        vmwrite(HOST_GS_BASE, 0)?;
-        vmwrite(HOST_TR_BASE, gdt::tss_base())?;
-        vmwrite(HOST_GDTR_BASE, gdt::gdt_base())?;
-        vmwrite(HOST_IDTR_BASE, crate::idt::base())?;
-        vmwrite(HOST_SYSENTER_CS, 0)?;
-        vmwrite(HOST_SYSENTER_ESP, 0)?;
-        vmwrite(HOST_SYSENTER_EIP, 0)?;
-        vmwrite(HOST_EFER, rdmsr(MSR_EFER))?;
-        vmwrite(HOST_PAT, rdmsr(0x277))?;
-        vmwrite(HOST_RIP, vmx_exit_entry as *const () as u64)?;
+        write_host_state()?;
         Ok(Vmx { regs: GuestRegs::default(), launched: false, ad, eptp: 0, single_context, timer, timer_shift })
     }
 
-    fn setup_guest(&mut self, start: GuestStart) -> Result<(), VmxError> {
+    pub(crate) fn setup_guest(start: GuestStart) -> Result<(), VmxError> {
         // Flat 32-bit segments: ES, CS, SS, DS, FS, GS are consecutive encodings.
         for i in 0..6u64 {
             let code = i == 1;
@@ -442,7 +447,7 @@ impl Vendor for Vmx {
 
     fn reset_guest(&mut self, start: GuestStart) {
         self.regs = GuestRegs::default();
-        if let Err(e) = self.setup_guest(start) {
+        if let Err(e) = Self::setup_guest(start) {
             crate::println!("VMX: guest state write failed: {:?}", e);
         }
     }
