@@ -25,6 +25,7 @@
 //! | [`generation`] | zap everything by generation, obsolete pages reclaimed in batches |
 //! | [`zap`] | zapping the leaves a host range backs (MMU-notifier invalidation) |
 //! | [`sync`] | the atomics used outside the MMU lock (switch to `loom` under `cfg(loom)`) |
+//! | `vm_memory` | (feature `vm-memory`, `std`) rust-vmm interop: `GuestAddress` conversions, memslots from a `GuestMemoryMmap`, the dirty bitmap as a `vm_memory` `Bitmap` |
 //!
 //! ## Locking model
 //!
@@ -93,4 +94,6 @@ pub mod memslot;
 pub mod pte_list;
 pub mod rmap;
 pub mod sync;
+#[cfg(feature = "vm-memory")]
+pub mod vm_memory;
 pub mod zap;
