@@ -1,4 +1,6 @@
-//! # mmu-generic: the arch-neutral memory-virtualization core
+#![doc = include_str!("../README.md")]
+//!
+//! ## The crate
 //!
 //! What a hypervisor's MMU needs whatever the page-table format: memslots
 //! (guest-physical ranges backed by host memory), a compact reverse map from
