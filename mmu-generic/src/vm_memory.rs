@@ -22,6 +22,28 @@
 //!   ([`VmDirtyBitmap::fold_into`]) before copying. Page `i` of a region is
 //!   bit `i` in both, because a slot made from the region starts where the
 //!   region starts.
+//!
+//! ```
+//! use mmu_generic::addr::{Gfn, Gpa};
+//! use mmu_generic::memslot::{SlotFlags, SlotId};
+//! use mmu_generic::vm_memory::{memslots_from_guest_memory, VmDirtyBitmap};
+//! use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+//!
+//! // The VMM's guest RAM: 1 MiB at 0 and 1 MiB at 4 GiB, one dirty bitmap per region.
+//! let mem: GuestMemoryMmap<VmDirtyBitmap> =
+//!     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20), (GuestAddress(1 << 32), 1 << 20)])
+//!         .expect("anonymous memory");
+//! let slots = memslots_from_guest_memory(&mem, SlotFlags::DIRTY_LOG).expect("page-aligned regions");
+//! let high = slots.lookup(Gpa(1 << 32).gfn()).expect("the second region");
+//! assert_eq!((high.id(), high.base_gfn(), high.npages()), (SlotId(1), Gfn(0x10_0000), 256));
+//!
+//! // A device model writes guest memory: the page is logged for the migration.
+//! mem.write_obj(0xabcd_u16, GuestAddress((1 << 32) + 0x5008)).expect("inside guest memory");
+//! let region = mem.find_region(GuestAddress(1 << 32)).expect("the second region");
+//! let mut harvest = vec![0u64; 4]; // the MMU's own round of slot 1 (nothing dirty there)
+//! assert_eq!(region.bitmap().fold_into(&mut harvest), 1);
+//! assert_eq!(harvest[0], 1 << 5);
+//! ```
 
 extern crate std;
 
