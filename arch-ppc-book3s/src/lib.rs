@@ -1,4 +1,6 @@
-//! # arch-ppc-book3s: the Power hashed page table
+#![doc = include_str!("../README.md")]
+//!
+//! ## The crate
 //!
 //! What a Book3s hypervisor, or a pseries guest kernel, needs to drive the
 //! hashed page table (HPT): the HPTE formats (pre-ISA-3.0 and ISA 3.0, always

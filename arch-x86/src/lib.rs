@@ -1,4 +1,6 @@
-//! # arch-x86: x86 two-dimensional paging for hypervisors
+#![doc = include_str!("../README.md")]
+//!
+//! ## The crate
 //!
 //! The nested page tables that translate guest-physical to host-physical
 //! addresses, for Intel EPT and AMD NPT, filled on demand from EPT violations

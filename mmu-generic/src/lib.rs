@@ -1,4 +1,6 @@
-//! # mmu-generic: the arch-neutral memory-virtualization core
+#![doc = include_str!("../README.md")]
+//!
+//! ## The crate
 //!
 //! What a hypervisor's MMU needs whatever the page-table format: memslots
 //! (guest-physical ranges backed by host memory), a compact reverse map from
@@ -25,6 +27,7 @@
 //! | [`generation`] | zap everything by generation, obsolete pages reclaimed in batches |
 //! | [`zap`] | zapping the leaves a host range backs (MMU-notifier invalidation) |
 //! | [`sync`] | the atomics used outside the MMU lock (switch to `loom` under `cfg(loom)`) |
+//! | `vm_memory` | (feature `vm-memory`, `std`) rust-vmm interop: `GuestAddress` conversions, memslots from a `GuestMemoryMmap`, the dirty bitmap as a `vm_memory` `Bitmap` |
 //!
 //! ## Locking model
 //!
@@ -93,4 +96,6 @@ pub mod memslot;
 pub mod pte_list;
 pub mod rmap;
 pub mod sync;
+#[cfg(feature = "vm-memory")]
+pub mod vm_memory;
 pub mod zap;
