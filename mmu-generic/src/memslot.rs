@@ -287,23 +287,25 @@ impl Memslots {
     #[inline]
     fn index_of(&self, gfn: Gfn) -> Option<usize> {
         let starts = &self.starts;
-        let i = if starts.len() <= LINEAR_SCAN_MAX {
+        if starts.len() <= LINEAR_SCAN_MAX {
             // A handful of slots: a scan of one cache line wins.
-            starts.iter().rposition(|&s| s <= gfn.0)?
+            let i = starts.iter().rposition(|&s| s <= gfn.0)?;
+            return (gfn.0.wrapping_sub(starts[i]) < self.sizes[i]).then_some(i);
+        }
+        let b = (gfn.0.checked_sub(self.bucket_base)? >> self.bucket_shift) as usize;
+        let lo = *self.buckets.get(b)? as usize;
+        let hi = (*self.buckets.get(b + 1)? as usize).min(starts.len() - 1);
+        // The last candidate starting at or below gfn. One or two candidates
+        // is the rule: pick without a branch, since which one holds a random
+        // gfn is a coin toss for the predictor. The candidates are read from
+        // the slots themselves, whose line the caller reads next anyway: a
+        // lookup touches the bucket's line and the slot's, nothing else.
+        let i = if hi - lo <= 1 {
+            lo + usize::from(self.by_gfn[hi].base_gfn.0 <= gfn.0) * (hi - lo)
         } else {
-            let b = (gfn.0.checked_sub(self.bucket_base)? >> self.bucket_shift) as usize;
-            let lo = *self.buckets.get(b)? as usize;
-            let hi = (*self.buckets.get(b + 1)? as usize).min(starts.len() - 1);
-            // The last candidate starting at or below gfn. One or two
-            // candidates is the rule: pick without a branch, since which one
-            // holds a random gfn is a coin toss for the predictor.
-            if hi - lo <= 1 {
-                lo + usize::from(starts[hi] <= gfn.0) * (hi - lo)
-            } else {
-                lo + starts[lo..=hi].partition_point(|&s| s <= gfn.0).checked_sub(1)?
-            }
+            lo + starts[lo..=hi].partition_point(|&s| s <= gfn.0).checked_sub(1)?
         };
-        (gfn.0.wrapping_sub(starts[i]) < self.sizes[i]).then_some(i)
+        self.by_gfn[i].contains(gfn).then_some(i)
     }
 
     /// Every slot whose host memory overlaps `range`, with the guest frames
