@@ -26,6 +26,7 @@
 //! Every hypercall argument is checked; a guest can never obtain a mapping
 //! of memory outside its memslots.
 
+use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -144,6 +145,8 @@ pub enum Violation {
     PresentBit(u64),
     /// A lock bit was left set.
     LockHeld(u64),
+    /// The occupancy summary of a PTEG disagrees with the table.
+    Occupancy(u64),
 }
 
 #[derive(Debug)]
@@ -185,6 +188,12 @@ pub struct ReadResult {
 #[derive(Debug)]
 pub struct GuestHpt<R: PageResolver = HvaIdentity> {
     hpt: InMemoryHpt,
+    /// Per PTEG, which slots hold an entry the guest sees as valid (valid or
+    /// absent), bit `k` for slot `k`: H_ENTER's duplicate check and slot
+    /// choice read this byte instead of the group's 16 doublewords. Kept
+    /// by the only two places that fill or empty a slot, H_ENTER and
+    /// [`GuestHpt::remove_viewed`]; the hardware changes only R and C.
+    busy: Vec<u8>,
     rev: Vec<RevEntry>,
     slots: Memslots,
     index: Vec<SlotIndex>,
@@ -246,6 +255,7 @@ impl<R: PageResolver> GuestHpt<R> {
         rev.resize_with(n, RevEntry::default);
         Ok(Self {
             hpt: InMemoryHpt::new(config.geometry, config.format),
+            busy: vec![0; n / 8],
             rev,
             slots,
             index,
@@ -585,12 +595,13 @@ impl<R: PageResolver> GuestHpt<R> {
         // No second translation of the same virtual page in the PTEG pair:
         // the MMU would find two matches (a machine check on real hardware).
         // Only the entries the guest sees as valid (valid or absent) are
-        // decoded; the primary group's occupancy also picks the slot.
+        // read and decoded; the primary group's occupancy also picks the slot.
         let mask = self.hpt.geometry().pteg_mask();
         let new = (ptex, Hpte::new(v, ptel), ps);
         let g = ptex >> 3;
-        let taken = self.hpt.group_occupancy(g);
-        for (grp, busy) in [(g, taken), (g ^ mask, self.hpt.group_occupancy(g ^ mask))] {
+        // In range (checked above), so are both groups.
+        let taken = self.busy[g as usize];
+        for (grp, busy) in [(g, taken), (g ^ mask, self.busy[(g ^ mask) as usize])] {
             let mut busy = busy;
             while busy != 0 {
                 let i = grp * 8 + u64::from(busy.trailing_zeros());
@@ -621,6 +632,7 @@ impl<R: PageResolver> GuestHpt<R> {
         self.link(idx, slot as u32);
         // Checked by hardware_r: the layout can hold it.
         let _ = self.hpt.store(slot, Hpte::new(v, hw_r));
+        self.busy[g as usize] |= 1 << (slot & 7);
         self.max_npages = self.max_npages.max(ps.npages());
         Ok(slot)
     }
@@ -656,6 +668,7 @@ impl<R: PageResolver> GuestHpt<R> {
             hw.r
         };
         self.rev[ptex as usize] = RevEntry::default();
+        self.busy[(ptex >> 3) as usize] &= !(1 << (ptex & 7));
         Hpte::new(view.v, gr | (rc & (HPTE_R_R | HPTE_R_C)))
     }
 
@@ -898,6 +911,11 @@ impl<R: PageResolver> GuestHpt<R> {
         let mask = self.hpt.geometry().pteg_mask();
         let mut chained = 0u64;
         let mut valid_hw = 0u64;
+        for (g, &busy) in self.busy.iter().enumerate() {
+            if busy != self.hpt.group_occupancy(g as u64) {
+                return Err(Violation::Occupancy(g as u64));
+            }
+        }
         for ptex in 0..n {
             let hw = self.hpt.load(ptex).unwrap_or_default();
             if hw.v & HPTE_V_HVLOCK != 0 {
