@@ -160,12 +160,29 @@ struct RevEntry {
     rmap: u32,
     /// The host made the hardware entry read-only (read-only slot or write-protect).
     hv_ro: bool,
+    /// log2 of the page size H_ENTER decoded (the L/LP bits never change
+    /// afterwards), so that a removal finds the page to flush without
+    /// decoding again.
+    shift: u8,
 }
 
 impl Default for RevEntry {
     fn default() -> Self {
-        Self { guest_r: AtomicU64::new(0), forw: 0, back: 0, rmap: NO_RMAP, hv_ro: false }
+        Self { guest_r: AtomicU64::new(0), forw: 0, back: 0, rmap: NO_RMAP, hv_ro: false, shift: 12 }
     }
+}
+
+/// What [`GuestHpt::hardware_r`] makes of a guest entry.
+struct HwEntry {
+    /// The hardware dword 1 (host-real RPN, WIMG and protection applied).
+    r: u64,
+    /// The per-gfn word of the page's first frame.
+    idx: u32,
+    /// The slot is read-only, so the hardware entry is.
+    ro: bool,
+    ps: PageSizePair,
+    /// The hardware entry in the table's layout.
+    table: (u64, u64),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -537,7 +554,7 @@ impl<R: PageResolver> GuestHpt<R> {
 
     /// Computes the hardware dword 1 for the guest's `guest_r`, and the
     /// per-gfn index; `None` if the page is not wholly inside guest memory.
-    fn hardware_r(&mut self, v: u64, guest_r: u64) -> Result<(u64, u32, bool, PageSizePair), HptError> {
+    fn hardware_r(&mut self, v: u64, guest_r: u64) -> Result<HwEntry, HptError> {
         let ps = self.sizes.decode(v, guest_r).ok_or(HptError::Parameter)?;
         let gpa = Hpte::new(v, guest_r).real_address(ps.actual_shift);
         let gfn = Gfn(gpa >> 12);
@@ -564,8 +581,8 @@ impl<R: PageResolver> GuestHpt<R> {
         }
         let idx = self.gfn_index(gfn).ok_or(HptError::Parameter)?;
         // The hardware layout must be able to hold it (ISA 3.0's narrower RPN).
-        self.hpt.format().encode(Hpte::new(v, r)).map_err(|_| HptError::Parameter)?;
-        Ok((r, idx, ro, ps))
+        let table = self.hpt.format().encode(Hpte::new(v, r)).map_err(|_| HptError::Parameter)?;
+        Ok(HwEntry { r, idx, ro, ps, table })
     }
 
     // ---- the hypercalls -----------------------------------------------------------------------
@@ -590,7 +607,7 @@ impl<R: PageResolver> GuestHpt<R> {
             return Err(HptError::Parameter);
         }
         let v = (pteh & !(HPTE_V_HVLOCK | HPTE_V_ABSENT)) | HPTE_V_VALID;
-        let (hw_r, idx, ro, ps) = self.hardware_r(v, ptel)?;
+        let HwEntry { idx, ro, ps, table: hw, .. } = self.hardware_r(v, ptel)?;
 
         // No second translation of the same virtual page in the PTEG pair:
         // the MMU would find two matches (a machine check on real hardware).
@@ -627,11 +644,14 @@ impl<R: PageResolver> GuestHpt<R> {
             }
             (ptex & !7) + u64::from(taken.trailing_ones())
         };
-        self.rev[slot as usize] =
-            RevEntry { guest_r: AtomicU64::new(ptel), hv_ro: ro, ..RevEntry::default() };
+        self.rev[slot as usize] = RevEntry {
+            guest_r: AtomicU64::new(ptel),
+            hv_ro: ro,
+            shift: ps.actual_shift as u8,
+            ..RevEntry::default()
+        };
         self.link(idx, slot as u32);
-        // Checked by hardware_r: the layout can hold it.
-        let _ = self.hpt.store(slot, Hpte::new(v, hw_r));
+        self.hpt.store_encoded(slot, hw);
         self.busy[g as usize] |= 1 << (slot & 7);
         self.max_npages = self.max_npages.max(ps.npages());
         Ok(slot)
@@ -656,7 +676,10 @@ impl<R: PageResolver> GuestHpt<R> {
             // completes, so dword 1 is taken afterwards (and the entry is
             // empty once it is).
             let r = self.hpt.invalidate_take_r(ptex);
-            if let Some((range, _)) = self.guest_range(Hpte::new(view.v, gr)) {
+            let shift = u32::from(self.rev[ptex as usize].shift);
+            let page = Hpte::new(view.v, gr);
+            debug_assert_eq!(self.sizes.decode(page.v, page.r).map(|ps| ps.actual_shift), Some(shift));
+            if let Some(range) = GfnRange::from_len(Gfn(page.real_address(shift) >> 12), 1 << (shift - 12)) {
                 flush.add_range(range);
             }
             self.fold_from(ptex, Some(hw.v), r, true);
@@ -870,7 +893,7 @@ impl<R: PageResolver> GuestHpt<R> {
         }
         let v = (hw.v & !(HPTE_V_ABSENT | HPTE_V_HVLOCK)) | HPTE_V_VALID;
         let guest_r = self.gr(i);
-        let (mut r, idx, ro, _) = self.hardware_r(v, guest_r)?;
+        let HwEntry { mut r, idx, ro, .. } = self.hardware_r(v, guest_r)?;
         // R/C were folded into the guest view at the zap; the new mapping starts clean.
         r &= !(HPTE_R_R | HPTE_R_C);
         self.rev[i].hv_ro = ro;

@@ -252,6 +252,16 @@ impl InMemoryHpt {
         Ok(())
     }
 
+    /// Writes an entry already in the table's layout (as
+    /// [`HpteFormat::encode`] made it), dword 1 first as [`InMemoryHpt::store`] does.
+    #[inline]
+    pub fn store_encoded(&self, ptex: u64, (v, r): (u64, u64)) {
+        if let Some((dv, dr)) = self.dw(ptex) {
+            dr.store(r.to_be(), Ordering::Release);
+            dv.store(v.to_be(), Ordering::Release);
+        }
+    }
+
     /// Empties the entry, dword 0 (V) first.
     pub fn clear(&self, ptex: u64) {
         if let Some((dv, dr)) = self.dw(ptex) {
