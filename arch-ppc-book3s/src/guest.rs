@@ -26,6 +26,7 @@
 //! Every hypercall argument is checked; a guest can never obtain a mapping
 //! of memory outside its memslots.
 
+use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -59,7 +60,9 @@ pub const RMAP_PRESENT: u64 = 1 << 32;
 pub const RMAP_REFERENCED: u64 = 1 << 33;
 /// Per-gfn word: C folded in from an HPTE that no longer holds it.
 pub const RMAP_CHANGED: u64 = 1 << 34;
-/// Per-gfn word: lock bit, held while the chain is edited.
+/// Per-gfn word: lock bit, reserved for an editor that shares the table.
+/// [`GuestHpt`] edits chains under `&mut self` and never sets it;
+/// [`GuestHpt::check_invariants`] reports it set.
 pub const RMAP_LOCK: u64 = 1 << 63;
 /// Handle bit naming a per-gfn word rather than an HPTE.
 pub const RMAP_HANDLE_BIT: u32 = 1 << 31;
@@ -142,6 +145,8 @@ pub enum Violation {
     PresentBit(u64),
     /// A lock bit was left set.
     LockHeld(u64),
+    /// The occupancy summary of a PTEG disagrees with the table.
+    Occupancy(u64),
 }
 
 #[derive(Debug)]
@@ -155,12 +160,29 @@ struct RevEntry {
     rmap: u32,
     /// The host made the hardware entry read-only (read-only slot or write-protect).
     hv_ro: bool,
+    /// log2 of the page size H_ENTER decoded (the L/LP bits never change
+    /// afterwards), so that a removal finds the page to flush without
+    /// decoding again.
+    shift: u8,
 }
 
 impl Default for RevEntry {
     fn default() -> Self {
-        Self { guest_r: AtomicU64::new(0), forw: 0, back: 0, rmap: NO_RMAP, hv_ro: false }
+        Self { guest_r: AtomicU64::new(0), forw: 0, back: 0, rmap: NO_RMAP, hv_ro: false, shift: 12 }
     }
+}
+
+/// What [`GuestHpt::hardware_r`] makes of a guest entry.
+struct HwEntry {
+    /// The hardware dword 1 (host-real RPN, WIMG and protection applied).
+    r: u64,
+    /// The per-gfn word of the page's first frame.
+    idx: u32,
+    /// The slot is read-only, so the hardware entry is.
+    ro: bool,
+    ps: PageSizePair,
+    /// The hardware entry in the table's layout.
+    table: (u64, u64),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -183,6 +205,12 @@ pub struct ReadResult {
 #[derive(Debug)]
 pub struct GuestHpt<R: PageResolver = HvaIdentity> {
     hpt: InMemoryHpt,
+    /// Per PTEG, which slots hold an entry the guest sees as valid (valid or
+    /// absent), bit `k` for slot `k`: H_ENTER's duplicate check and slot
+    /// choice read this byte instead of the group's 16 doublewords. Kept
+    /// by the only two places that fill or empty a slot, H_ENTER and
+    /// [`GuestHpt::remove_viewed`]; the hardware changes only R and C.
+    busy: Vec<u8>,
     rev: Vec<RevEntry>,
     slots: Memslots,
     index: Vec<SlotIndex>,
@@ -244,6 +272,7 @@ impl<R: PageResolver> GuestHpt<R> {
         rev.resize_with(n, RevEntry::default);
         Ok(Self {
             hpt: InMemoryHpt::new(config.geometry, config.format),
+            busy: vec![0; n / 8],
             rev,
             slots,
             index,
@@ -314,8 +343,8 @@ impl<R: PageResolver> GuestHpt<R> {
     }
 
     /// Dword 0 as the guest sees it: lock bit hidden, absent shown valid.
-    fn guest_v(&self, ptex: u64) -> u64 {
-        let v = self.hpt.load(ptex).unwrap_or_default().v & !HPTE_V_HVLOCK;
+    fn guest_v(hw_v: u64) -> u64 {
+        let v = hw_v & !HPTE_V_HVLOCK;
         if v & HPTE_V_ABSENT != 0 {
             (v & !HPTE_V_ABSENT) | HPTE_V_VALID
         } else {
@@ -327,16 +356,17 @@ impl<R: PageResolver> GuestHpt<R> {
     /// own RPN, with the R and C the hardware has set.
     pub fn guest_view(&self, ptex: u64) -> Hpte {
         let Some(hw) = self.hpt.load(ptex) else { return Hpte::EMPTY };
-        let v = self.guest_v(ptex);
+        self.view_of(ptex, hw)
+    }
+
+    /// The guest view of entry `ptex` whose hardware entry reads `hw`.
+    fn view_of(&self, ptex: u64, hw: Hpte) -> Hpte {
+        let v = Self::guest_v(hw.v);
         if v & HPTE_V_VALID == 0 {
             return Hpte::new(v, hw.r);
         }
         let rc = if hw.valid() { hw.r & (HPTE_R_R | HPTE_R_C) } else { 0 };
         Hpte::new(v, self.gr(ptex as usize) | rc)
-    }
-
-    fn occupied(&self, ptex: u64) -> bool {
-        self.hpt.load(ptex).is_some_and(|h| h.v & (HPTE_V_VALID | HPTE_V_ABSENT) != 0)
     }
 
     /// The guest's entry for `va` in a segment of base page size
@@ -365,31 +395,22 @@ impl<R: PageResolver> GuestHpt<R> {
 
     // ---- the per-gfn word and its chain ------------------------------------------------------
 
-    fn lock_rmap(&self, idx: u32) -> u64 {
-        let w = &self.rmap[idx as usize];
-        loop {
-            let old = w.fetch_or(RMAP_LOCK, Ordering::Acquire);
-            if old & RMAP_LOCK == 0 {
-                return old;
-            }
-            core::hint::spin_loop();
-        }
-    }
+    // Chains change only under `&mut self`, so no other thread can hold the
+    // table meanwhile: the word is edited with plain loads and stores (no
+    // lock bit, no atomic read-modify-write), keeping the folded R/C bits.
 
-    /// Stores the head/present bits and drops the lock, keeping R/C bits
-    /// folded in meanwhile.
-    fn unlock_rmap(&self, idx: u32, head: Option<u32>) {
-        let keep = RMAP_REFERENCED | RMAP_CHANGED;
+    /// Stores the head/present bits of per-gfn word `idx`, keeping R/C.
+    fn set_head(&mut self, idx: u32, head: Option<u32>) {
+        let w = self.rmap[idx as usize].get_mut();
         let set = match head {
             Some(h) => RMAP_PRESENT | u64::from(h),
             None => 0,
         };
-        let _ = self.rmap[idx as usize]
-            .fetch_update(Ordering::Release, Ordering::Relaxed, |w| Some((w & keep) | set));
+        *w = (*w & (RMAP_REFERENCED | RMAP_CHANGED)) | set;
     }
 
     fn link(&mut self, idx: u32, ptex: u32) {
-        let w = self.lock_rmap(idx);
+        let w = *self.rmap[idx as usize].get_mut();
         let me = ptex as usize;
         if w & RMAP_PRESENT != 0 {
             // Append at the tail of the circular list; the head stays.
@@ -400,12 +421,11 @@ impl<R: PageResolver> GuestHpt<R> {
             self.rev[tail as usize].forw = ptex;
             self.rev[head as usize].back = ptex;
             self.rev[me].rmap = idx;
-            self.unlock_rmap(idx, Some(head));
         } else {
             self.rev[me].forw = ptex;
             self.rev[me].back = ptex;
             self.rev[me].rmap = idx;
-            self.unlock_rmap(idx, Some(ptex));
+            self.set_head(idx, Some(ptex));
         }
     }
 
@@ -415,20 +435,16 @@ impl<R: PageResolver> GuestHpt<R> {
         if idx == NO_RMAP {
             return;
         }
-        let w = self.lock_rmap(idx);
-        let head = (w & RMAP_INDEX) as u32;
+        let head = (*self.rmap[idx as usize].get_mut() & RMAP_INDEX) as u32;
         let (next, prev) = (self.rev[me].forw, self.rev[me].back);
         self.rev[next as usize].back = prev;
         self.rev[prev as usize].forw = next;
-        let new_head = if next == ptex {
-            None
-        } else if head == ptex {
-            Some(next)
-        } else {
-            Some(head)
-        };
         self.rev[me].rmap = NO_RMAP;
-        self.unlock_rmap(idx, new_head);
+        if next == ptex {
+            self.set_head(idx, None);
+        } else if head == ptex {
+            self.set_head(idx, Some(next));
+        }
     }
 
     /// ORs an HPTE's R and C into the per-gfn word of its chain. `lost`: the
@@ -436,6 +452,12 @@ impl<R: PageResolver> GuestHpt<R> {
     /// guest); with [`GuestHpt::queue_folded_dirty`] on, such a C goes to the
     /// queue instead of the word.
     fn fold(&mut self, ptex: u64, r: u64, lost: bool) {
+        self.fold_from(ptex, None, r, lost);
+    }
+
+    /// [`GuestHpt::fold`] for an entry whose dword 0 (pre-3.0 layout) was
+    /// `v` before the caller emptied it; `None`: read it from the table.
+    fn fold_from(&mut self, ptex: u64, v: Option<u64>, r: u64, lost: bool) {
         let idx = self.rev[ptex as usize].rmap;
         let mut bits = 0;
         if r & HPTE_R_R != 0 {
@@ -444,7 +466,7 @@ impl<R: PageResolver> GuestHpt<R> {
         if r & HPTE_R_C != 0 {
             if let Some(q) = self.folded_dirty.as_mut() {
                 if lost {
-                    let v = self.hpt.load(ptex).unwrap_or_default().v;
+                    let v = v.unwrap_or_else(|| self.hpt.load(ptex).unwrap_or_default().v);
                     let view = Hpte::new(v, self.rev[ptex as usize].guest_r.load(Ordering::Acquire));
                     if let Some(ps) = self.sizes.decode(view.v, view.r) {
                         let gfn = Gfn(view.real_address(ps.actual_shift) >> 12);
@@ -532,7 +554,7 @@ impl<R: PageResolver> GuestHpt<R> {
 
     /// Computes the hardware dword 1 for the guest's `guest_r`, and the
     /// per-gfn index; `None` if the page is not wholly inside guest memory.
-    fn hardware_r(&mut self, v: u64, guest_r: u64) -> Result<(u64, u32, bool, PageSizePair), HptError> {
+    fn hardware_r(&mut self, v: u64, guest_r: u64) -> Result<HwEntry, HptError> {
         let ps = self.sizes.decode(v, guest_r).ok_or(HptError::Parameter)?;
         let gpa = Hpte::new(v, guest_r).real_address(ps.actual_shift);
         let gfn = Gfn(gpa >> 12);
@@ -559,8 +581,8 @@ impl<R: PageResolver> GuestHpt<R> {
         }
         let idx = self.gfn_index(gfn).ok_or(HptError::Parameter)?;
         // The hardware layout must be able to hold it (ISA 3.0's narrower RPN).
-        self.hpt.format().encode(Hpte::new(v, r)).map_err(|_| HptError::Parameter)?;
-        Ok((r, idx, ro, ps))
+        let table = self.hpt.format().encode(Hpte::new(v, r)).map_err(|_| HptError::Parameter)?;
+        Ok(HwEntry { r, idx, ro, ps, table })
     }
 
     // ---- the hypercalls -----------------------------------------------------------------------
@@ -585,19 +607,23 @@ impl<R: PageResolver> GuestHpt<R> {
             return Err(HptError::Parameter);
         }
         let v = (pteh & !(HPTE_V_HVLOCK | HPTE_V_ABSENT)) | HPTE_V_VALID;
-        let (hw_r, idx, ro, ps) = self.hardware_r(v, ptel)?;
+        let HwEntry { idx, ro, ps, table: hw, .. } = self.hardware_r(v, ptel)?;
 
         // No second translation of the same virtual page in the PTEG pair:
         // the MMU would find two matches (a machine check on real hardware).
+        // Only the entries the guest sees as valid (valid or absent) are
+        // read and decoded; the primary group's occupancy also picks the slot.
         let mask = self.hpt.geometry().pteg_mask();
         let new = (ptex, Hpte::new(v, ptel), ps);
         let g = ptex >> 3;
-        for grp in [g, g ^ mask] {
-            for i in grp * 8..grp * 8 + 8 {
+        // In range (checked above), so are both groups.
+        let taken = self.busy[g as usize];
+        for (grp, busy) in [(g, taken), (g ^ mask, self.busy[(g ^ mask) as usize])] {
+            let mut busy = busy;
+            while busy != 0 {
+                let i = grp * 8 + u64::from(busy.trailing_zeros());
+                busy &= busy - 1;
                 let e = self.guest_view(i);
-                if !e.valid() {
-                    continue;
-                }
                 if let Some(eps) = self.sizes.decode(e.v, e.r) {
                     if same_virtual_page(mask, new, (i, e, eps)) {
                         return Err(HptError::Parameter);
@@ -607,33 +633,66 @@ impl<R: PageResolver> GuestHpt<R> {
         }
 
         let slot = if flags & H_EXACT != 0 {
-            if self.occupied(ptex) {
+            if taken & (1 << (ptex & 7)) != 0 {
                 return Err(HptError::PtegFull);
             }
             ptex
         } else {
-            let g = ptex & !7;
-            (g..g + 8).find(|&i| !self.occupied(i)).ok_or(HptError::PtegFull)?
+            // The first free slot of the group.
+            if taken == 0xff {
+                return Err(HptError::PtegFull);
+            }
+            (ptex & !7) + u64::from(taken.trailing_ones())
         };
-        self.rev[slot as usize] =
-            RevEntry { guest_r: AtomicU64::new(ptel), hv_ro: ro, ..RevEntry::default() };
+        self.rev[slot as usize] = RevEntry {
+            guest_r: AtomicU64::new(ptel),
+            hv_ro: ro,
+            shift: ps.actual_shift as u8,
+            ..RevEntry::default()
+        };
         self.link(idx, slot as u32);
-        // Checked by hardware_r: the layout can hold it.
-        let _ = self.hpt.store(slot, Hpte::new(v, hw_r));
+        self.hpt.store_encoded(slot, hw);
+        self.busy[g as usize] |= 1 << (slot & 7);
         self.max_npages = self.max_npages.max(ps.npages());
         Ok(slot)
     }
 
     fn remove_one(&mut self, ptex: u64, cond: RemoveCond, flush: &mut FlushToken) -> Result<Hpte, HptError> {
-        let view = self.guest_view(ptex);
+        let hw = self.hpt.load(ptex).unwrap_or_default();
+        let view = self.view_of(ptex, hw);
         if !view.valid() || !cond.matches(view.v) {
             return Err(HptError::NotFound);
         }
-        let rc = self.take_hw(ptex, flush, true) & (HPTE_R_R | HPTE_R_C);
-        let old = Hpte::new(view.v, self.gr(ptex as usize) | rc);
-        self.hpt.clear(ptex);
+        Ok(self.remove_viewed(ptex, hw, view, flush))
+    }
+
+    /// Removes the entry at `ptex` (hardware entry `hw`, guest view `view`,
+    /// valid for the guest, both read by the caller); returns it as the
+    /// guest saw it, with its final R and C.
+    fn remove_viewed(&mut self, ptex: u64, hw: Hpte, view: Hpte, flush: &mut FlushToken) -> Hpte {
+        let gr = self.gr(ptex as usize);
+        let rc = if hw.valid() {
+            // V off first; R/C can still change until the invalidation
+            // completes, so dword 1 is taken afterwards (and the entry is
+            // empty once it is).
+            let r = self.hpt.invalidate_take_r(ptex);
+            let shift = u32::from(self.rev[ptex as usize].shift);
+            let page = Hpte::new(view.v, gr);
+            debug_assert_eq!(self.sizes.decode(page.v, page.r).map(|ps| ps.actual_shift), Some(shift));
+            if let Some(range) = GfnRange::from_len(Gfn(page.real_address(shift) >> 12), 1 << (shift - 12)) {
+                flush.add_range(range);
+            }
+            self.fold_from(ptex, Some(hw.v), r, true);
+            self.unlink(ptex as u32);
+            r
+        } else {
+            // Absent: already invalid and unlinked, its R/C already taken.
+            self.hpt.clear(ptex);
+            hw.r
+        };
         self.rev[ptex as usize] = RevEntry::default();
-        Ok(old)
+        self.busy[(ptex >> 3) as usize] &= !(1 << (ptex & 7));
+        Hpte::new(view.v, gr | (rc & (HPTE_R_R | HPTE_R_C)))
     }
 
     /// H_REMOVE(flags, ptex, avpn): returns the removed entry (guest view,
@@ -650,13 +709,14 @@ impl<R: PageResolver> GuestHpt<R> {
             return Err(HptError::Parameter);
         }
         self.in_range(ptex)?;
-        let view = self.guest_view(ptex);
+        let hw = self.hpt.load(ptex).unwrap_or_default();
+        let view = self.view_of(ptex, hw);
         let avpn_ok = flags & H_AVPN == 0 || RemoveCond::Avpn(avpn).matches(view.v);
         let and_ok = flags & H_ANDCOND == 0 || RemoveCond::AndCond(avpn).matches(view.v);
-        if !(avpn_ok && and_ok) {
+        if !(view.valid() && avpn_ok && and_ok) {
             return Err(HptError::NotFound);
         }
-        self.remove_one(ptex, RemoveCond::Absolute, flush)
+        Ok(self.remove_viewed(ptex, hw, view, flush))
     }
 
     /// H_READ(flags, ptex): the entry, or with H_READ_4 the four of the
@@ -833,7 +893,7 @@ impl<R: PageResolver> GuestHpt<R> {
         }
         let v = (hw.v & !(HPTE_V_ABSENT | HPTE_V_HVLOCK)) | HPTE_V_VALID;
         let guest_r = self.gr(i);
-        let (mut r, idx, ro, _) = self.hardware_r(v, guest_r)?;
+        let HwEntry { mut r, idx, ro, .. } = self.hardware_r(v, guest_r)?;
         // R/C were folded into the guest view at the zap; the new mapping starts clean.
         r &= !(HPTE_R_R | HPTE_R_C);
         self.rev[i].hv_ro = ro;
@@ -874,6 +934,11 @@ impl<R: PageResolver> GuestHpt<R> {
         let mask = self.hpt.geometry().pteg_mask();
         let mut chained = 0u64;
         let mut valid_hw = 0u64;
+        for (g, &busy) in self.busy.iter().enumerate() {
+            if busy != self.hpt.group_occupancy(g as u64) {
+                return Err(Violation::Occupancy(g as u64));
+            }
+        }
         for ptex in 0..n {
             let hw = self.hpt.load(ptex).unwrap_or_default();
             if hw.v & HPTE_V_HVLOCK != 0 {

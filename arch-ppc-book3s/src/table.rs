@@ -217,6 +217,24 @@ impl InMemoryHpt {
         Some((u64::from_be(v.load(Ordering::Acquire)), u64::from_be(r.load(Ordering::Acquire))))
     }
 
+    /// Which of the 8 slots of PTEG `group` hold an entry, valid or left
+    /// absent (bit `k` for slot `k`; 0 for a group outside the table). Reads
+    /// dword 0 only: V and the absent bit sit where both layouts agree.
+    #[inline]
+    pub fn group_occupancy(&self, group: u64) -> u8 {
+        let words = usize::try_from(group)
+            .ok()
+            .and_then(|g| g.checked_mul(16))
+            .and_then(|i| self.words.get(i..i.checked_add(16)?));
+        let Some(words) = words else { return 0 };
+        let busy = (HPTE_V_VALID | HPTE_V_ABSENT).to_be();
+        let mut m = 0;
+        for k in 0..8 {
+            m |= u8::from(words[2 * k].load(Ordering::Acquire) & busy != 0) << k;
+        }
+        m
+    }
+
     /// The entry in the pre-3.0 layout, software bits included.
     pub fn load(&self, ptex: u64) -> Option<Hpte> {
         self.load_raw(ptex).map(|(v, r)| self.format.decode(v, r))
@@ -242,11 +260,36 @@ impl InMemoryHpt {
         Ok(())
     }
 
+    /// Writes an entry already in the table's layout (as
+    /// [`HpteFormat::encode`] made it), dword 1 first as [`InMemoryHpt::store`] does.
+    #[inline]
+    pub fn store_encoded(&self, ptex: u64, (v, r): (u64, u64)) {
+        if let Some((dv, dr)) = self.dw(ptex) {
+            dr.store(r.to_be(), Ordering::Release);
+            dv.store(v.to_be(), Ordering::Release);
+        }
+    }
+
     /// Empties the entry, dword 0 (V) first.
     pub fn clear(&self, ptex: u64) {
         if let Some((dv, dr)) = self.dw(ptex) {
             dv.store(0, Ordering::Release);
             dr.store(0, Ordering::Release);
+        }
+    }
+
+    /// Removes the entry: clears dword 0 (V) first, then atomically takes
+    /// dword 1, whose R and C the hardware may set until the entry is
+    /// invalid (and, on a real CPU, until the tlbie completes). Returns the
+    /// final dword 1; the entry is empty afterwards.
+    #[inline]
+    pub fn invalidate_take_r(&self, ptex: u64) -> u64 {
+        match self.dw(ptex) {
+            Some((dv, dr)) => {
+                dv.store(0, Ordering::Release);
+                u64::from_be(dr.swap(0, Ordering::AcqRel))
+            }
+            None => 0,
         }
     }
 
@@ -386,12 +429,7 @@ impl HashTable for InMemoryHpt {
         if !h.valid() || !cond.matches(h.v) {
             return Err(HptError::NotFound);
         }
-        // Clear V first, then re-read dword 1: hardware may set R/C until the
-        // entry is invalid (and, on a real CPU, until the tlbie completes).
-        if let Some((dv, _)) = self.dw(ptex) {
-            dv.store(0, Ordering::Release);
-        }
-        let r = self.clear_r_bits(ptex, u64::MAX);
+        let r = self.invalidate_take_r(ptex);
         Ok(Hpte::new(h.v & !HPTE_V_HVLOCK, r))
     }
 

@@ -7,7 +7,9 @@
 //! aligned. Readers hold a set and never see it change under them.
 //!
 //! Lookup by gfn is the hottest path of a fault. The set is a sorted array:
-//! with a handful of slots a scan wins, beyond that a binary search, and a
+//! with a handful of slots a scan wins; beyond that a direct index of about
+//! two buckets a slot names the one or two candidates and where the second
+//! starts, so a lookup reads one index word and the slot it returns; and a
 //! caller-owned [`SlotHint`] (one per vCPU) remembers the last hit without any
 //! shared write, so concurrent lookups never contend on a cache line.
 //!
@@ -215,11 +217,9 @@ pub struct Memslots {
     /// touches 8 slots a cache line instead of one and a half.
     starts: Vec<u64>,
     sizes: Vec<u64>,
-    /// A direct index over the covered gfn span: `buckets[b]` is the first
-    /// slot that ends above the first gfn of bucket `b`, so the slot holding
-    /// a gfn of bucket `b` lies in `buckets[b]..=buckets[b + 1]`: usually
-    /// one or two candidates, whatever the number of slots.
-    buckets: Vec<u32>,
+    /// A direct index over the covered gfn span, one [`Bucket`] word per
+    /// `1 << bucket_shift` gfns (and one past the last).
+    buckets: Vec<Bucket>,
     bucket_base: u64,
     bucket_shift: u32,
     /// Indices into `by_gfn`, sorted by hva start then slot id.
@@ -287,23 +287,28 @@ impl Memslots {
     #[inline]
     fn index_of(&self, gfn: Gfn) -> Option<usize> {
         let starts = &self.starts;
-        let i = if starts.len() <= LINEAR_SCAN_MAX {
+        if starts.len() <= LINEAR_SCAN_MAX {
             // A handful of slots: a scan of one cache line wins.
-            starts.iter().rposition(|&s| s <= gfn.0)?
-        } else {
-            let b = (gfn.0.checked_sub(self.bucket_base)? >> self.bucket_shift) as usize;
-            let lo = *self.buckets.get(b)? as usize;
-            let hi = (*self.buckets.get(b + 1)? as usize).min(starts.len() - 1);
-            // The last candidate starting at or below gfn. One or two
-            // candidates is the rule: pick without a branch, since which one
-            // holds a random gfn is a coin toss for the predictor.
-            if hi - lo <= 1 {
-                lo + usize::from(starts[hi] <= gfn.0) * (hi - lo)
-            } else {
+            let i = starts.iter().rposition(|&s| s <= gfn.0)?;
+            return (gfn.0.wrapping_sub(starts[i]) < self.sizes[i]).then_some(i);
+        }
+        let off = gfn.0.checked_sub(self.bucket_base)?;
+        let b = (off >> self.bucket_shift) as usize;
+        let e = *self.buckets.get(b)?;
+        let lo = e.first();
+        let i = match e.split() {
+            // The rule: one or two candidates, told apart by where the
+            // second starts inside the bucket, without a branch (which one
+            // holds a random gfn is a coin toss for the predictor) and
+            // without reading either slot: a lookup touches the bucket's
+            // word and the one slot it returns.
+            Some(split) => lo + usize::from(off & ((1 << self.bucket_shift) - 1) >= split),
+            None => {
+                let hi = (self.buckets.get(b + 1)?.first()).min(starts.len() - 1);
                 lo + starts[lo..=hi].partition_point(|&s| s <= gfn.0).checked_sub(1)?
             }
         };
-        (gfn.0.wrapping_sub(starts[i]) < self.sizes[i]).then_some(i)
+        self.by_gfn.get(i)?.contains(gfn).then_some(i)
     }
 
     /// Every slot whose host memory overlaps `range`, with the guest frames
@@ -443,10 +448,49 @@ impl MemslotsBuilder {
     }
 }
 
+/// One word of the direct index over the gfn span: the first slot that ends
+/// above the bucket's first gfn (`lo`), and where the slot after it starts.
+///
+/// The slot holding a gfn of the bucket lies in `lo..=hi`, where `hi` is the
+/// next bucket's `lo`: slots between them end inside the bucket. When that is
+/// one or two candidates (the rule, with two buckets a slot), the word holds
+/// the offset from the bucket's first gfn at which slot `lo + 1` starts, so
+/// the lookup picks without reading a slot. Otherwise the lookup bisects the
+/// candidates' starts.
+///
+/// Layout: bits 0..16 `lo` (below [`MAX_SLOTS`]); bits 16..64 the split
+/// offset, or [`Bucket::SEARCH`] for a bisection. An offset at or beyond the
+/// bucket's width (one candidate, or a second that starts in a later bucket)
+/// is stored as [`Bucket::PAST`], which no offset reaches.
+#[derive(Clone, Copy, Debug, Default)]
+struct Bucket(u64);
+
+impl Bucket {
+    const SEARCH: u64 = (1 << 48) - 1;
+    const PAST: u64 = Self::SEARCH - 1;
+    /// Widest bucket whose offsets all stay below [`Bucket::PAST`].
+    const MAX_SHIFT: u32 = 47;
+
+    fn new(first: usize, split: u64) -> Self {
+        Self(first as u64 | (split.min(Self::SEARCH) << 16))
+    }
+
+    #[inline]
+    fn first(self) -> usize {
+        (self.0 & 0xffff) as usize
+    }
+
+    #[inline]
+    fn split(self) -> Option<u64> {
+        let s = self.0 >> 16;
+        (s != Self::SEARCH).then_some(s)
+    }
+}
+
 /// Builds the direct index: about two buckets a slot over the covered span,
-/// each naming the first slot that ends above the bucket's first gfn (one
-/// past the last bucket: the slot count).
-fn bucket_index(starts: &[u64], sizes: &[u64]) -> (Vec<u32>, u64, u32) {
+/// each naming the first slot that ends above the bucket's first gfn and
+/// where the next one starts (one past the last bucket: the slot count).
+fn bucket_index(starts: &[u64], sizes: &[u64]) -> (Vec<Bucket>, u64, u32) {
     let n = starts.len();
     if n <= LINEAR_SCAN_MAX {
         return (Vec::new(), 0, 0);
@@ -457,15 +501,33 @@ fn bucket_index(starts: &[u64], sizes: &[u64]) -> (Vec<u32>, u64, u32) {
     // The smallest shift that covers the span with at most `want` buckets.
     let shift = (64 - (span.div_ceil(want)).saturating_sub(1).leading_zeros()).min(63);
     let count = (span.saturating_sub(1) >> shift) + 1;
-    let mut buckets = Vec::with_capacity(count as usize + 1);
+    let mut firsts = Vec::with_capacity(count as usize + 1);
     let mut i = 0;
     for b in 0..=count {
         let first = base.saturating_add(b << shift);
         while i < n && starts[i] + sizes[i] <= first {
             i += 1;
         }
-        buckets.push(i as u32);
+        firsts.push(i);
     }
+    let buckets = (0..=count as usize)
+        .map(|b| {
+            let lo = firsts[b];
+            // The word one past the last bucket ends the span: a lookup
+            // there reads beyond the index and finds nothing.
+            let Some(&next) = firsts.get(b + 1) else { return Bucket::new(lo, Bucket::SEARCH) };
+            let hi = next.min(n - 1);
+            let split = if shift > Bucket::MAX_SHIFT || hi > lo + 1 {
+                Bucket::SEARCH
+            } else if hi == lo {
+                Bucket::PAST
+            } else {
+                // Slot `hi` starts after slot `lo` ends, above the bucket's first gfn.
+                (starts[hi] - (base + ((b as u64) << shift))).min(Bucket::PAST)
+            };
+            Bucket::new(lo, split)
+        })
+        .collect();
     (buckets, base, shift)
 }
 
@@ -595,6 +657,29 @@ mod tests {
                 assert_eq!(s.lookup(Gfn(probe)).map(|s| s.id()), want, "gfn {probe:#x} round {round}");
             }
         }
+    }
+
+    #[test]
+    fn lookup_spans_the_whole_gfn_space_with_the_widest_buckets() {
+        // Nine slots spread over 2^52 frames: buckets of 2^47 frames, whose
+        // split offsets are the largest a bucket word holds.
+        let top = (1u64 << 52) - 16;
+        let slots: Vec<Memslot> = (0..9u64)
+            .map(|i| {
+                let base = if i == 8 { top } else { i << 49 | (i * 0x1234_5678) };
+                slot(i as u16, base, 16, i << 32)
+            })
+            .collect();
+        let s = set(&slots).unwrap();
+        for m in &slots {
+            for probe in
+                [m.base_gfn().0, m.base_gfn().0 + 15, m.base_gfn().0 + 16, m.base_gfn().0.wrapping_sub(1)]
+            {
+                let want = slots.iter().find(|s| s.contains(Gfn(probe))).map(|s| s.id());
+                assert_eq!(s.lookup(Gfn(probe)).map(|s| s.id()), want, "gfn {probe:#x}");
+            }
+        }
+        assert!(s.lookup(Gfn(u64::MAX)).is_none());
     }
 
     #[test]

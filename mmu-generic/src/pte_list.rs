@@ -3,9 +3,15 @@
 //!
 //! Most guest frames are mapped once (always, under EPT/NPT), so a list is one
 //! 64-bit head word that stores a single handle inline: no allocation at all.
-//! A second mapping moves the list into descriptors of one cache line each,
-//! 14 handles a line, chained from the head; a list of 16 mappings costs two
-//! lines plus the head, 8.5 bytes a mapping.
+//! More mappings go into descriptors of one cache line each, 15 handles and a
+//! link, chained from the head; the head word keeps its inline handle and
+//! names the first descriptor with the number of handles in it. A list of 16
+//! mappings is the head and one line: 72 bytes, 4.5 bytes a mapping.
+//!
+//! Only the first descriptor of a chain may be partly full, so an add touches
+//! the head word and at most one line, and a removal fills its hole with the
+//! last handle of the first descriptor: up to 16 mappings a removal reads the
+//! head word and one line, and never follows a link.
 //!
 //! Descriptors come from a [`PteListPool`] whose reserve the caller tops up
 //! before taking the MMU lock ([`PteListPool::reserve`]); an add that finds the
@@ -21,21 +27,25 @@ use core::fmt;
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct PteHandle(pub u32);
 
-/// Handles per descriptor: 14 × 4 bytes plus the count and the link fill 64 bytes.
-pub const DESC_HANDLES: usize = 14;
+/// Handles per descriptor: 15 × 4 bytes plus the link fill 64 bytes.
+pub const DESC_HANDLES: usize = 15;
+
+/// Most descriptors one pool holds: the head word names a descriptor in 28
+/// bits (16 GiB of descriptors, more handles than a `u32` can name).
+pub const MAX_DESCS: usize = (1 << 28) - 1;
 
 /// One cache line of handles.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Desc {
+    /// Every slot is in use, except in the first descriptor of a chain,
+    /// whose count the head word holds.
     handles: [u32; DESC_HANDLES],
-    /// Handles in use. Only the head descriptor of a list may be partly full.
-    len: u32,
     /// Next descriptor index + 1, 0 at the end; the free list reuses it.
     next: u32,
 }
 
-const EMPTY_DESC: Desc = Desc { handles: [0; DESC_HANDLES], len: 0, next: 0 };
+const EMPTY_DESC: Desc = Desc { handles: [0; DESC_HANDLES], next: 0 };
 
 /// Why a reverse-map update failed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -61,8 +71,10 @@ impl fmt::Display for RmapError {
 
 /// The head word of one list.
 ///
-/// Encoding: 0 is empty; bit 0 set means one handle inline in bits 1..33;
-/// otherwise the word is `(descriptor index + 1) << 1`.
+/// Encoding: the high 32 bits hold the inline handle; the low 32 bits are 0
+/// for an empty list (the whole word is then 0), 1 for a list of the inline
+/// handle alone, and otherwise `(first descriptor index + 1) << 4 | n` with
+/// `n` in `1..=15` the handles in that descriptor.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
 #[repr(transparent)]
 pub struct PteList(u64);
@@ -72,7 +84,7 @@ impl fmt::Debug for PteList {
         match self.decode() {
             Head::Empty => f.write_str("PteList(empty)"),
             Head::One(h) => write!(f, "PteList(one {})", h),
-            Head::Desc(d) => write!(f, "PteList(desc {})", d),
+            Head::Many { inline, desc, n } => write!(f, "PteList(one {inline}, desc {desc} holding {n})"),
         }
     }
 }
@@ -80,7 +92,12 @@ impl fmt::Debug for PteList {
 enum Head {
     Empty,
     One(u32),
-    Desc(u32),
+    /// The inline handle, the first descriptor and its handle count (1..=15).
+    Many {
+        inline: u32,
+        desc: u32,
+        n: u32,
+    },
 }
 
 impl PteList {
@@ -89,23 +106,24 @@ impl PteList {
 
     #[inline]
     fn decode(self) -> Head {
-        if self.0 == 0 {
-            Head::Empty
-        } else if self.0 & 1 != 0 {
-            Head::One((self.0 >> 1) as u32)
-        } else {
-            Head::Desc((self.0 >> 1) as u32 - 1)
+        let link = self.0 as u32;
+        let inline = (self.0 >> 32) as u32;
+        match link {
+            0 => Head::Empty,
+            1 => Head::One(inline),
+            _ => Head::Many { inline, desc: (link >> 4) - 1, n: link & 0xf },
         }
     }
 
     #[inline]
     fn one(h: u32) -> Self {
-        Self(((h as u64) << 1) | 1)
+        Self(((h as u64) << 32) | 1)
     }
 
     #[inline]
-    fn desc(i: u32) -> Self {
-        Self(((i as u64) + 1) << 1)
+    fn many(inline: u32, desc: u32, n: u32) -> Self {
+        debug_assert!((1..=DESC_HANDLES as u32).contains(&n) && (desc as usize) < MAX_DESCS);
+        Self(((inline as u64) << 32) | (((desc + 1) << 4) | n) as u64)
     }
 
     /// Whether the list holds no handle.
@@ -148,11 +166,16 @@ impl PteListPool {
         Self { descs: Vec::new(), free_head: 0, free_count: 0 }
     }
 
-    /// Ensures at least `n` free descriptors, allocating now (outside the MMU
-    /// lock) so that later adds never allocate. One descriptor serves up to 14
-    /// adds, so `n` = the number of adds planned suffices.
+    /// Ensures at least `n` free descriptors (at most [`MAX_DESCS`] in all),
+    /// allocating now (outside the MMU lock) so that later adds never
+    /// allocate. One descriptor serves up to 15 adds, so `n` = the number of
+    /// adds planned suffices.
     pub fn reserve(&mut self, n: usize) {
-        let Some(more) = n.checked_sub(self.free_count as usize).filter(|&m| m > 0) else { return };
+        let room = MAX_DESCS - self.descs.len();
+        let Some(more) = n.checked_sub(self.free_count as usize).map(|m| m.min(room)).filter(|&m| m > 0)
+        else {
+            return;
+        };
         // Link the new descriptors in ascending order, so that lists built
         // one after another get ascending addresses: a later walk in the
         // same order streams through memory instead of jumping backwards.
@@ -177,15 +200,20 @@ impl PteListPool {
         (self.descs.len() - self.free_count as usize) * core::mem::size_of::<Desc>()
     }
 
-    fn alloc(&mut self) -> Result<u32, RmapError> {
+    /// Takes a descriptor from the reserve and links it before `next`
+    /// (index + 1, 0 for none). Its handles are left as they were: only the
+    /// slots the head word counts are ever read.
+    #[inline]
+    fn alloc(&mut self, next: u32) -> Result<u32, RmapError> {
         let i = self.free_head.checked_sub(1).ok_or(RmapError::ReserveEmpty)?;
         let d = &mut self.descs[i as usize];
         self.free_head = d.next;
         self.free_count -= 1;
-        *d = EMPTY_DESC;
+        d.next = next;
         Ok(i)
     }
 
+    #[inline]
     fn free(&mut self, i: u32) {
         self.descs[i as usize].next = self.free_head;
         self.free_head = i + 1;
@@ -194,40 +222,32 @@ impl PteListPool {
 
     /// Adds `h` to `list`. Fails only when a descriptor is needed and the
     /// reserve is empty; the list is then unchanged.
+    #[inline]
     pub fn add(&mut self, list: &mut PteList, h: PteHandle) -> Result<(), RmapError> {
-        match list.decode() {
-            Head::Empty => {
-                *list = PteList::one(h.0);
+        *list = match list.decode() {
+            Head::Empty => PteList::one(h.0),
+            Head::One(inline) => {
+                let d = self.alloc(0)?;
+                self.descs[d as usize].handles[0] = h.0;
+                PteList::many(inline, d, 1)
             }
-            Head::One(old) => {
-                let d = self.alloc()?;
-                let desc = &mut self.descs[d as usize];
-                desc.handles[0] = old;
-                desc.handles[1] = h.0;
-                desc.len = 2;
-                *list = PteList::desc(d);
+            Head::Many { inline, desc, n } if (n as usize) < DESC_HANDLES => {
+                self.descs[desc as usize].handles[n as usize] = h.0;
+                PteList::many(inline, desc, n + 1)
             }
-            Head::Desc(head) => {
-                let desc = &mut self.descs[head as usize];
-                if (desc.len as usize) < DESC_HANDLES {
-                    desc.handles[desc.len as usize] = h.0;
-                    desc.len += 1;
-                } else {
-                    let d = self.alloc()?;
-                    let desc = &mut self.descs[d as usize];
-                    desc.handles[0] = h.0;
-                    desc.len = 1;
-                    desc.next = head + 1;
-                    *list = PteList::desc(d);
-                }
+            Head::Many { inline, desc, .. } => {
+                let d = self.alloc(desc + 1)?;
+                self.descs[d as usize].handles[0] = h.0;
+                PteList::many(inline, d, 1)
             }
-        }
+        };
         Ok(())
     }
 
     /// Removes one occurrence of `h` from `list`. The hole is filled with the
-    /// last handle of the head descriptor, so only the head is ever partly
-    /// full; a list left with one handle goes back inline.
+    /// last handle of the first descriptor, so only that one is ever partly
+    /// full; a list left with one handle keeps it inline, without descriptor.
+    #[inline]
     pub fn remove(&mut self, list: &mut PteList, h: PteHandle) -> Result<(), RmapError> {
         match list.decode() {
             Head::Empty => Err(RmapError::NotFound(h)),
@@ -238,43 +258,61 @@ impl PteListPool {
                 *list = PteList::EMPTY;
                 Ok(())
             }
-            Head::Desc(head) => {
-                let (d, slot) = self.find(head, h.0).ok_or(RmapError::NotFound(h))?;
-                let hd = &mut self.descs[head as usize];
-                hd.len -= 1;
-                let last = hd.handles[hd.len as usize];
-                let head_len = hd.len;
-                let head_next = hd.next;
-                self.descs[d as usize].handles[slot] = last;
-                if head_len == 0 {
-                    self.free(head);
-                    *list = if head_next == 0 { PteList::EMPTY } else { PteList::desc(head_next - 1) };
-                } else if head_len == 1 && head_next == 0 {
-                    let only = self.descs[head as usize].handles[0];
-                    self.free(head);
-                    *list = PteList::one(only);
+            Head::Many { inline, desc, n } => {
+                let first = &self.descs[desc as usize];
+                let last = first.handles[n as usize - 1];
+                let mut inline = inline;
+                if inline == h.0 {
+                    inline = last;
+                } else {
+                    let (d, slot) = self.find(desc, n, h.0).ok_or(RmapError::NotFound(h))?;
+                    self.descs[d as usize].handles[slot] = last;
                 }
+                *list = if n > 1 {
+                    PteList::many(inline, desc, n - 1)
+                } else {
+                    let next = self.descs[desc as usize].next;
+                    self.free(desc);
+                    match next.checked_sub(1) {
+                        Some(next) => PteList::many(inline, next, DESC_HANDLES as u32),
+                        None => PteList::one(inline),
+                    }
+                };
                 Ok(())
             }
         }
     }
 
-    fn find(&self, mut d: u32, h: u32) -> Option<(u32, usize)> {
+    /// The descriptor and slot of `h`, searching from the first descriptor
+    /// `d` (holding `n`) down the chain of full ones.
+    #[inline]
+    fn find(&self, mut d: u32, n: u32, h: u32) -> Option<(u32, usize)> {
+        let mut used = (1u32 << n) - 1;
         loop {
             let desc = &self.descs[d as usize];
-            if let Some(pos) = desc.handles[..desc.len as usize].iter().position(|&x| x == h) {
-                return Some((d, pos));
+            // Compare the whole line without an early exit: a fixed-length
+            // loop the compiler turns into vector compares, and no branch
+            // whose outcome depends on where in the line `h` sits (a random
+            // removal would mispredict it nearly every time).
+            let hits =
+                desc.handles.iter().enumerate().fold(0u32, |m, (i, &x)| m | (u32::from(x == h) << i)) & used;
+            if hits != 0 {
+                return Some((d, hits.trailing_zeros() as usize));
             }
             d = desc.next.checked_sub(1)?;
+            used = (1 << DESC_HANDLES) - 1;
         }
     }
 
     /// The handles of `list`, in no promised order.
+    #[inline]
     pub fn iter(&self, list: PteList) -> PteListIter<'_> {
         match list.decode() {
-            Head::Empty => PteListIter { pool: self, one: None, desc: None, pos: 0 },
-            Head::One(h) => PteListIter { pool: self, one: Some(h), desc: None, pos: 0 },
-            Head::Desc(d) => PteListIter { pool: self, one: None, desc: Some(d), pos: 0 },
+            Head::Empty => PteListIter { pool: self, one: None, desc: 0, pos: 0, end: 0 },
+            Head::One(h) => PteListIter { pool: self, one: Some(h), desc: 0, pos: 0, end: 0 },
+            Head::Many { inline, desc, n } => {
+                PteListIter { pool: self, one: Some(inline), desc: desc + 1, pos: 0, end: n as usize }
+            }
         }
     }
 
@@ -283,16 +321,14 @@ impl PteListPool {
         match list.decode() {
             Head::Empty => 0,
             Head::One(_) => 1,
-            Head::Desc(mut d) => {
-                let mut n = 0;
-                loop {
-                    let desc = &self.descs[d as usize];
-                    n += desc.len as usize;
-                    match desc.next.checked_sub(1) {
-                        Some(next) => d = next,
-                        None => return n,
-                    }
+            Head::Many { desc, n, .. } => {
+                let mut count = 1 + n as usize;
+                let mut next = self.descs[desc as usize].next;
+                while let Some(d) = next.checked_sub(1) {
+                    count += DESC_HANDLES;
+                    next = self.descs[d as usize].next;
                 }
+                count
             }
         }
     }
@@ -303,15 +339,21 @@ impl PteListPool {
         match core::mem::take(list).decode() {
             Head::Empty => {}
             Head::One(h) => f(PteHandle(h)),
-            Head::Desc(mut d) => loop {
-                let desc = self.descs[d as usize];
-                desc.handles[..desc.len as usize].iter().for_each(|&h| f(PteHandle(h)));
-                self.free(d);
-                match desc.next.checked_sub(1) {
-                    Some(next) => d = next,
-                    None => break,
+            Head::Many { inline, desc, n } => {
+                f(PteHandle(inline));
+                let mut d = desc;
+                let mut len = n as usize;
+                loop {
+                    let desc = self.descs[d as usize];
+                    desc.handles[..len].iter().for_each(|&h| f(PteHandle(h)));
+                    self.free(d);
+                    match desc.next.checked_sub(1) {
+                        Some(next) => d = next,
+                        None => break,
+                    }
+                    len = DESC_HANDLES;
                 }
-            },
+            }
         }
     }
 }
@@ -321,8 +363,11 @@ impl PteListPool {
 pub struct PteListIter<'a> {
     pool: &'a PteListPool,
     one: Option<u32>,
-    desc: Option<u32>,
+    /// Current descriptor index + 1, 0 when done.
+    desc: u32,
     pos: usize,
+    /// Handles in use in the current descriptor.
+    end: usize,
 }
 
 impl Iterator for PteListIter<'_> {
@@ -334,13 +379,14 @@ impl Iterator for PteListIter<'_> {
             return Some(PteHandle(h));
         }
         loop {
-            let desc = &self.pool.descs[self.desc? as usize];
-            if self.pos < desc.len as usize {
+            let desc = &self.pool.descs[self.desc.checked_sub(1)? as usize];
+            if self.pos < self.end {
                 self.pos += 1;
                 return Some(PteHandle(desc.handles[self.pos - 1]));
             }
-            self.desc = desc.next.checked_sub(1);
+            self.desc = desc.next;
             self.pos = 0;
+            self.end = DESC_HANDLES;
         }
     }
 
@@ -352,20 +398,17 @@ impl Iterator for PteListIter<'_> {
         if let Some(h) = self.one.take() {
             acc = f(acc, PteHandle(h));
         }
-        let mut next = self.desc;
-        let mut pos = self.pos;
-        while let Some(d) = next {
+        let (mut next, mut pos, mut end) = (self.desc, self.pos, self.end);
+        while let Some(d) = next.checked_sub(1) {
             let desc = &self.pool.descs[d as usize];
-            for &h in &desc.handles[pos.min(desc.len as usize)..desc.len as usize] {
+            for &h in &desc.handles[pos.min(end)..end] {
                 acc = f(acc, PteHandle(h));
             }
-            pos = 0;
-            next = desc.next.checked_sub(1);
+            (next, pos, end) = (desc.next, 0, DESC_HANDLES);
         }
         acc
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,16 +450,65 @@ mod tests {
     }
 
     #[test]
-    fn sixteen_mappings_cost_two_lines() {
+    fn sixteen_mappings_cost_the_head_and_one_line() {
         let mut pool = PteListPool::new();
         pool.reserve(4);
         let mut l = PteList::EMPTY;
         for h in 0..16 {
             pool.add(&mut l, PteHandle(h)).unwrap();
         }
-        assert_eq!(pool.bytes_in_use(), 128);
+        assert_eq!(pool.bytes_in_use(), 64);
         assert_eq!(pool.len(l), 16);
         assert_eq!(sorted(&pool, l), (0..16).collect::<Vec<_>>());
+        // The seventeenth mapping takes a second line; 31 still fit in two.
+        pool.add(&mut l, PteHandle(16)).unwrap();
+        assert_eq!(pool.bytes_in_use(), 128);
+        for h in 17..31 {
+            pool.add(&mut l, PteHandle(h)).unwrap();
+        }
+        assert_eq!(pool.bytes_in_use(), 128);
+        assert_eq!(pool.len(l), 31);
+        assert_eq!(sorted(&pool, l), (0..31).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn removing_the_inline_handle_or_a_full_descriptors_handle_keeps_the_rest() {
+        let mut pool = PteListPool::new();
+        pool.reserve(4);
+        let mut l = PteList::EMPTY;
+        // Inline 0; a full descriptor 1..=15; a first descriptor holding 16, 17.
+        for h in 0..18 {
+            pool.add(&mut l, PteHandle(h)).unwrap();
+        }
+        pool.remove(&mut l, PteHandle(0)).unwrap();
+        pool.remove(&mut l, PteHandle(3)).unwrap();
+        assert_eq!(pool.len(l), 16);
+        assert_eq!(pool.bytes_in_use(), 64, "the emptied first descriptor went back");
+        let want: Vec<u32> = (1..18).filter(|&h| h != 3).collect();
+        assert_eq!(sorted(&pool, l), want);
+        // The full descriptor became the first one: adds go to a new line.
+        pool.add(&mut l, PteHandle(100)).unwrap();
+        assert_eq!(pool.bytes_in_use(), 128);
+        assert_eq!(pool.iter(l).count(), 17);
+        assert_eq!(pool.remove(&mut l, PteHandle(3)), Err(RmapError::NotFound(PteHandle(3))));
+    }
+
+    #[test]
+    fn handles_of_every_bit_pattern_survive_descriptors() {
+        let mut pool = PteListPool::new();
+        pool.reserve(2);
+        let mut l = PteList::EMPTY;
+        let hs = [u32::MAX, 0, 1, 0xf, 0x8000_0000, u32::MAX - 1];
+        for &h in &hs {
+            pool.add(&mut l, PteHandle(h)).unwrap();
+        }
+        let mut want = hs.to_vec();
+        want.sort_unstable();
+        assert_eq!(sorted(&pool, l), want);
+        for &h in &hs[..5] {
+            pool.remove(&mut l, PteHandle(h)).unwrap();
+        }
+        assert_eq!(l.single(), Some(PteHandle(u32::MAX - 1)));
     }
 
     #[test]

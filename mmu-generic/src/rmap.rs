@@ -228,7 +228,7 @@ mod tests {
         for h in 0..20 {
             rmap.add(SlotId(7), Gfn(0x10_0001), 0, PteHandle(h)).unwrap();
         }
-        assert_eq!(rmap.pool().bytes_in_use(), 128);
+        assert_eq!(rmap.pool().bytes_in_use(), 128, "20 mappings: the head and two lines");
         let mut b = s.to_builder();
         b.delete(SlotId(7)).unwrap();
         rmap.sync_slots(&b.build().unwrap());
