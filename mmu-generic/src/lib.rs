@@ -77,8 +77,8 @@
 #![forbid(unsafe_code)]
 
 extern crate alloc;
-// The `arbitrary` derive names `std`; the feature is for tests and fuzzing only.
-#[cfg(feature = "arbitrary")]
+// The `arbitrary` derive names `std`; the features are for tests and fuzzing only.
+#[cfg(feature = "std")]
 extern crate std;
 
 pub mod addr;

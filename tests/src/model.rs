@@ -16,7 +16,9 @@ use mmu_generic::backend::{Caps, FlushToken};
 use mmu_generic::dirty_log::{LogMode, SlotDirtyLog, Tracking};
 use mmu_generic::dirty_ring::DirtyRing;
 use mmu_generic::invalidate::{FaultSnapshot, InvalidationSeq};
-use mmu_generic::memslot::{Memslot, MemslotError, Memslots, SlotFlags, SlotId};
+use mmu_generic::memslot::{
+    Memslot, MemslotError, MemslotGenerations, Memslots, MemslotsBuilder, SlotFlags, SlotHint, SlotId,
+};
 use mmu_generic::pte_list::{PteHandle, PteList, PteListPool, RmapError};
 
 use crate::harness::{touch, DirtyLogs, GuestMmu, Touch};
@@ -47,10 +49,24 @@ pub enum MemslotOp {
     Move(u8, u8),
     /// Toggle a slot's flags.
     SetFlags(u8, bool, bool),
-    /// Look a gfn up (base * 4 + offset).
-    Lookup(u16),
-    /// Query a host-virtual range (start page, pages).
-    LookupHva(u16, u8),
+    /// Look a gfn up: `g * 4 + g % 3`, or near the top of the gfn space
+    /// (`2^52 - 64 + g % 320`), through the vCPU's hint or without.
+    Lookup {
+        /// The gfn's seed.
+        g: u16,
+        /// Near the top of the gfn space.
+        high: bool,
+        /// Through the [`SlotHint`](mmu_generic::memslot::SlotHint).
+        hinted: bool,
+    },
+    /// Look any gfn up (the whole 64-bit space).
+    LookupRaw(u64),
+    /// Query a host-virtual range (start page, pages), low or at the top of
+    /// the address space.
+    LookupHva(u16, u8, bool),
+    /// Build two sets from the current one and one from scratch with the
+    /// VM's counter (kept only for the generation check).
+    Rebuild,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -106,8 +122,19 @@ fn error_kind(e: &MemslotError) -> &'static str {
 /// Applies memslot operations to [`Memslots`] (rebuilt after each change)
 /// and to a `BTreeMap` model; compares build verdicts and every query.
 pub fn run_memslots(ops: &[MemslotOp]) -> Result<(), String> {
-    let mut real = Memslots::new();
+    let vm = MemslotGenerations::new();
+    let mut real = Memslots::empty_in(&vm);
     let mut model: BTreeMap<u16, ModelSlot> = BTreeMap::new();
+    let mut hint = SlotHint::default();
+    // Every generation ever built from the VM's counter only goes up.
+    let mut newest = 0u64;
+    let mut check_gen = |step: usize, set: &Memslots| -> Result<(), String> {
+        if set.generation() <= newest {
+            return Err(format!("step {step}: generation {} not above {newest}", set.generation()));
+        }
+        newest = set.generation();
+        Ok(())
+    };
     for (step, op) in ops.iter().enumerate() {
         let mut b = real.to_builder();
         let mut next = model.clone();
@@ -146,24 +173,52 @@ pub fn run_memslots(ops: &[MemslotOp]) -> Result<(), String> {
                 }
                 b.set_flags(SlotId(id as u16), f).map(|_| ())
             }
-            MemslotOp::Lookup(g) => {
-                let gfn = g as u64 * 4 + (g as u64 % 3);
+            MemslotOp::Lookup { .. } | MemslotOp::LookupRaw(_) => {
+                let (gfn, hinted) = match *op {
+                    MemslotOp::Lookup { g, high: true, hinted } => {
+                        ((1u64 << 52) - 64 + g as u64 % 320, hinted)
+                    }
+                    MemslotOp::Lookup { g, high: false, hinted } => (g as u64 * 4 + (g as u64 % 3), hinted),
+                    MemslotOp::LookupRaw(g) => (g, g % 2 == 0),
+                    _ => unreachable!("matched above"),
+                };
                 let want =
-                    model.iter().find(|(_, s)| gfn >= s.base && gfn < s.base + s.npages).map(|(id, _)| *id);
-                let got = real.lookup(Gfn(gfn)).map(|s| s.id().0);
+                    model.iter().find(|(_, s)| gfn >= s.base && gfn - s.base < s.npages).map(|(id, _)| *id);
+                let got =
+                    if hinted { real.lookup_hinted(Gfn(gfn), &mut hint) } else { real.lookup(Gfn(gfn)) };
+                let got = got.map(|s| s.id().0);
                 if want != got {
-                    return Err(format!("step {step}: lookup {gfn:#x}: model {want:?}, real {got:?}"));
+                    return Err(format!(
+                        "step {step}: lookup {gfn:#x} (hint {hinted}): model {want:?}, real {got:?}"
+                    ));
                 }
                 continue;
             }
-            MemslotOp::LookupHva(page, len) => {
-                let start = page as u64 * 0x1000;
-                let end = start + (len as u64 + 1) * 0x1000;
+            MemslotOp::Rebuild => {
+                let a = real.to_builder().build().map_err(|e| format!("step {step}: rebuild: {e:?}"))?;
+                check_gen(step, &a)?;
+                let b = real.to_builder().build().map_err(|e| format!("step {step}: rebuild: {e:?}"))?;
+                check_gen(step, &b)?;
+                let c = MemslotsBuilder::with_generations(&vm).build().map_err(|e| format!("{e:?}"))?;
+                check_gen(step, &c)?;
+                // The hint of the current set must not carry over to a
+                // sibling that holds other slots.
+                if c.lookup_hinted(Gfn(0), &mut hint).is_some() {
+                    return Err(format!("step {step}: an empty set found a slot through a stale hint"));
+                }
+                // Continue on a sibling, so later steps use a set whose
+                // generation an older hint must not match.
+                real = b;
+                continue;
+            }
+            MemslotOp::LookupHva(page, len, high) => {
+                let start = if high { u64::MAX - 0xfff - page as u64 * 0x1000 } else { page as u64 * 0x1000 };
+                let end = start.saturating_add((len as u64 + 1) * 0x1000);
                 let range = HvaRange { start: Hva(start), end: Hva(end) };
                 let mut want: Vec<(u16, u64, u64)> = model
                     .iter()
                     .filter_map(|(id, s)| {
-                        let (hs, he) = (s.hva, s.hva + (s.npages << PAGE_SHIFT));
+                        let (hs, he) = (s.hva, s.hva.saturating_add(s.npages << PAGE_SHIFT));
                         (hs < end && start < he).then(|| {
                             let first = (start.max(hs) - hs) >> PAGE_SHIFT;
                             let last = (end.min(he) - hs).div_ceil(4096);
@@ -204,9 +259,7 @@ pub fn run_memslots(ops: &[MemslotOp]) -> Result<(), String> {
         };
         match (verdict, model_verdict) {
             (Ok(set), Ok(())) => {
-                if set.generation() != real.generation() + 1 {
-                    return Err(format!("step {step}: generation did not advance"));
-                }
+                check_gen(step, &set)?;
                 real = set;
                 model = next;
             }

@@ -447,24 +447,22 @@ fn ept_without_ad_ages_by_access_tracking_and_a_refault_restores() {
     assert_eq!(mapped(o).kind, MapKind::Restored);
     assert_eq!(h.resolves, resolves, "restored without the host");
     assert!(walk(&mmu, gpa, Access::WRITE).is_ok());
-    assert!(mmu.mark_access_tracked(hs[0], &mut FlushToken::new().tap()));
+    assert!(flushed(|f| mmu.mark_access_tracked(hs[0], f)));
     // NPT has an accessed bit: no tracking.
     let mut n = mmu_with(npt(), SlotFlags::empty());
     mapped(fault(&mut n, &mut h, gpa, Access::READ).unwrap());
     let mut hs = Vec::new();
     n.for_each_leaf(&slot, slot.gfns(), &mut |x| hs.push(x));
-    assert!(!n.mark_access_tracked(hs[0], &mut FlushToken::new().tap()));
+    assert!(!flushed(|f| n.mark_access_tracked(hs[0], f)));
 }
 
-trait Tap {
-    fn tap(self) -> Self;
-}
-
-impl Tap for FlushToken {
-    /// Lets a test pass a throwaway token inline.
-    fn tap(self) -> Self {
-        self
-    }
+/// Runs `f` with a fresh token and flushes it: these host tests walk the
+/// tables on every access (no TLB to flush).
+fn flushed<T>(f: impl FnOnce(&mut FlushToken) -> T) -> T {
+    let mut token = FlushToken::new();
+    let r = f(&mut token);
+    token.flush(&mut mmu_generic::backend::NoTlb);
+    r
 }
 
 #[test]
