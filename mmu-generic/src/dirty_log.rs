@@ -525,7 +525,7 @@ impl SlotLogs for BTreeMap<SlotId, SlotDirtyLog> {
 }
 
 /// Logs indexed by slot number.
-impl SlotLogs for [Option<SlotDirtyLog>] {
+impl SlotLogs for Vec<Option<SlotDirtyLog>> {
     fn log(&self, slot: SlotId) -> Option<&SlotDirtyLog> {
         self.get(slot.0 as usize).and_then(Option::as_ref)
     }
