@@ -156,6 +156,8 @@ pub struct SlotDirtyLog {
     bitmap: DirtyBitmap,
     /// One bit per page whose leaves may be writable: made writable since
     /// the last round (write protection), or writable at all (dirty bit).
+    /// In ring mode: the page is in a ring and not yet reset (so a refault
+    /// of the page, after a zap, does not push it twice).
     chain: DirtyBitmap,
 }
 
@@ -248,10 +250,21 @@ impl SlotDirtyLog {
             .ok_or(DirtyLogError::OutOfSlot(gfn.0.wrapping_sub(self.gfns.start.0)))
     }
 
-    /// Logs the page (bitmap, or the vCPU's `ring` in ring mode).
+    /// Logs the page (bitmap, or the vCPU's `ring` in ring mode). A page
+    /// already in a ring and not yet reset is not pushed again: it will be
+    /// re-protected at its reset, and copied after it. (Two vCPUs faulting
+    /// on the page at once may both push it: the bit is set only after a
+    /// push succeeded, so a refused push never hides another's.)
     fn log_page(&self, idx: u64, ring: Option<&DirtyRing>) -> Result<RingPush, DirtyLogError> {
         match (self.mode, ring) {
-            (LogMode::Ring, Some(ring)) => Ok(ring.push(self.slot.id(), idx)?),
+            (LogMode::Ring, Some(ring)) => {
+                if self.chain.test(idx) {
+                    return Ok(if ring.is_soft_full() { RingPush::SoftFull } else { RingPush::Ok });
+                }
+                let push = ring.push(self.slot.id(), idx)?;
+                self.chain.set(idx);
+                Ok(push)
+            }
             (LogMode::Ring, None) => Err(DirtyLogError::WrongMode(self.mode)),
             _ => {
                 self.bitmap.set(idx);
@@ -507,6 +520,8 @@ impl SlotDirtyLog {
         if offset >= self.gfns.len() {
             return Err(DirtyLogError::OutOfSlot(offset));
         }
+        // Out of the ring, then protected: the next write faults and pushes.
+        self.chain.clear_mask((offset / 64) as usize, 1 << (offset % 64));
         backend.write_protect_gfns(slot, self.page(offset), flush);
         Ok(())
     }

@@ -166,3 +166,27 @@ fn invalidation_zaps_the_range_and_the_guest_refaults() {
     mmu.huge_pages = true;
     invalidation(&mut mmu, SlotId(0), 600, 3, true).unwrap();
 }
+
+/// Found by the dirty-log fuzz target: a page written, zapped by an
+/// invalidation and written again before the harvest is in the ring once.
+#[test]
+fn a_page_refaulted_after_a_zap_is_pushed_to_the_ring_once() {
+    use mmu_generic::addr::HvaRange;
+    use mmu_generic::dirty_ring::DirtyRing;
+    let mut mmu = SimMmu::new(slots(), NO_AD);
+    let s = *mmu.memslots().get(SlotId(0)).unwrap();
+    let mut flush = FlushToken::new();
+    let log = SlotDirtyLog::start(&s, Tracking::WriteProtect, LogMode::Ring, mmu.backend_mut(), &mut flush)
+        .unwrap();
+    mmu.flush(flush);
+    let mut logs = DirtyLogs { ring: Some(DirtyRing::new(8, 0).unwrap()), ..DirtyLogs::default() };
+    logs.logs.insert(SlotId(0), log);
+    touch(&mut mmu, Gfn(5), true, &mut logs).unwrap();
+    let start = Hva(s.hva().0 + 5 * 4096);
+    mmu.zap_hva_range(HvaRange { start, end: Hva(start.0 + 4096) }, &logs);
+    assert_eq!(touch(&mut mmu, Gfn(5), true, &mut logs).unwrap(), Touch::Done(1));
+    let mut got = Vec::new();
+    let mut fetch = 0;
+    logs.ring.as_ref().unwrap().harvest(&mut fetch, |_, off| got.push(off));
+    assert_eq!(got, [5]);
+}
