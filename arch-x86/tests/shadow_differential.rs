@@ -1004,6 +1004,12 @@ impl DirtyTracker for HarnessDirty<'_> {
         self.0.logs.get(&slot).is_some_and(|l| l.tracking() == Tracking::WriteProtect)
     }
 
+    fn mark(&mut self, slot: SlotId, gfn: Gfn) -> bool {
+        let logs = &mut *self.0;
+        let Some(log) = logs.logs.get(&slot) else { return true };
+        log.mark(gfn, logs.ring.as_ref()).is_ok()
+    }
+
     fn note_writable(&mut self, slot: SlotId, gfn: Gfn, h: PteHandle) -> bool {
         let logs = &mut *self.0;
         let Some(log) = logs.logs.get_mut(&slot) else { return true };

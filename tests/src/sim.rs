@@ -21,7 +21,9 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use mmu_generic::addr::{Gfn, GfnRange, HvaRange};
-use mmu_generic::backend::{BackendError, Caps, FlushToken, Leaf, MmuBackend, TlbFlush};
+use mmu_generic::backend::{
+    for_each_leaf_batched, BackendError, Caps, FlushToken, Leaf, MmuBackend, TlbFlush,
+};
 use mmu_generic::dirty_log::Tracking;
 use mmu_generic::dirty_ring::RingPush;
 use mmu_generic::memslot::{Memslot, Memslots, SlotFlags, SlotId};
@@ -323,6 +325,34 @@ impl SimMmu {
     /// The simulated TLB.
     pub fn tlb(&self) -> &SimTlb {
         &self.tlb
+    }
+
+    /// Installs a new memslot set. Every old slot whose mappings cannot
+    /// survive ([`Memslots::stale_slots`]: deleted, moved, backed by other
+    /// host memory, made read-only) has its leaves zapped first, through the
+    /// old slot's reverse map, with their final D bits folded into its log;
+    /// then the reverse map follows the new set. Returns the leaves zapped.
+    pub fn set_memslots(&mut self, new: Memslots, logs: &DirtyLogs) -> usize {
+        let mut flush = FlushToken::new();
+        let mut zapped = 0;
+        let stale: Vec<Memslot> = self.slots.stale_slots(&new).map(|(s, _)| *s).collect();
+        for old in stale {
+            let log = logs.logs.get(&old.id());
+            for_each_leaf_batched(&mut self.backend, &old, old.gfns(), |b, h| match b.zap(h, &mut flush) {
+                Some(leaf) => {
+                    zapped += 1;
+                    if let Some(log) = log {
+                        log.note_zapped(&leaf);
+                    }
+                    true
+                }
+                None => false,
+            });
+        }
+        self.flush(flush);
+        self.backend.sync_slots(&new);
+        self.slots = new;
+        zapped
     }
 
     /// Cached translations that grant more than the tables: a write through a

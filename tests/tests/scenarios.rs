@@ -190,3 +190,42 @@ fn a_page_refaulted_after_a_zap_is_pushed_to_the_ring_once() {
     logs.ring.as_ref().unwrap().harvest(&mut fetch, |_, off| got.push(off));
     assert_eq!(got, [5]);
 }
+
+/// Replacing a slot (same gfns, other host memory; or deleted and recreated
+/// under another number in one build) zaps every leaf of the old slot
+/// through its reverse map: nothing maps the old host range afterwards, so
+/// its invalidation has nothing left to find, and the guest refaults onto
+/// the new backing.
+#[test]
+fn a_replaced_slot_leaves_no_leaf_mapping_its_old_host_range() {
+    use mmu_generic::addr::HvaRange;
+    for recreate in [false, true] {
+        let mut mmu = SimMmu::new(slots(), AD);
+        demand_faults(&mut mmu).unwrap();
+        let old = *mmu.memslots().get(SlotId(0)).unwrap();
+        let mut b = mmu.memslots().to_builder();
+        b.delete(SlotId(0)).unwrap();
+        let id = if recreate { SlotId(7) } else { SlotId(0) };
+        b.create(Memslot::new(id, old.base_gfn(), old.npages(), Hva(0x5000_0000), SlotFlags::empty()))
+            .unwrap();
+        let new = b.build().unwrap();
+        assert!(new.generation() > mmu.memslots().generation());
+        let logs = DirtyLogs::default();
+        assert_eq!(mmu.set_memslots(new, &logs), 1024, "every leaf of the old slot is zapped");
+        assert_eq!(mmu.stale_tlb_entries(), 0);
+        // The old host range: nothing maps it any more.
+        assert_eq!(mmu.zap_hva_range(old.hvas(), &logs), 0);
+        let mut logs = DirtyLogs::default();
+        for g in [0, 511, 1023] {
+            assert_eq!(
+                touch(&mut mmu, Gfn(g), false, &mut logs).unwrap(),
+                Touch::Done(1),
+                "refaults onto the new backing"
+            );
+        }
+        let fresh = HvaRange { start: Hva(0x5000_0000), end: Hva(0x5000_0000 + 1024 * 4096) };
+        assert_eq!(mmu.zap_hva_range(fresh, &logs), 3);
+        // Other slots kept their leaves.
+        assert_eq!(touch(&mut mmu, Gfn(0x10000), false, &mut logs).unwrap(), Touch::Done(0));
+    }
+}
