@@ -383,6 +383,40 @@ mod tests {
     }
 
     #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "FlushToken dropped without flush()")]
+    fn a_token_dropped_with_a_change_and_no_flush_panics_in_debug_builds() {
+        let mut t = FlushToken::new();
+        t.add_range(GfnRange { start: Gfn(1), end: Gfn(2) });
+        drop(t);
+    }
+
+    #[test]
+    fn flushed_discarded_merged_and_empty_tokens_drop_quietly() {
+        let before = FlushToken::unflushed_drops();
+        drop(FlushToken::new());
+        let mut t = FlushToken::new();
+        t.add_all();
+        t.discard();
+        let mut a = FlushToken::new();
+        let mut b = FlushToken::new();
+        b.add_range(GfnRange { start: Gfn(5), end: Gfn(6) });
+        a.merge(b);
+        a.flush(&mut NoTlb);
+        assert_eq!(FlushToken::unflushed_drops(), before);
+    }
+
+    #[test]
+    #[cfg(not(debug_assertions))]
+    fn a_token_dropped_with_a_change_is_counted_in_release_builds() {
+        let before = FlushToken::unflushed_drops();
+        let mut t = FlushToken::new();
+        t.add_range(GfnRange { start: Gfn(1), end: Gfn(2) });
+        drop(t);
+        assert_eq!(FlushToken::unflushed_drops(), before + 1);
+    }
+
+    #[test]
     fn flush_token_merges_ranges_and_escalates_to_all() {
         let mut rec = Recorder::default();
         FlushToken::new().flush(&mut rec);

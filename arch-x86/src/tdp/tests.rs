@@ -2,8 +2,9 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use mmu_generic::addr::{Gfn, GfnRange, Gpa, Hva, HvaRange, Pfn};
+use mmu_generic::backend::BackendError;
 use mmu_generic::backend::{FlushToken, MmuBackend};
-use mmu_generic::dirty_log::{FaultCtx, LogMode, SlotDirtyLog, Tracking, WriteGrant};
+use mmu_generic::dirty_log::{DirtyLogError, FaultCtx, LogMode, SlotDirtyLog, Tracking, WriteGrant};
 use mmu_generic::dirty_ring::{DirtyRing, RingPush};
 use mmu_generic::invalidate::InvalidationSeq;
 use mmu_generic::memslot::{Memslot, Memslots, MemslotsBuilder, SlotFlags, SlotId};
@@ -695,4 +696,38 @@ fn batched_4k_map_files_each_page_under_its_slot_and_stops_at_a_taken_entry() {
         check(ept());
         check(npt());
     });
+}
+
+/// A split that finds the reverse-map reserve empty returns `ReserveEmpty`
+/// through the dirty-log start (nothing half split); topped up, the start
+/// is retried and succeeds. The frames' lists already hold a leaf of an
+/// obsolete tree, so the 512 new entries need descriptors.
+#[test]
+fn a_split_with_an_empty_reserve_fails_typed_and_the_retry_after_a_top_up_splits() {
+    let mut mmu = mmu_with(npt(), SlotFlags::empty());
+    let mut h = host(PageSize::Size2M);
+    mmu.set_max_page_size(PageSize::Size4K);
+    for i in 0..512u64 {
+        mapped(fault(&mut mmu, &mut h, (4 * GIB + i) << 12, Access::WRITE).unwrap());
+    }
+    mmu.zap_all(&mut FlushRecorder::default(), |_| {});
+    mmu.set_max_page_size(PageSize::Size2M);
+    let m = mapped(fault(&mut mmu, &mut h, (4 * GIB) << 12, Access::READ).unwrap());
+    assert_eq!(m.size, PageSize::Size2M);
+    assert_eq!(mmu.rmap().pool().reserve_len(), 0);
+    let slot = *mmu.memslots().get(SlotId(0)).unwrap();
+    let mut flush = FlushToken::new();
+    let r = SlotDirtyLog::start(&slot, Tracking::WriteProtect, LogMode::Bitmap, &mut mmu, &mut flush);
+    assert_eq!(r.err(), Some(DirtyLogError::Backend(BackendError::ReserveEmpty)));
+    flush.flush(&mut FlushRecorder::default());
+    assert_eq!(mmu.lookup(Gfn(4 * GIB)).map(|l| l.size), Some(PageSize::Size2M), "the huge leaf is intact");
+    mmu.reserve(TdpMmu::<Npt, SimMemory>::FAULT_RESERVE);
+    let mut flush = FlushToken::new();
+    SlotDirtyLog::start(&slot, Tracking::WriteProtect, LogMode::Bitmap, &mut mmu, &mut flush).unwrap();
+    flush.flush(&mut FlushRecorder::default());
+    assert_eq!(
+        mmu.lookup(Gfn(4 * GIB + 7)).map(|l| l.size),
+        Some(PageSize::Size4K),
+        "split after the top-up"
+    );
 }
