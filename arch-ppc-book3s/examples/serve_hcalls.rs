@@ -14,7 +14,7 @@ use arch_ppc_book3s::papr::{
     HcallReturn, H_AVPN, H_ENTER, H_EXACT, H_NOT_FOUND, H_PARAMETER, H_PTEG_FULL, H_REMOVE,
 };
 use mmu_generic::addr::{Gfn, Hva};
-use mmu_generic::backend::FlushToken;
+use mmu_generic::backend::{FlushToken, NoTlb};
 use mmu_generic::dirty_log::{LogMode, SlotDirtyLog, Tracking};
 use mmu_generic::memslot::{Memslot, MemslotsBuilder, SlotFlags, SlotId};
 
@@ -47,8 +47,8 @@ fn main() {
     let call = |hpt: &mut GuestHpt, op: u64, args: &[u64]| -> HcallReturn {
         let mut flush = FlushToken::new();
         let r = hpt.hcall(op, args, &mut flush);
-        // A real hypervisor issues its tlbie here; the host test has no TLB.
-        let _ = flush.is_needed();
+        // A real hypervisor issues its tlbie here; this example has no TLB.
+        flush.flush(&mut NoTlb);
         r
     };
 
@@ -102,7 +102,7 @@ fn main() {
     let mut flush = FlushToken::new();
     let mut log = SlotDirtyLog::start(&slot, Tracking::HardwareDirty, LogMode::Bitmap, &mut hpt, &mut flush)
         .expect("Book3s has a changed bit");
-    let _ = flush.is_needed();
+    flush.flush(&mut NoTlb);
 
     // The guest stores to pages 0 and 2 and loads page 1; the MMU sets R and C.
     for (i, store) in [(0, true), (1, false), (2, true)] {
@@ -134,7 +134,7 @@ fn main() {
     // with H_REMOVE, and the reverse map kept it.
     let mut words = Vec::new();
     let flush = log.get_and_clear(&mut hpt, &mut words).expect("bitmap mode");
-    let _ = flush.is_needed();
+    flush.flush(&mut NoTlb);
     let dirty: Vec<u64> =
         (0..words.len() as u64 * 64).filter(|&p| words[p as usize / 64] >> (p % 64) & 1 != 0).collect();
     let shown: Vec<String> = dirty.iter().map(|g| format!("{g:#x}")).collect();

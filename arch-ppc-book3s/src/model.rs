@@ -380,12 +380,16 @@ pub fn check_sequence(format: HpteFormat, wimg: WimgPolicy, ops: &[HcallOp]) -> 
                         _ => drop(g.split_huge(h, &mut f)),
                     }
                 }
+                // The model has no TLB: the table is the translation.
+                f.flush(&mut mmu_generic::backend::NoTlb);
                 None
             }
         };
         if let Some((opcode, args)) = call {
             let mut f = FlushToken::new();
             let got = g.hcall(opcode, &args, &mut f);
+            // The model has no TLB: the table is the translation.
+            f.flush(&mut mmu_generic::backend::NoTlb);
             let want = m.hcall(opcode, &args);
             if got != want {
                 return Err(SequenceError::Mismatch {

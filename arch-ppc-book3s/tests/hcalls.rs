@@ -15,7 +15,7 @@ use arch_ppc_book3s::model::{HptModel, ModelSlot};
 use arch_ppc_book3s::pagesize::PageSizes;
 use arch_ppc_book3s::papr::*;
 use mmu_generic::addr::{Gfn, GfnRange, Hva};
-use mmu_generic::backend::{FlushToken, MmuBackend};
+use mmu_generic::backend::{FlushToken, MmuBackend, NoTlb};
 use mmu_generic::memslot::{Memslot, MemslotsBuilder, SlotFlags, SlotId};
 use mmu_generic::pte_list::PteHandle;
 use rand::rngs::SmallRng;
@@ -47,8 +47,8 @@ fn default_guest() -> GuestHpt {
 fn call(g: &mut GuestHpt, op: u64, args: &[u64]) -> HcallReturn {
     let mut f = FlushToken::new();
     let r = g.hcall(op, args, &mut f);
-    // Host tests have no TLB; a real embedder performs the flush here.
-    let _ = f.is_needed();
+    // Host tests have no TLB; a real embedder flushes its own here.
+    f.flush(&mut NoTlb);
     r
 }
 
@@ -227,7 +227,9 @@ fn backend_harvests_rc_and_folded_bits_exactly_once() {
         }
         dirty.sort_unstable();
         young.sort_unstable();
-        (dirty, young, f.is_needed())
+        let needed = f.is_needed();
+        f.flush(&mut NoTlb);
+        (dirty, young, needed)
     };
     let (d, y, flush) = harvest(&g);
     assert_eq!(d, [1, 3], "C from the live entry and from the removed one");
@@ -280,6 +282,7 @@ fn zap_makes_entries_absent_but_guest_visible_and_fault_in_restores() {
     let mut f = FlushToken::new();
     let leaf = g.zap(PteHandle(24), &mut f).expect("was a leaf");
     assert!(leaf.dirty && leaf.young && f.is_needed());
+    f.flush(&mut NoTlb);
     assert!(!g.table().load(24).expect("ok").valid(), "hardware entry invalid");
     assert_eq!(g.guest_view(24), before, "guest sees no change");
     assert!(g.leaf(PteHandle(24)).is_none());
@@ -303,6 +306,7 @@ fn zap_makes_entries_absent_but_guest_visible_and_fault_in_restores() {
     assert!(!g.leaf(PteHandle(e.ret[0] as u32)).expect("leaf").writable);
     assert!(!g.unprotect(e.ret[0], &mut f));
     g.check_invariants().expect("invariants");
+    f.flush(&mut NoTlb);
 }
 
 /// One random step of the model-based test.
@@ -437,6 +441,7 @@ fn model_run(format: HpteFormat, sizes: PageSizes, wimg: WimgPolicy, seed: u64, 
                         }
                     }
                 }
+                f.flush(&mut NoTlb);
             }
             _ => {
                 let (op, args) = random_call(&mut rng, &sizes, &live);

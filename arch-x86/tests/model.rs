@@ -16,6 +16,7 @@ use arch_x86::testing::{FlushRecorder, LinearHost};
 use arch_x86::walk::{translate, WalkError};
 use mmu_generic::addr::{Gfn, GfnRange, Gpa, Hva, Pfn};
 use mmu_generic::backend::{FlushToken, MmuBackend};
+use mmu_generic::dirty_log::{FaultCtx, LogMode, SlotDirtyLog, Tracking};
 use mmu_generic::invalidate::InvalidationSeq;
 use mmu_generic::memslot::{Memslot, Memslots, MemslotsBuilder, SlotFlags, SlotId};
 use mmu_generic::pte_list::PteHandle;
@@ -91,6 +92,9 @@ struct Run<F: TdpFormat> {
     rng: SmallRng,
     inv: InvalidationSeq,
     probes: Vec<u64>,
+    /// The write-protect log of slot 1 while it is flagged for logging (the
+    /// engine logs before it grants, so a flagged slot needs one).
+    logs: BTreeMap<SlotId, SlotDirtyLog>,
 }
 
 fn slot_set(five: bool, log_b: bool) -> Memslots {
@@ -123,6 +127,7 @@ impl<F: TdpFormat> Run<F> {
             rng,
             inv: InvalidationSeq::new(),
             probes: Vec::new(),
+            logs: BTreeMap::new(),
         }
     }
 
@@ -175,7 +180,8 @@ impl<F: TdpFormat> Run<F> {
         let access = [Access::READ, Access::WRITE, Access::EXEC][self.rng.gen_range(0..3)];
         let gpa = Gpa((gfn << 12) | self.rng.gen_range(0..4096));
         let mut flush = FlushToken::new();
-        let r = self.mmu.handle_fault(gpa, access, &mut self.host, &self.inv, &mut flush);
+        let ctx = FaultCtx::new(&self.logs, None);
+        let r = self.mmu.handle_fault_logged(gpa, access, &mut self.host, &self.inv, &ctx, &mut flush);
         flush.flush(&mut FlushRecorder::default());
         self.probe(gfn);
         let slot = self.slots.lookup(Gfn(gfn)).copied();
@@ -352,6 +358,22 @@ impl<F: TdpFormat> Run<F> {
         let new = slot_set(five, !logging);
         self.mmu
             .set_memslots(&new, &mut FlushRecorder::default(), |_| panic!("a dirty-log toggle zaps nothing"));
+        self.logs.clear();
+        if !logging {
+            // A log object for the fault path, started on a blank engine so
+            // the model's mappings stay as they are.
+            let width = PhysAddrWidth::new(46).unwrap();
+            let mut blank =
+                TdpMmu::new(Npt::new(WalkLength::Five, width), SimMemory::new(Pfn(0x10_0000), 4)).unwrap();
+            blank.set_memslots(&new, &mut FlushRecorder::default(), |_| {});
+            let slot = *new.get(SlotId(1)).unwrap();
+            let mut flush = FlushToken::new();
+            let log =
+                SlotDirtyLog::start(&slot, Tracking::WriteProtect, LogMode::Bitmap, &mut blank, &mut flush)
+                    .expect("write-protect logging of an empty engine");
+            flush.flush(&mut FlushRecorder::default());
+            self.logs.insert(SlotId(1), log);
+        }
         self.slots = new;
     }
 
@@ -426,8 +448,15 @@ impl<F: TdpFormat> Run<F> {
             self.model.map.iter().filter(|(_, e)| e.tracked).map(|(&k, _)| k).take(2).collect();
         for gfn in tracked {
             let mut flush = FlushToken::new();
-            let o =
-                self.mmu.handle_fault(Gpa(gfn << 12), Access::READ, &mut self.host, &self.inv, &mut flush);
+            let ctx = FaultCtx::new(&self.logs, None);
+            let o = self.mmu.handle_fault_logged(
+                Gpa(gfn << 12),
+                Access::READ,
+                &mut self.host,
+                &self.inv,
+                &ctx,
+                &mut flush,
+            );
             flush.flush(&mut FlushRecorder::default());
             match o {
                 Ok(FaultOutcome::Mapped(m)) => {

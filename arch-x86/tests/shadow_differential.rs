@@ -36,7 +36,7 @@ use arch_x86::shadow::{
 use arch_x86::testing::{FlushRecorder, LinearHost};
 use arch_x86::walk::translate;
 use mmu_generic::addr::{Gfn, Gpa, Gva, Hva, HvaRange, Pfn};
-use mmu_generic::backend::FlushToken;
+use mmu_generic::backend::{FlushToken, NoTlb};
 use mmu_generic::dirty_log::{LogMode, Tracking};
 use mmu_generic::dirty_ring::RingPush;
 use mmu_generic::memslot::{Memslot, Memslots, MemslotsBuilder, SlotFlags, SlotId};
@@ -346,7 +346,7 @@ fn run_access(mmu: &mut Mmu, cpu: &GuestCpu, gva: Gva, access: AccessKind) -> Ou
             Ok(t) => return Outcome::Host(t.gpa.0),
             Err(_) => {
                 let r = mmu.page_fault(cpu, gva, access, &mut NoDirtyLog);
-                let _ = mmu.take_flush();
+                mmu.take_flush().flush(&mut NoTlb);
                 match r.unwrap_or_else(|e| panic!("typed error {e} for guest behaviour")) {
                     ShadowFault::Fixed | ShadowFault::Retry => {}
                     ShadowFault::InjectPf(c) => return Outcome::Pf(c),
@@ -472,7 +472,7 @@ impl Differential {
             }
         }
         self.mmu.load_cr3(&self.cpu).expect("CR3 load");
-        let _ = self.mmu.take_flush();
+        self.mmu.take_flush().flush(&mut NoTlb);
     }
 
     fn access(&mut self) {
@@ -579,7 +579,7 @@ impl Differential {
                 self.mmu.invlpg(&self.cpu, gva);
             }
         }
-        let _ = self.mmu.take_flush();
+        self.mmu.take_flush().flush(&mut NoTlb);
     }
 
     fn controls(&mut self) {
@@ -607,7 +607,7 @@ impl Differential {
             80..=84 => {
                 let gva = Gva(self.gvas[self.rng.gen_range(0..self.gvas.len())]);
                 self.mmu.invlpg(&self.cpu, gva);
-                let _ = self.mmu.take_flush();
+                self.mmu.take_flush().flush(&mut NoTlb);
             }
             85..=89 => {
                 let k = self.rng.gen_range(0..self.cr3s.len());
@@ -618,14 +618,14 @@ impl Differential {
                 self.mmu.invalidate_all();
                 let r = self.mmu.reclaim_obsolete(7, || true);
                 assert!(!r.interrupted);
-                let _ = self.mmu.take_flush();
+                self.mmu.take_flush().flush(&mut NoTlb);
             }
             _ => {
                 let first = self.rng.gen_range(0..RAM_PAGES);
                 let start = Hva(0x4000_0000 + first * 4096);
                 let range = HvaRange { start, end: Hva(start.0 + self.rng.gen_range(1..64u64) * 4096) };
                 self.mmu.zap_hva_range(range, |_, _| {});
-                let _ = self.mmu.take_flush();
+                self.mmu.take_flush().flush(&mut NoTlb);
             }
         }
         assert!(self.mmu.pages() <= self.max_pages, "{} pages above the limit", self.mmu.pages());
@@ -1002,6 +1002,12 @@ struct HarnessDirty<'a>(&'a mut harness::DirtyLogs);
 impl DirtyTracker for HarnessDirty<'_> {
     fn write_protected(&self, slot: SlotId) -> bool {
         self.0.logs.get(&slot).is_some_and(|l| l.tracking() == Tracking::WriteProtect)
+    }
+
+    fn mark(&mut self, slot: SlotId, gfn: Gfn) -> bool {
+        let logs = &mut *self.0;
+        let Some(log) = logs.logs.get(&slot) else { return true };
+        log.mark(gfn, logs.ring.as_ref()).is_ok()
     }
 
     fn note_writable(&mut self, slot: SlotId, gfn: Gfn, h: PteHandle) -> bool {

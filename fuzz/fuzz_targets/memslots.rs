@@ -1,4 +1,6 @@
-//! Memslot sets against a BTreeMap model: build verdicts, gfn and host-range lookups.
+//! Memslot sets against a BTreeMap model: build verdicts, gfn lookups over the whole 64-bit space (with
+//! and without the vCPU hint), host-range lookups up to the top of the address space, and generations
+//! that only go up across rebuilds.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

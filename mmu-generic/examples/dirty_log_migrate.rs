@@ -35,11 +35,11 @@ impl Guest {
     }
 
     /// One store: through the CPU, faulting into the hypervisor as needed.
-    fn store(&mut self, mmu: &mut FlatMmu, mut log: Option<&mut SlotDirtyLog>, ram: &mut [u8], stamp: u8) {
+    fn store(&mut self, mmu: &mut FlatMmu, log: Option<&SlotDirtyLog>, ram: &mut [u8], stamp: u8) {
         let page = self.next_page();
         let gfn = Gfn(page);
         while mmu.cpu_access(gfn, true) == Access::Fault {
-            mmu.fault(gfn, true, log.as_deref_mut()).expect("inside the slot");
+            mmu.fault(gfn, true, log).expect("inside the slot");
         }
         let at = page as usize * PAGE + (self.seed as usize >> 7) % PAGE;
         ram[at] = stamp;
@@ -95,7 +95,7 @@ fn migrate(tracking: Tracking) {
     let mut writes = 1500;
     for round in 1..=6 {
         for i in 0..writes {
-            guest.store(&mut mmu, Some(&mut log), &mut src, (round * 31 + i) as u8);
+            guest.store(&mut mmu, Some(&log), &mut src, (round * 31 + i) as u8);
         }
         let flush = log.get_and_clear(&mut mmu, &mut words).expect("bitmap mode");
         // Copy only after the flush: a write after it faults (or sets D
@@ -112,7 +112,7 @@ fn migrate(tracking: Tracking) {
     // The guest writes during the last copy, then stops: the final round
     // takes what is left, and the destination must equal the source.
     for i in 0..writes {
-        guest.store(&mut mmu, Some(&mut log), &mut src, i as u8 ^ 0x5a);
+        guest.store(&mut mmu, Some(&log), &mut src, i as u8 ^ 0x5a);
     }
     let flush = log.get_and_clear(&mut mmu, &mut words).expect("bitmap mode");
     flush.flush(&mut tlb);

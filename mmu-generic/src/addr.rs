@@ -97,6 +97,17 @@ newtype!(
     "Hva"
 );
 
+/// `(1 << shift) - 1`, all ones for a shift of 64 or more: a caller-chosen
+/// shift never overflows.
+#[inline]
+const fn low_mask(shift: u32) -> u64 {
+    if shift >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << shift) - 1
+    }
+}
+
 macro_rules! byte_address {
     ($name:ident) => {
         impl $name {
@@ -106,16 +117,18 @@ macro_rules! byte_address {
                 self.0 & (PAGE_SIZE - 1)
             }
 
-            /// Rounds down to a multiple of `1 << shift`.
+            /// Rounds down to a multiple of `1 << shift` (to 0 for a shift of
+            /// 64 or more).
             #[inline]
             pub const fn align_down(self, shift: u32) -> Self {
-                Self(self.0 & !((1u64 << shift) - 1))
+                Self(self.0 & !low_mask(shift))
             }
 
-            /// Whether the address is a multiple of `1 << shift`.
+            /// Whether the address is a multiple of `1 << shift` (only 0 is,
+            /// for a shift of 64 or more).
             #[inline]
             pub const fn is_aligned(self, shift: u32) -> bool {
-                self.0 & ((1u64 << shift) - 1) == 0
+                self.0 & low_mask(shift) == 0
             }
         }
     };
@@ -255,6 +268,19 @@ mod tests {
         assert_eq!(Gfn(1).gpa(), Some(Gpa(0x1000)));
         assert_eq!(Gfn(1 << 52).gpa(), None);
         assert_eq!(Gfn((1 << 52) - 1).gpa(), Some(Gpa(0xffff_ffff_ffff_f000)));
+    }
+
+    #[test]
+    fn alignment_with_any_shift_never_panics() {
+        for shift in [0, 12, 63, 64, 65, u32::MAX] {
+            let a = Gpa(0x1234_5000);
+            let _ = a.align_down(shift);
+            let _ = a.is_aligned(shift);
+        }
+        assert_eq!(Gpa(u64::MAX).align_down(64), Gpa(0));
+        assert!(Gpa(0).is_aligned(u32::MAX));
+        assert!(!Hva(1 << 63).is_aligned(64));
+        assert_eq!(Hva(0x7fff).align_down(12), Hva(0x7000));
     }
 
     #[test]

@@ -13,12 +13,9 @@
 //! access refaults and the fault restores the leaf, and a present leaf is
 //! therefore one accessed since the last `age`.
 
-use alloc::vec::Vec;
-
 use crate::addr::HvaRange;
-use crate::backend::{FlushToken, MmuBackend};
+use crate::backend::{for_each_leaf_batched, FlushToken, MmuBackend};
 use crate::memslot::Memslots;
-use crate::pte_list::PteHandle;
 
 /// What to do where the format has no accessed bit.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -101,15 +98,16 @@ pub fn age<B: MmuBackend + ?Sized>(
             });
         }
     } else if policy == NoAccessedBit::AccessTracking {
-        let mut leaves: Vec<PteHandle> = Vec::new();
+        // Changes permissions (write lock); the leaves are visited in stack
+        // batches, so nothing is allocated under the lock.
         for (slot, gfns) in slots.lookup_hva(range) {
-            backend.for_each_leaf(slot, gfns, &mut |h| leaves.push(h));
-        }
-        for h in leaves {
-            report.leaves += 1;
-            if backend.mark_access_tracked(h, flush) {
-                report.young_leaves += 1;
-            }
+            for_each_leaf_batched(backend, slot, gfns, |b, h| {
+                report.leaves += 1;
+                if b.mark_access_tracked(h, flush) {
+                    report.young_leaves += 1;
+                }
+                false
+            });
         }
     }
     report.young = report.young_leaves > 0;

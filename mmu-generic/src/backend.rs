@@ -10,11 +10,27 @@
 //! Every method that changes what the TLB may cache takes a [`FlushToken`] and
 //! records what must be flushed in it; the caller ends the batch by passing
 //! the token to [`FlushToken::flush`]. The token is `#[must_use]`, so a batch
-//! whose flush was forgotten is a compiler warning.
+//! whose flush was forgotten is a compiler warning; a token that recorded a
+//! change and is dropped without `flush` panics in debug builds and is
+//! counted in release builds ([`FlushToken::unflushed_drops`]). A caller that
+//! knows the recorded changes need no flush says so with
+//! [`FlushToken::discard`].
+//!
+//! [`for_each_leaf_batched`] visits the leaves of a range in small batches
+//! collected on the stack, so the drivers that must change leaves while
+//! walking the reverse map (write protection, access tracking, zapping,
+//! splitting) never allocate under the MMU lock.
+
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::{Gfn, GfnRange};
 use crate::memslot::Memslot;
 use crate::pte_list::PteHandle;
+
+/// Tokens dropped with a recorded change and no flush (release builds; a
+/// debug build panics instead). Not a lock-free protocol of the core, so a
+/// plain `core` atomic, also under `loom`.
+static UNFLUSHED_DROPS: AtomicU64 = AtomicU64::new(0);
 
 /// What a format can record in hardware.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -58,6 +74,17 @@ pub trait TlbFlush {
     fn flush_range(&mut self, range: GfnRange);
     /// Flushes every cached translation of the guest.
     fn flush_all(&mut self);
+}
+
+/// The TLB of a host test whose simulated CPU caches nothing (its walker
+/// reads the tables on every access): flushing it does nothing. Not for an
+/// embedder whose CPU has a TLB.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoTlb;
+
+impl TlbFlush for NoTlb {
+    fn flush_range(&mut self, _: GfnRange) {}
+    fn flush_all(&mut self) {}
 }
 
 /// A record of the TLB flushes a batch of PTE changes requires.
@@ -105,11 +132,12 @@ impl FlushToken {
         self.range = None;
     }
 
-    /// Adds everything another token recorded.
-    pub fn merge(&mut self, other: FlushToken) {
-        if other.all {
+    /// Adds everything another token recorded (which is consumed).
+    pub fn merge(&mut self, mut other: FlushToken) {
+        let (all, range) = other.take();
+        if all {
             self.add_all();
-        } else if let Some(r) = other.range {
+        } else if let Some(r) = range {
             self.add_range(r);
         }
     }
@@ -125,11 +153,50 @@ impl FlushToken {
     }
 
     /// Performs the recorded flush (nothing if none is needed).
-    pub fn flush(self, tlb: &mut impl TlbFlush) {
-        if self.all {
+    pub fn flush(mut self, tlb: &mut impl TlbFlush) {
+        let (all, range) = self.take();
+        if all {
             tlb.flush_all();
-        } else if let Some(r) = self.range {
+        } else if let Some(r) = range {
             tlb.flush_range(r);
+        }
+    }
+
+    /// Drops the record without flushing. Only for a caller that knows the
+    /// recorded changes need no TLB flush: nothing any CPU may cache changed
+    /// (tables no vCPU can reach yet), or the caller flushed the same
+    /// translations by other means. Anywhere else, call [`flush`](Self::flush).
+    pub fn discard(mut self) {
+        let _ = self.take();
+    }
+
+    /// Number of tokens dropped, in release builds, with a recorded change
+    /// and neither [`flush`](Self::flush) nor [`discard`](Self::discard)
+    /// (each a TLB flush forgotten). Debug builds panic at the drop instead.
+    pub fn unflushed_drops() -> u64 {
+        UNFLUSHED_DROPS.load(Ordering::Relaxed)
+    }
+
+    fn take(&mut self) -> (bool, Option<GfnRange>) {
+        (core::mem::take(&mut self.all), self.range.take())
+    }
+}
+
+impl Drop for FlushToken {
+    fn drop(&mut self) {
+        if self.is_needed() {
+            UNFLUSHED_DROPS.fetch_add(1, Ordering::Relaxed);
+            // A second panic while unwinding would abort the process and
+            // hide the first one.
+            #[cfg(feature = "std")]
+            if std::thread::panicking() {
+                return;
+            }
+            debug_assert!(
+                false,
+                "FlushToken dropped without flush(): the TLB may still hold {:?}",
+                if self.all { None } else { self.range }
+            );
         }
     }
 }
@@ -193,6 +260,18 @@ pub trait MmuBackend {
     /// (with its final accessed and dirty bits), or `None` if `h` names none.
     fn zap(&mut self, h: PteHandle, flush: &mut FlushToken) -> Option<Leaf>;
 
+    /// Write-protects every leaf that maps a frame of `gfns` in `slot`.
+    /// Returns whether any was writable. The default visits the leaves in
+    /// stack batches ([`for_each_leaf_batched`]): nothing is allocated.
+    fn write_protect_gfns(&mut self, slot: &Memslot, gfns: GfnRange, flush: &mut FlushToken) -> bool {
+        let mut any = false;
+        for_each_leaf_batched(self, slot, gfns, |b, h| {
+            any |= b.write_protect(h, flush);
+            false
+        });
+        any
+    }
+
     /// Hands over the dirty bits that left the hardware without passing
     /// through the drivers, for the guest frames in `gfns`: leaves the back
     /// end removed on its own (a paravirtual guest's H_REMOVE, an eviction
@@ -204,6 +283,83 @@ pub trait MmuBackend {
     /// [`MmuBackend::zap`] hand the final bits to its caller instead.
     fn drain_lost_dirty(&mut self, gfns: GfnRange, f: &mut dyn FnMut(GfnRange)) {
         let _ = (gfns, f);
+    }
+}
+
+/// Pages per window of [`for_each_leaf_batched`].
+const BATCH_WINDOW: u64 = 64;
+/// Handles collected on the stack per pass.
+const BATCH: usize = 64;
+
+/// Calls `f(backend, h)` for each leaf that maps a frame of `gfns` in
+/// `slot` (a huge leaf in the window holding its first frame inside `gfns`),
+/// with `&mut` access to the back end, and without allocating: the range is
+/// walked in windows of 64 pages, and each window's leaves are collected on
+/// the stack in batches of 64.
+///
+/// `f` returns whether it removed `h` from the reverse map (a zap). It may
+/// not add entries to the window being walked (a split adds entries for
+/// another level: re-walk until nothing is left to do). `f` must be
+/// idempotent: in the rare window with more than 64 leaves that `f` both
+/// keeps and removes, a kept leaf can be offered again (every visitor of the
+/// core is: a second write-protect, clear or zap of a leaf reports `false`).
+pub fn for_each_leaf_batched<B: MmuBackend + ?Sized>(
+    backend: &mut B,
+    slot: &Memslot,
+    gfns: GfnRange,
+    mut f: impl FnMut(&mut B, PteHandle) -> bool,
+) {
+    let Some(gfns) = gfns.intersect(&slot.gfns()) else { return };
+    let mut start = gfns.start.0;
+    while start < gfns.end.0 {
+        let end = start.saturating_add(BATCH_WINDOW).min(gfns.end.0);
+        visit_window(backend, slot, gfns.start.0, start, end, &mut f);
+        start = end;
+    }
+}
+
+/// One window of [`for_each_leaf_batched`]: pass after pass, skip the first
+/// `skip` leaves `f` kept and visit the next batch. Without removals the
+/// reverse map's order is stable, so each leaf is visited once; a pass that
+/// removed something starts over (removal may reorder the list).
+fn visit_window<B: MmuBackend + ?Sized>(
+    backend: &mut B,
+    slot: &Memslot,
+    range_start: u64,
+    start: u64,
+    end: u64,
+    f: &mut impl FnMut(&mut B, PteHandle) -> bool,
+) {
+    let window = GfnRange { start: Gfn(start), end: Gfn(end) };
+    let mut skip = 0usize;
+    loop {
+        let mut batch = [PteHandle(0); BATCH];
+        let mut n = 0usize;
+        let mut seen = 0usize;
+        let shared: &B = backend;
+        shared.for_each_leaf(slot, window, &mut |h| {
+            // A huge leaf is visited in the window of its first frame
+            // inside the range.
+            let first = shared.leaf(h).map_or(start, |l| l.gfn.0.max(range_start));
+            if first < start || first >= end {
+                return;
+            }
+            if seen >= skip && n < BATCH {
+                batch[n] = h;
+                n += 1;
+            }
+            seen += 1;
+        });
+        let mut removed = 0usize;
+        for &h in &batch[..n] {
+            if f(backend, h) {
+                removed += 1;
+            }
+        }
+        if skip + n >= seen {
+            return;
+        }
+        skip = if removed == 0 { skip + n } else { 0 };
     }
 }
 
@@ -224,6 +380,40 @@ mod tests {
         fn flush_all(&mut self) {
             self.alls += 1;
         }
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "FlushToken dropped without flush()")]
+    fn a_token_dropped_with_a_change_and_no_flush_panics_in_debug_builds() {
+        let mut t = FlushToken::new();
+        t.add_range(GfnRange { start: Gfn(1), end: Gfn(2) });
+        drop(t);
+    }
+
+    #[test]
+    fn flushed_discarded_merged_and_empty_tokens_drop_quietly() {
+        let before = FlushToken::unflushed_drops();
+        drop(FlushToken::new());
+        let mut t = FlushToken::new();
+        t.add_all();
+        t.discard();
+        let mut a = FlushToken::new();
+        let mut b = FlushToken::new();
+        b.add_range(GfnRange { start: Gfn(5), end: Gfn(6) });
+        a.merge(b);
+        a.flush(&mut NoTlb);
+        assert_eq!(FlushToken::unflushed_drops(), before);
+    }
+
+    #[test]
+    #[cfg(not(debug_assertions))]
+    fn a_token_dropped_with_a_change_is_counted_in_release_builds() {
+        let before = FlushToken::unflushed_drops();
+        let mut t = FlushToken::new();
+        t.add_range(GfnRange { start: Gfn(1), end: Gfn(2) });
+        drop(t);
+        assert_eq!(FlushToken::unflushed_drops(), before + 1);
     }
 
     #[test]

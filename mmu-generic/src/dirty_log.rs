@@ -11,13 +11,34 @@
 //! 64-page-aligned range, so a huge slot is re-protected piecewise), and the
 //! per-vCPU [`DirtyRing`].
 //!
-//! **The writable chain.** The slot keeps the handles of the leaves it made
-//! writable. A write-protect round walks only that chain, so it costs what is
-//! writable, not the slot's size; a D-bit round likewise harvests only the
-//! writable leaves (a read-only leaf cannot become dirty). A chained handle
-//! may have gone stale (the leaf was zapped, or the handle reused): each is
-//! checked against the back end, and only writable leaves inside the slot are
-//! acted on.
+//! **The writable chain.** The slot keeps the set of its pages whose
+//! leaves were made writable: since the last round under write protection,
+//! or all of them under dirty-bit tracking. A round walks only that set, so
+//! it costs what is writable, not the slot's size. The chain is a bitmap
+//! with one bit per page, set with an atomic OR: [`SlotDirtyLog::note_writable`]
+//! takes `&self`, so vCPUs faulting at once (under the MMU lock held for
+//! reading) chain pages without serialising, the chain never allocates and
+//! can never be full. A round reaches a chained page's leaves through the
+//! back end's reverse map, so a leaf zapped and refaulted with a new handle
+//! is not missed, and every leaf mapping the page (shadow paging may have
+//! several) is protected or harvested.
+//!
+//! Under dirty-bit tracking a round harvests the dirty bit of **every** live
+//! leaf of a chained page, writable or not, before the page leaves the
+//! chain: a leaf the guest dirtied and that another path then write-protected
+//! (shadow paging protecting a new guest table, H_PROTECT on Book3s, which
+//! keeps C) still carries the write in its D/C bit.
+//!
+//! **Log, then grant.** A leaf becomes writable only after its page is
+//! logged: [`SlotDirtyLog::note_writable`] runs before the back end stores
+//! the writable leaf, and a full ring ([`DirtyLogError::RingFull`]) maps
+//! read-only. [`FaultCtx`] carries what a fault path needs for that rule
+//! (the slots' logs and the vCPU's ring) into an engine.
+//!
+//! **Writes by the hypervisor.** A hypervisor writing guest memory itself
+//! (emulated instructions, guest A/D updates by shadow paging, device
+//! models) logs each page with [`SlotDirtyLog::mark`], which marks without
+//! chaining (no leaf became writable).
 //!
 //! A leaf can also leave without the drivers' help (a paravirtual guest's
 //! own H_REMOVE, an eviction from a full PTEG) while its dirty bit is set;
@@ -39,11 +60,12 @@
 //! splitting its default for the same reason. A back end that cannot split
 //! zaps, and the next fault maps 4 KiB pages because the slot is logged.
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::fmt;
 
 use crate::addr::{Gfn, GfnRange};
-use crate::backend::{BackendError, FlushToken, Leaf, MmuBackend};
+use crate::backend::{for_each_leaf_batched, BackendError, FlushToken, Leaf, MmuBackend};
 use crate::dirty_bitmap::DirtyBitmap;
 use crate::dirty_ring::{DirtyRing, RingFull, RingPush};
 use crate::memslot::{Memslot, SlotId};
@@ -119,25 +141,35 @@ impl From<RingFull> for DirtyLogError {
 }
 
 /// The dirty log of one slot.
+///
+/// Fault-side operations ([`note_writable`](Self::note_writable),
+/// [`mark`](Self::mark), [`note_zapped`](Self::note_zapped)) take `&self`
+/// and may run on several vCPUs at once; a round (`get_and_clear`, `get`,
+/// `clear`, `reset_ring_entry`) changes leaf permissions and takes `&mut
+/// self`, with the MMU lock held for writing.
 #[derive(Debug)]
 pub struct SlotDirtyLog {
-    slot: SlotId,
+    slot: Memslot,
     gfns: GfnRange,
     tracking: Tracking,
     mode: LogMode,
     bitmap: DirtyBitmap,
-    /// Handles of leaves made writable since the last round (write-protect
-    /// tracking) or of all writable leaves (dirty-bit tracking).
-    chain: Vec<PteHandle>,
-    /// Chain length after the last compaction, to bound stale growth.
-    chain_compacted: usize,
+    /// One bit per page whose leaves may be writable: made writable since
+    /// the last round (write protection), or writable at all (dirty bit).
+    /// In ring mode: the page is in a ring and not yet reset (so a refault
+    /// of the page, after a zap, does not push it twice).
+    chain: DirtyBitmap,
 }
 
 impl SlotDirtyLog {
     /// Starts logging `slot`: splits its huge leaves, then write-protects
     /// every leaf (write-protect tracking) or clears every D bit and chains
-    /// the writable leaves (dirty-bit tracking). This one pass costs the
-    /// slot's mapped size; every round after costs what is writable.
+    /// the pages of writable leaves (dirty-bit tracking). This one pass
+    /// costs the slot's mapped size; every round after costs what is
+    /// writable. Splitting needs reverse-map and table reserves: a
+    /// [`BackendError::ReserveEmpty`] comes back as
+    /// [`DirtyLogError::Backend`]; top up and call again (what was split
+    /// stays split).
     pub fn start<B: MmuBackend + ?Sized>(
         slot: &Memslot,
         tracking: Tracking,
@@ -153,43 +185,43 @@ impl SlotDirtyLog {
         }
         let gfns = slot.gfns();
         split_all_huge(slot, backend, flush)?;
-        let mut log = Self {
-            slot: slot.id(),
+        let log = Self {
+            slot: *slot,
             gfns,
             tracking,
             mode,
             bitmap: DirtyBitmap::new(slot.npages()),
-            chain: Vec::new(),
-            chain_compacted: 0,
+            chain: DirtyBitmap::new(slot.npages()),
         };
-        let mut leaves = Vec::new();
-        backend.for_each_leaf(slot, gfns, &mut |h| leaves.push(h));
-        for h in leaves {
-            let Some(leaf) = backend.leaf(h) else { continue };
+        let chain = &log.chain;
+        for_each_leaf_batched(backend, slot, gfns, |b, h| {
+            let Some(leaf) = b.leaf(h) else { return false };
             match tracking {
                 Tracking::WriteProtect => {
-                    backend.write_protect(h, flush);
+                    b.write_protect(h, flush);
                 }
                 Tracking::HardwareDirty => {
-                    backend.clear_dirty(h, flush);
+                    b.clear_dirty(h, flush);
                     if leaf.writable {
-                        log.chain.push(h);
+                        if let Some(r) = leaf.gfns().intersect(&gfns) {
+                            chain.set_range(r.start.0 - gfns.start.0, r.len());
+                        }
                     }
                 }
             }
-        }
+            false
+        });
         if tracking == Tracking::HardwareDirty {
             // Dirty bits lost before logging started predate it, as do the
             // D bits just cleared.
             backend.drain_lost_dirty(gfns, &mut |_| {});
         }
-        log.chain_compacted = log.chain.len();
         Ok(log)
     }
 
     /// The slot logged.
     pub fn slot(&self) -> SlotId {
-        self.slot
+        self.slot.id()
     }
 
     /// How writes are learned of.
@@ -207,40 +239,78 @@ impl SlotDirtyLog {
         &self.bitmap
     }
 
-    /// Handles now on the writable chain (stale ones included).
+    /// Pages now on the writable chain.
     pub fn chain_len(&self) -> usize {
-        self.chain.len()
+        self.chain.count() as usize
     }
 
-    /// Fault path: leaf `h`, mapping `gfn` of this slot, was just made
+    fn offset_of(&self, gfn: Gfn) -> Result<u64, DirtyLogError> {
+        gfn.offset_from(self.gfns.start)
+            .filter(|&i| i < self.gfns.len())
+            .ok_or(DirtyLogError::OutOfSlot(gfn.0.wrapping_sub(self.gfns.start.0)))
+    }
+
+    /// Logs the page (bitmap, or the vCPU's `ring` in ring mode). A page
+    /// already in a ring and not yet reset is not pushed again: it will be
+    /// re-protected at its reset, and copied after it. (Two vCPUs faulting
+    /// on the page at once may both push it: the bit is set only after a
+    /// push succeeded, so a refused push never hides another's.)
+    fn log_page(&self, idx: u64, ring: Option<&DirtyRing>) -> Result<RingPush, DirtyLogError> {
+        match (self.mode, ring) {
+            (LogMode::Ring, Some(ring)) => {
+                if self.chain.test(idx) {
+                    return Ok(if ring.is_soft_full() { RingPush::SoftFull } else { RingPush::Ok });
+                }
+                let push = ring.push(self.slot.id(), idx)?;
+                self.chain.set(idx);
+                Ok(push)
+            }
+            (LogMode::Ring, None) => Err(DirtyLogError::WrongMode(self.mode)),
+            _ => {
+                self.bitmap.set(idx);
+                Ok(RingPush::Ok)
+            }
+        }
+    }
+
+    /// Fault path, **before** leaf `h`, mapping `gfn` of this slot, is made
     /// writable (a write fault under write protection, or any writable leaf
-    /// installed under dirty-bit tracking). Under write protection the page
-    /// is marked now: in the bitmap, or pushed to the vCPU's `ring`. A full
-    /// ring refuses the write: the caller must not make the leaf writable and
-    /// must exit to the harvester.
+    /// under dirty-bit tracking). Under write protection the page is logged
+    /// now: in the bitmap, or pushed to the vCPU's `ring`. The page joins the
+    /// writable chain. A full ring refuses the write
+    /// ([`DirtyLogError::RingFull`]): the caller must map the leaf read-only
+    /// and exit to the harvester. Takes `&self`: vCPUs fault concurrently.
+    ///
+    /// `h` names the leaf for the caller's benefit only: the chain records
+    /// the page, and a round reaches all of the page's leaves through the
+    /// reverse map.
     pub fn note_writable(
-        &mut self,
+        &self,
         gfn: Gfn,
         h: PteHandle,
         ring: Option<&DirtyRing>,
     ) -> Result<RingPush, DirtyLogError> {
-        let idx = gfn.offset_from(self.gfns.start).filter(|&i| i < self.gfns.len());
-        let idx = idx.ok_or(DirtyLogError::OutOfSlot(gfn.0.wrapping_sub(self.gfns.start.0)))?;
+        let _ = h;
+        let idx = self.offset_of(gfn)?;
         let mut status = RingPush::Ok;
         if self.tracking == Tracking::WriteProtect {
-            match (self.mode, ring) {
-                (LogMode::Ring, Some(ring)) => status = ring.push(self.slot, idx)?,
-                (LogMode::Ring, None) => return Err(DirtyLogError::WrongMode(self.mode)),
-                _ => {
-                    self.bitmap.set(idx);
-                }
-            }
+            status = self.log_page(idx, ring)?;
         }
         if self.mode != LogMode::Ring {
-            self.chain.push(h);
-            self.maybe_compact_chain();
+            // Ring mode re-protects page by page at reset: no chain.
+            self.chain.set(idx);
         }
         Ok(status)
+    }
+
+    /// The hypervisor wrote page `gfn` itself (an emulated write, a guest
+    /// A/D update by shadow paging, a device model): logs it without
+    /// chaining, since no leaf became writable. In ring mode the entry goes
+    /// to the writing vCPU's `ring`; a full ring returns
+    /// [`DirtyLogError::RingFull`] and the write must wait for the harvester.
+    pub fn mark(&self, gfn: Gfn, ring: Option<&DirtyRing>) -> Result<RingPush, DirtyLogError> {
+        let idx = self.offset_of(gfn)?;
+        self.log_page(idx, ring)
     }
 
     /// A leaf of this slot was zapped (invalidation, eviction): under
@@ -250,12 +320,8 @@ impl SlotDirtyLog {
     /// [`MmuBackend::zap`] returned.
     pub fn note_zapped(&self, leaf: &Leaf) {
         if self.tracking == Tracking::HardwareDirty && leaf.dirty {
-            self.mark_leaf(leaf);
+            self.mark_range(leaf.gfns());
         }
-    }
-
-    fn mark_leaf(&self, leaf: &Leaf) {
-        self.mark_range(leaf.gfns());
     }
 
     #[inline]
@@ -270,65 +336,88 @@ impl SlotDirtyLog {
         }
     }
 
-    /// Visits the chain: under write protection protects each writable leaf
-    /// and marks its pages, emptying the chain; under dirty-bit tracking
-    /// harvests each writable leaf's D bit into the bitmap, keeping the chain.
+    /// Visits the chain: under write protection protects each chained
+    /// page's leaves and empties the chain (the fault logged those pages);
+    /// under dirty-bit tracking harvests the D bit of every live leaf of each
+    /// chained page into the bitmap, and keeps a page chained while one of
+    /// its leaves is still writable.
     fn walk_chain<B: MmuBackend + ?Sized>(&mut self, backend: &mut B, flush: &mut FlushToken) {
-        let mut chain = core::mem::take(&mut self.chain);
-        match self.tracking {
-            Tracking::WriteProtect => {
-                for &h in &chain {
-                    if let Some(leaf) = self.live_leaf(backend, h) {
-                        if backend.write_protect(h, flush) {
-                            self.mark_leaf(&leaf);
+        for w in 0..self.chain.words() {
+            let mut bits = match self.tracking {
+                Tracking::WriteProtect => self.chain.take_word(w),
+                Tracking::HardwareDirty => self.chain.word(w),
+            };
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                let offset = w as u64 * 64 + bit;
+                match self.tracking {
+                    Tracking::WriteProtect => {
+                        let one = self.page(offset);
+                        backend.write_protect_gfns(&self.slot, one, flush);
+                    }
+                    Tracking::HardwareDirty => {
+                        if !self.harvest_page(backend, offset, flush) {
+                            self.chain.clear_mask(w, 1 << bit);
                         }
                     }
                 }
-                chain.clear();
-                self.chain_compacted = 0;
-                // Under write protection the fault marked those pages: what
-                // the back end lost is already logged.
-                backend.drain_lost_dirty(self.gfns, &mut |_| {});
             }
+        }
+        match self.tracking {
+            // Under write protection the fault marked those pages: what the
+            // back end lost is already logged.
+            Tracking::WriteProtect => backend.drain_lost_dirty(self.gfns, &mut |_| {}),
+            // Leaves the back end dropped on its own took their D bit with
+            // them: the chain cannot see them any more.
             Tracking::HardwareDirty => {
-                chain.retain(|&h| match self.live_leaf(backend, h) {
-                    Some(leaf) => {
-                        if backend.clear_dirty(h, flush) {
-                            self.mark_leaf(&leaf);
-                        }
-                        true
+                let bitmap = &self.bitmap;
+                let gfns = self.gfns;
+                backend.drain_lost_dirty(gfns, &mut |r| {
+                    if let Some(r) = r.intersect(&gfns) {
+                        bitmap.set_range(r.start.0 - gfns.start.0, r.len());
                     }
-                    None => false,
                 });
-                // Leaves the back end dropped on its own took their D bit
-                // with them: the chain cannot see them any more.
-                backend.drain_lost_dirty(self.gfns, &mut |r| self.mark_range(r));
             }
         }
-        self.chain = chain;
-        self.maybe_compact_chain();
     }
 
-    /// The leaf `h` names, if it is a writable leaf inside this slot.
-    fn live_leaf<B: MmuBackend + ?Sized>(&self, backend: &B, h: PteHandle) -> Option<Leaf> {
-        backend.leaf(h).filter(|l| l.writable && self.gfns.overlaps(&l.gfns()))
+    /// The single page `offset` of the slot.
+    fn page(&self, offset: u64) -> GfnRange {
+        let gfn = Gfn(self.gfns.start.0 + offset);
+        GfnRange { start: gfn, end: Gfn(gfn.0 + 1) }
     }
 
-    /// Stale and duplicate handles accumulate between rounds (a leaf zapped
-    /// and refaulted is chained again). Once the chain doubles, dedupe it:
-    /// amortized O(log n) per entry, and the chain stays within twice the
-    /// writable set.
-    fn maybe_compact_chain(&mut self) {
-        if self.chain.len() > 2 * self.chain_compacted + 64 {
-            self.chain.sort_unstable();
-            self.chain.dedup();
-            self.chain_compacted = self.chain.len();
-        }
+    /// Harvests the D bit of every live leaf of page `offset` (writable or
+    /// not: a leaf write-protected by another path keeps its D/C bit).
+    /// Returns whether a leaf of the page is still writable.
+    fn harvest_page<B: MmuBackend + ?Sized>(
+        &self,
+        backend: &mut B,
+        offset: u64,
+        flush: &mut FlushToken,
+    ) -> bool {
+        let mut writable = false;
+        let one = self.page(offset);
+        let gfns = self.gfns;
+        for_each_leaf_batched(backend, &self.slot, one, |b, h| {
+            let Some(leaf) = b.leaf(h) else { return false };
+            if !gfns.overlaps(&leaf.gfns()) {
+                return false;
+            }
+            if b.clear_dirty(h, flush) {
+                self.mark_range(leaf.gfns());
+            }
+            writable |= leaf.writable || b.leaf(h).is_some_and(|l| l.writable);
+            false
+        });
+        writable
     }
 
     /// Classic mode: returns the dirty bitmap in `out` (one `u64` per 64
     /// pages) and leaves the slot re-protected. Flush the token before
-    /// copying the pages reported.
+    /// copying the pages reported. Give `out` its capacity before taking the
+    /// MMU lock (one word per 64 pages) so the copy does not allocate.
     pub fn get_and_clear<B: MmuBackend + ?Sized>(
         &mut self,
         backend: &mut B,
@@ -371,6 +460,12 @@ impl SlotDirtyLog {
     /// re-protects those pages. Only pages whose bit was set are touched, so
     /// a huge slot is re-protected piecewise, in proportion to what was
     /// dirty. Flush the token before copying the pages.
+    ///
+    /// A guest write between `get` and `clear` to a page of `mask` is not
+    /// lost: under write protection it faulted and set the bit again before
+    /// this clear, and the page is copied after this clear's flush, so the
+    /// copy holds the write; under dirty-bit tracking the write set D, which
+    /// the next `get` harvests.
     pub fn clear<B: MmuBackend + ?Sized>(
         &mut self,
         backend: &mut B,
@@ -387,41 +482,26 @@ impl SlotDirtyLog {
         if first_page >= self.bitmap.npages() {
             return Err(DirtyLogError::OutOfSlot(first_page));
         }
-        let was = self.bitmap.clear_mask((first_page / 64) as usize, mask);
+        let w = (first_page / 64) as usize;
         let mut flush = FlushToken::new();
         if self.tracking == Tracking::WriteProtect {
+            // Clear, then protect: a guest write through a still-writable
+            // leaf in between sets no bit, but lands before the flush that
+            // precedes the copy; one after the protection faults and sets
+            // the bit again for the next round.
+            let was = self.bitmap.clear_mask(w, mask);
+            self.chain.clear_mask(w, was);
             let mut bits = was;
             while bits != 0 {
                 let bit = bits.trailing_zeros() as u64;
                 bits &= bits - 1;
-                self.protect_page(backend, slot, first_page + bit, &mut flush);
+                let one = self.page(first_page + bit);
+                backend.write_protect_gfns(slot, one, &mut flush);
             }
+        } else {
+            self.bitmap.clear_mask(w, mask);
         }
         Ok(flush)
-    }
-
-    fn protect_page<B: MmuBackend + ?Sized>(
-        &self,
-        backend: &mut B,
-        slot: &Memslot,
-        offset: u64,
-        flush: &mut FlushToken,
-    ) {
-        let gfn = Gfn(self.gfns.start.0 + offset);
-        let mut leaves: [Option<PteHandle>; 8] = [None; 8];
-        let mut more = Vec::new();
-        let mut n = 0;
-        backend.for_each_leaf(slot, GfnRange { start: gfn, end: Gfn(gfn.0 + 1) }, &mut |h| {
-            if n < leaves.len() {
-                leaves[n] = Some(h);
-                n += 1;
-            } else {
-                more.push(h);
-            }
-        });
-        for h in leaves.iter().flatten().chain(more.iter()) {
-            backend.write_protect(*h, flush);
-        }
     }
 
     /// Ring mode, MMU side of a reset: re-protects page `offset`, which a
@@ -440,26 +520,157 @@ impl SlotDirtyLog {
         if offset >= self.gfns.len() {
             return Err(DirtyLogError::OutOfSlot(offset));
         }
-        self.protect_page(backend, slot, offset, flush);
+        // Out of the ring, then protected: the next write faults and pushes.
+        self.chain.clear_mask((offset / 64) as usize, 1 << (offset % 64));
+        backend.write_protect_gfns(slot, self.page(offset), flush);
         Ok(())
     }
 }
 
-/// Splits every huge leaf of `slot` down to 4 KiB.
-fn split_all_huge<B: MmuBackend + ?Sized>(
+/// The dirty logs a fault path consults, by slot.
+pub trait SlotLogs {
+    /// The log of `slot`, if it is logged.
+    fn log(&self, slot: SlotId) -> Option<&SlotDirtyLog>;
+}
+
+impl SlotLogs for BTreeMap<SlotId, SlotDirtyLog> {
+    fn log(&self, slot: SlotId) -> Option<&SlotDirtyLog> {
+        self.get(&slot)
+    }
+}
+
+/// Logs indexed by slot number.
+impl SlotLogs for Vec<Option<SlotDirtyLog>> {
+    fn log(&self, slot: SlotId) -> Option<&SlotDirtyLog> {
+        self.get(slot.0 as usize).and_then(Option::as_ref)
+    }
+}
+
+/// No slot is logged.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoLogs;
+
+impl SlotLogs for NoLogs {
+    fn log(&self, _: SlotId) -> Option<&SlotDirtyLog> {
+        None
+    }
+}
+
+/// What a fault path needs to follow "log, then grant": the slots' dirty
+/// logs (and so each logged slot's tracking) and the faulting vCPU's ring.
+/// An engine (x86 TDP today; shadow paging and Book3s can take the same)
+/// calls [`FaultCtx::before_grant`] before it stores a writable leaf.
+#[derive(Clone, Copy)]
+pub struct FaultCtx<'a> {
+    logs: &'a dyn SlotLogs,
+    ring: Option<&'a DirtyRing>,
+}
+
+impl fmt::Debug for FaultCtx<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultCtx").field("ring", &self.ring.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// Whether a fault may store its leaf writable.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum WriteGrant {
+    /// Logged (or not logged at all): map writable. `SoftFull` asks the vCPU
+    /// to exit to the harvester soon.
+    Writable(RingPush),
+    /// The vCPU's ring is full: the write was not logged, so map read-only
+    /// and exit to the harvester; the guest's write refaults after the reset.
+    RingFull,
+}
+
+static NO_LOGS: NoLogs = NoLogs;
+
+impl<'a> FaultCtx<'a> {
+    /// A context over `logs`, for a vCPU with `ring` (ring mode only).
+    pub fn new(logs: &'a dyn SlotLogs, ring: Option<&'a DirtyRing>) -> Self {
+        Self { logs, ring }
+    }
+
+    /// A context where nothing is logged.
+    pub fn unlogged() -> FaultCtx<'static> {
+        FaultCtx { logs: &NO_LOGS, ring: None }
+    }
+
+    /// The log of `slot`.
+    pub fn log(&self, slot: SlotId) -> Option<&'a SlotDirtyLog> {
+        self.logs.log(slot)
+    }
+
+    /// The vCPU's ring.
+    pub fn ring(&self) -> Option<&'a DirtyRing> {
+        self.ring
+    }
+
+    /// How `slot`'s writes are learned of, if it is logged.
+    pub fn tracking(&self, slot: SlotId) -> Option<Tracking> {
+        self.log(slot).map(SlotDirtyLog::tracking)
+    }
+
+    /// Whether a fault (a write fault if `write`) in `slot` may map the leaf
+    /// writable at all: not a read fault under write-protect logging (the
+    /// first write must fault); any fault otherwise, dirty-bit tracking
+    /// included (the leaf is mapped with D clear and the CPU sets it).
+    pub fn may_map_writable(&self, slot: SlotId, write: bool) -> bool {
+        write || self.tracking(slot) != Some(Tracking::WriteProtect)
+    }
+
+    /// Log, then grant: call **before** storing leaf `h` (mapping `gfn` of
+    /// `slot`) writable. An unlogged slot is always granted.
+    pub fn before_grant(&self, slot: SlotId, gfn: Gfn, h: PteHandle) -> Result<WriteGrant, DirtyLogError> {
+        let Some(log) = self.log(slot) else { return Ok(WriteGrant::Writable(RingPush::Ok)) };
+        match log.note_writable(gfn, h, self.ring) {
+            Ok(push) => Ok(WriteGrant::Writable(push)),
+            Err(DirtyLogError::RingFull) => Ok(WriteGrant::RingFull),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The hypervisor writes `gfn` of `slot` itself: [`SlotDirtyLog::mark`]
+    /// if the slot is logged.
+    pub fn mark(&self, slot: SlotId, gfn: Gfn) -> Result<RingPush, DirtyLogError> {
+        match self.log(slot) {
+            Some(log) => log.mark(gfn, self.ring),
+            None => Ok(RingPush::Ok),
+        }
+    }
+}
+
+/// Splits every huge leaf of `slot` down to 4 KiB, visiting the leaves in
+/// stack batches (no allocation). A split that finds its reserve empty
+/// returns [`BackendError::ReserveEmpty`]: top up and call again.
+pub fn split_all_huge<B: MmuBackend + ?Sized>(
     slot: &Memslot,
     backend: &mut B,
     flush: &mut FlushToken,
 ) -> Result<(), BackendError> {
     loop {
-        let mut huge = Vec::new();
-        backend.for_each_leaf(slot, slot.gfns(), &mut |h| huge.push(h));
-        huge.retain(|&h| backend.leaf(h).is_some_and(|l| l.npages > 1));
-        if huge.is_empty() {
-            return Ok(());
+        let mut split = 0usize;
+        let mut err = None;
+        for_each_leaf_batched(backend, slot, slot.gfns(), |b, h| {
+            if err.is_some() || b.leaf(h).is_none_or(|l| l.npages <= 1) {
+                return false;
+            }
+            match b.split_huge(h, flush) {
+                Ok(()) => {
+                    split += 1;
+                    true
+                }
+                Err(e) => {
+                    err = Some(e);
+                    false
+                }
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
         }
-        for h in huge {
-            backend.split_huge(h, flush)?;
+        if split == 0 {
+            return Ok(());
         }
     }
 }

@@ -32,30 +32,54 @@
 //! ## Locking model
 //!
 //! The core takes no lock itself; it states which operations need the
-//! embedder's **MMU lock** (a reader-writer lock, as KVM's `mmu_lock`):
+//! embedder's **MMU lock** (a reader-writer lock, as KVM's `mmu_lock`), and
+//! the types say it: `&mut` where the lock must be held for writing, `&self`
+//! where it may be shared.
 //!
-//! - **Held for writing**: anything that changes the structure or the
-//!   permissions of the tables, the reverse map or a slot's writable chain.
-//!   In the API these take `&mut`: [`rmap::Rmap::add`]/`remove`,
-//!   [`pte_list::PteListPool::add`]/`remove`/`drain`,
+//! - **Held for writing** (`&mut`): anything that changes the structure or
+//!   the permissions of the tables or the reverse map:
+//!   [`rmap::Rmap::add`]/`remove`, [`pte_list::PteListPool::add`]/`remove`/`drain`,
 //!   [`backend::MmuBackend::write_protect`], `zap`, `split_huge`,
-//!   `mark_access_tracked`, [`dirty_log::SlotDirtyLog::note_writable`],
-//!   `get_and_clear`, `get`, `clear`, `reset_ring_entry`, and
-//!   [`invalidate::InvalidationSeq::start`]/`end`. Reverse-map descriptors
-//!   are reserved *before* taking it ([`pte_list::PteListPool::reserve`]):
-//!   nothing allocates under it, and an empty reserve is an error, not an
-//!   allocation.
-//! - **Held for reading** is enough for ageing with an accessed bit
-//!   ([`age::test_age`], and the clearing in [`age::age`] when the format has
-//!   an accessed bit): it only reads the tables and clears A/R with the back
-//!   end's atomic test-and-clear ([`backend::MmuBackend::clear_young`] takes
-//!   `&self`), while the CPU sets the same bits concurrently. Access tracking
-//!   (no accessed bit) changes permissions and needs the write lock.
+//!   `mark_access_tracked`, a dirty-log round
+//!   ([`dirty_log::SlotDirtyLog::get_and_clear`], `get`, `clear`,
+//!   `reset_ring_entry`), [`zap::zap_hva_range`], access-tracking
+//!   [`age::age`], and one [`generation::ObsoleteReclaimer::step`] (the
+//!   caller drops the lock between steps; pages added meanwhile are kept).
+//! - **Held for reading** is enough for the fault side of dirty logging:
+//!   [`dirty_log::SlotDirtyLog::note_writable`], `mark` and `note_zapped`
+//!   take `&self` and set bits with atomic ORs, so vCPUs faulting at once do
+//!   not serialise (the writable chain is a bitmap, never full, never
+//!   allocating). A fault follows "log, then grant": it calls the log, through
+//!   [`dirty_log::FaultCtx`], before it stores a writable leaf, and maps
+//!   read-only when the vCPU's ring is full. Ageing with an accessed bit
+//!   ([`age::test_age`], and [`age::age`] when the format has one) only reads
+//!   the tables and clears A/R with the back end's atomic test-and-clear
+//!   ([`backend::MmuBackend::clear_young`] takes `&self`).
 //! - **No lock**: the vCPU's push to its [`dirty_ring::DirtyRing`] and the
 //!   harvester's collection (each entry changes hands through its flag word
 //!   with release/acquire), marking a [`dirty_bitmap::DirtyBitmap`] (atomic
 //!   `fetch_or`; the harvester takes words with `swap`), and a fault's
 //!   [`invalidate::InvalidationSeq::snapshot`] before resolving its pfn.
+//!
+//! **No allocation under the lock.** Reverse-map descriptors are reserved
+//! *before* taking it ([`pte_list::PteListPool::reserve`]); an empty reserve
+//! is an error (`ReserveEmpty`) the caller answers by topping up and
+//! retrying, never an allocation. The drivers that change leaves while
+//! walking the reverse map (write protection, access tracking, zapping,
+//! splitting) visit them in stack batches
+//! ([`backend::for_each_leaf_batched`]); the dirty log's chain is a bitmap
+//! sized when logging starts. (A harvest copies the bitmap into the caller's
+//! `Vec`: give it its capacity before taking the lock.)
+//!
+//! **Flushes.** Every change a CPU may have cached is recorded in a
+//! [`backend::FlushToken`]; a token dropped with a recorded change and no
+//! `flush` panics in debug builds and is counted in release builds
+//! ([`backend::FlushToken::unflushed_drops`]). Copy a page reported dirty only
+//! after its round's flush.
+//!
+//! **Generations.** Memslot generations only go up across every set built
+//! from the same counter ([`memslot::MemslotGenerations`]), so nothing keyed
+//! on a generation sees a stale set.
 //!
 //! **PTE updates.** The CPU sets accessed and dirty bits in leaf entries at
 //! any time, so a back end never writes a leaf with a plain store that could
@@ -64,7 +88,8 @@
 //! splitting a leaf is a compare-exchange against the value read, and a zap
 //! is an atomic swap whose returned value carries the final A/D bits into
 //! the dirty log ([`dirty_log::SlotDirtyLog::note_zapped`]). The `loom`
-//! models in `tests/loom.rs` check these protocols.
+//! models in `tests/loom.rs` check these protocols, and two vCPUs faulting
+//! on one `&self` log against a harvester.
 //!
 //! ```
 //! use mmu_generic::addr::{Gfn, Hva};
@@ -80,8 +105,8 @@
 #![forbid(unsafe_code)]
 
 extern crate alloc;
-// The `arbitrary` derive names `std`; the feature is for tests and fuzzing only.
-#[cfg(feature = "arbitrary")]
+// Hosted builds only: the `arbitrary` derive and the `vm-memory` interop name `std`.
+#[cfg(feature = "std")]
 extern crate std;
 
 pub mod addr;

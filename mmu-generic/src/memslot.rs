@@ -13,12 +13,23 @@
 //! caller-owned [`SlotHint`] (one per vCPU) remembers the last hit without any
 //! shared write, so concurrent lookups never contend on a cache line.
 //!
+//! **Generations only go up.** A set's generation comes from a counter
+//! shared by every set and builder that descends from the same
+//! [`MemslotGenerations`] (the VM owns one): two builders made from the same
+//! set, or a builder made from scratch with the VM's counter, never build
+//! two sets with one generation, so nothing keyed on a generation (a
+//! [`SlotHint`], a cached translation) can mistake one set for another.
+//! [`MemslotsBuilder::new`] without a counter draws from one process-wide
+//! counter, so even unrelated sets never share a generation.
+//!
 //! Lookup by host-virtual range serves MMU-notifier invalidation and ageing.
 //! Host ranges may alias (two slots backed by the same host memory), so the
 //! query yields every overlapping slot, not the first.
 
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::{Gfn, GfnRange, Hva, HvaRange, PAGE_SHIFT, PAGE_SIZE};
 
@@ -86,14 +97,17 @@ impl Memslot {
         self.flags
     }
 
-    /// The guest frames the slot covers. Valid slots never overflow.
+    /// The guest frames the slot covers. Valid slots never overflow; an
+    /// unvalidated one is clipped at the top of the gfn space.
     pub const fn gfns(&self) -> GfnRange {
-        GfnRange { start: self.base_gfn, end: Gfn(self.base_gfn.0.wrapping_add(self.npages)) }
+        GfnRange { start: self.base_gfn, end: Gfn(self.base_gfn.0.saturating_add(self.npages)) }
     }
 
-    /// The host-virtual bytes behind the slot. Valid slots never overflow.
+    /// The host-virtual bytes behind the slot. Valid slots never overflow;
+    /// an unvalidated one is clipped at the top of the address space.
     pub const fn hvas(&self) -> HvaRange {
-        HvaRange { start: self.hva, end: Hva(self.hva.0.wrapping_add(self.npages << PAGE_SHIFT)) }
+        let bytes = if self.npages > u64::MAX >> PAGE_SHIFT { u64::MAX } else { self.npages << PAGE_SHIFT };
+        HvaRange { start: self.hva, end: Hva(self.hva.0.saturating_add(bytes)) }
     }
 
     /// Whether `gfn` lies in the slot.
@@ -113,19 +127,23 @@ impl Memslot {
         }
     }
 
-    /// The host-virtual address that backs `gfn`.
+    /// The host-virtual address that backs `gfn` (`None` outside the slot,
+    /// or past the top of the address space in an unvalidated slot).
     #[inline]
     pub const fn gfn_to_hva(&self, gfn: Gfn) -> Option<Hva> {
         match self.page_index(gfn) {
-            Some(idx) => Some(Hva(self.hva.0 + (idx << PAGE_SHIFT))),
-            None => None,
+            Some(idx) if idx <= u64::MAX >> PAGE_SHIFT => match self.hva.0.checked_add(idx << PAGE_SHIFT) {
+                Some(a) => Some(Hva(a)),
+                None => None,
+            },
+            _ => None,
         }
     }
 
     /// The guest frames whose backing overlaps `range`, or `None` if none do.
     pub fn gfns_for_hvas(&self, range: &HvaRange) -> Option<GfnRange> {
         let mine = self.hvas();
-        if !mine.overlaps(range) {
+        if !mine.overlaps(range) || range.start.0 >= range.end.0 {
             return None;
         }
         let first = range.start.0.max(mine.start.0) - mine.start.0;
@@ -133,17 +151,26 @@ impl Memslot {
         // Partially covered pages count: a notifier for one byte invalidates the page.
         let start = first >> PAGE_SHIFT;
         let end = last.div_ceil(PAGE_SIZE);
-        Some(GfnRange { start: Gfn(self.base_gfn.0 + start), end: Gfn(self.base_gfn.0 + end) })
+        Some(GfnRange {
+            start: Gfn(self.base_gfn.0.saturating_add(start)),
+            end: Gfn(self.base_gfn.0.saturating_add(end)),
+        })
     }
 
     /// Whether the slot's memory is written through the host mapping for
     /// `size_shift`-sized pages: both the gfn and the hva must be aligned to the
-    /// page and the whole page must lie in the slot.
+    /// page and the whole page must lie in the slot. A shift below 12 (no
+    /// page is smaller than 4 KiB) or of 64 and more is never allowed.
     pub fn allows_page(&self, gfn: Gfn, size_shift: u32) -> bool {
+        if !(PAGE_SHIFT..64).contains(&size_shift) {
+            return false;
+        }
         let pages = 1u64 << (size_shift - PAGE_SHIFT);
         let head = Gfn(gfn.0 & !(pages - 1));
         let Some(idx) = self.page_index(head) else { return false };
-        idx + pages <= self.npages && (self.hva.0 + (idx << PAGE_SHIFT)) & ((1 << size_shift) - 1) == 0
+        let Some(hva) = self.gfn_to_hva(head) else { return false };
+        idx.checked_add(pages).is_some_and(|end| end <= self.npages)
+            && hva.0 & ((1u64 << size_shift) - 1) == 0
     }
 }
 
@@ -207,10 +234,41 @@ pub struct SlotHint {
     index: u32,
 }
 
+/// The VM's memslot generation counter: every set built through a builder
+/// that holds it (or descends from one that did) gets a larger generation
+/// than every set built before. Cheap to clone (shared).
+#[derive(Clone, Debug, Default)]
+pub struct MemslotGenerations(Option<Arc<AtomicU64>>);
+
+/// The counter of builders made without one.
+static PROCESS_GENERATIONS: AtomicU64 = AtomicU64::new(0);
+
+impl MemslotGenerations {
+    /// A counter of the VM's own, starting at 0 (its first set is 1).
+    pub fn new() -> Self {
+        Self(Some(Arc::new(AtomicU64::new(0))))
+    }
+
+    /// The latest generation handed out.
+    pub fn last(&self) -> u64 {
+        self.counter().load(Ordering::Acquire)
+    }
+
+    fn counter(&self) -> &AtomicU64 {
+        self.0.as_deref().unwrap_or(&PROCESS_GENERATIONS)
+    }
+
+    /// The next generation; never the same twice.
+    fn next(&self) -> u64 {
+        self.counter().fetch_add(1, Ordering::AcqRel) + 1
+    }
+}
+
 /// An immutable set of memslots with a generation number.
 #[derive(Clone, Debug, Default)]
 pub struct Memslots {
     generation: u64,
+    generations: MemslotGenerations,
     /// Sorted by base gfn; slots never overlap, so also by end gfn.
     by_gfn: Vec<Memslot>,
     /// `by_gfn[i]`'s base gfn and page count, packed apart so the search
@@ -232,14 +290,25 @@ pub struct Memslots {
 }
 
 impl Memslots {
-    /// An empty set at generation 0.
+    /// An empty set at generation 0 (drawing later generations from the
+    /// process-wide counter).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty set at generation 0 whose descendants draw from `generations`.
+    pub fn empty_in(generations: &MemslotGenerations) -> Self {
+        Self { generations: generations.clone(), ..Self::default() }
     }
 
     /// The set's generation; each change builds a set with a larger one.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// The counter this set's descendants draw their generations from.
+    pub fn generations(&self) -> &MemslotGenerations {
+        &self.generations
     }
 
     /// Number of slots.
@@ -322,10 +391,53 @@ impl Memslots {
         HvaOverlaps { slots: self, range, next: start, end }
     }
 
-    /// A builder holding this set's slots, for the next generation.
+    /// A builder holding this set's slots, for a later generation (drawn
+    /// from the same counter when the builder builds).
     pub fn to_builder(&self) -> MemslotsBuilder {
-        MemslotsBuilder { generation: self.generation, slots: self.by_gfn.clone() }
+        MemslotsBuilder { generations: self.generations.clone(), slots: self.by_gfn.clone() }
     }
+
+    /// How `self` (the old set) became `new`, slot by slot: every slot of
+    /// the old set whose mappings cannot survive (deleted, moved, resized,
+    /// backed by other host memory, made read-only, or a different slot now
+    /// at its gfns), each with the reason. A VMM zaps each such old slot's
+    /// leaves (through the old slot, whose reverse map holds them) before it
+    /// installs the new set: an invalidation of the old host range then has
+    /// nothing left to find, and the new set's slots start empty. Changes of
+    /// the dirty-log flag alone keep the mappings and are not listed.
+    pub fn stale_slots<'a>(
+        &'a self,
+        new: &'a Memslots,
+    ) -> impl Iterator<Item = (&'a Memslot, SlotChange)> + 'a {
+        self.by_gfn.iter().filter_map(move |old| {
+            let change = match new.get(old.id) {
+                None => SlotChange::Deleted,
+                Some(n) if n.base_gfn != old.base_gfn || n.npages != old.npages => SlotChange::Moved,
+                Some(n) if n.hva != old.hva => SlotChange::Rebacked,
+                Some(n)
+                    if !old.flags.contains(SlotFlags::READONLY) && n.flags.contains(SlotFlags::READONLY) =>
+                {
+                    SlotChange::MadeReadOnly
+                }
+                Some(_) => return None,
+            };
+            Some((old, change))
+        })
+    }
+}
+
+/// Why an old slot's mappings must go when a new set replaces its set.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SlotChange {
+    /// The slot is not in the new set (deleted, or deleted and recreated
+    /// under another number).
+    Deleted,
+    /// Its base gfn or size changed.
+    Moved,
+    /// Same gfns, other host memory: leaves point at the old host pages.
+    Rebacked,
+    /// It became read-only: writable leaves must go.
+    MadeReadOnly,
 }
 
 /// Iterator over the slots overlapping a host-virtual range.
@@ -355,14 +467,20 @@ impl<'a> Iterator for HvaOverlaps<'a> {
 /// Builds the next generation of a [`Memslots`] set.
 #[derive(Clone, Debug, Default)]
 pub struct MemslotsBuilder {
-    generation: u64,
+    generations: MemslotGenerations,
     slots: Vec<Memslot>,
 }
 
 impl MemslotsBuilder {
-    /// A builder for the first set (generation 1 once built).
+    /// An empty builder drawing its generation from the process-wide
+    /// counter: its set's generation is larger than any built before.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty builder drawing from the VM's counter.
+    pub fn with_generations(generations: &MemslotGenerations) -> Self {
+        Self { generations: generations.clone(), slots: Vec::new() }
     }
 
     /// Adds a slot. Its number must not be in use.
@@ -434,7 +552,8 @@ impl MemslotsBuilder {
         let sizes: Vec<u64> = by_gfn.iter().map(|s| s.npages).collect();
         let (buckets, bucket_base, bucket_shift) = bucket_index(&starts, &sizes);
         Ok(Memslots {
-            generation: self.generation + 1,
+            generation: self.generations.next(),
+            generations: self.generations.clone(),
             by_gfn,
             starts,
             sizes,
@@ -594,13 +713,43 @@ mod tests {
     }
 
     #[test]
+    fn generations_only_go_up_across_builders_of_one_set_and_from_scratch() {
+        let vm = MemslotGenerations::new();
+        let mut b = MemslotsBuilder::with_generations(&vm);
+        b.create(slot(1, 0, 10, 0)).unwrap();
+        let a = b.build().unwrap();
+        assert_eq!(a.generation(), 1);
+        // Two builders made from the same set: different generations.
+        let x = a.to_builder().build().unwrap();
+        let y = a.to_builder().build().unwrap();
+        assert!(x.generation() > a.generation() && y.generation() > x.generation());
+        // A set built from scratch with the VM's counter: newer still.
+        let z = MemslotsBuilder::with_generations(&vm).build().unwrap();
+        assert!(z.generation() > y.generation());
+        assert_eq!(vm.last(), z.generation());
+        // Without a counter: the process-wide one, never a repeat.
+        let p = set(&[slot(1, 0, 10, 0)]).unwrap();
+        let q = set(&[slot(1, 0, 10, 0)]).unwrap();
+        assert_ne!(p.generation(), q.generation());
+        assert!(p.to_builder().build().unwrap().generation() > p.generation());
+        // A hint taken on one set is not trusted on a sibling set.
+        let mut hint = SlotHint::default();
+        let mut b = a.to_builder();
+        b.delete(SlotId(1)).unwrap();
+        b.create(slot(2, 0, 5, 0x100000)).unwrap();
+        let sib = b.build().unwrap();
+        assert_eq!(x.lookup_hinted(Gfn(7), &mut hint).map(|s| s.id()), Some(SlotId(1)));
+        assert_eq!(sib.lookup_hinted(Gfn(7), &mut hint), None);
+        assert_eq!(sib.lookup_hinted(Gfn(3), &mut hint).map(|s| s.id()), Some(SlotId(2)));
+    }
+
+    #[test]
     fn each_change_builds_a_newer_generation() {
         let a = set(&[slot(1, 0, 10, 0)]).unwrap();
-        assert_eq!(a.generation(), 1);
         let mut b = a.to_builder();
         b.move_to(SlotId(1), Gfn(100)).unwrap();
         let b = b.build().unwrap();
-        assert_eq!(b.generation(), 2);
+        assert!(b.generation() > a.generation());
         assert!(b.lookup(Gfn(5)).is_none());
         assert_eq!(b.lookup(Gfn(105)).map(|s| s.id()), Some(SlotId(1)));
         // The old set is unchanged.
@@ -710,5 +859,55 @@ mod tests {
         let skew = slot(1, 512, 1024, 0x4000_1000);
         assert!(!skew.allows_page(Gfn(512), 21));
         assert!(skew.allows_page(Gfn(512), 12));
+    }
+
+    #[test]
+    fn caller_chosen_numbers_never_panic() {
+        // Unvalidated slots at the top of both spaces, every shift.
+        let slots = [
+            slot(1, 512, 1024, 0x4000_0000),
+            slot(2, u64::MAX - 3, 100, !0xfff),
+            slot(3, 0, u64::MAX, 0x1000),
+            Memslot::new(SlotId(4), Gfn(1 << 40), 1 << 60, Hva(1 << 63), SlotFlags::empty()),
+        ];
+        for s in slots {
+            for shift in [0, 1, 11, 12, 21, 30, 52, 63, 64, 65, u32::MAX] {
+                for gfn in [0, 512, 1 << 40, u64::MAX - 3, u64::MAX] {
+                    let ok = s.allows_page(Gfn(gfn), shift);
+                    if !(12..64).contains(&shift) {
+                        assert!(!ok, "shift {shift}");
+                    }
+                    let _ = s.gfn_to_hva(Gfn(gfn));
+                    let _ = s.page_index(Gfn(gfn));
+                }
+            }
+            let _ = s.gfns();
+            let _ = s.hvas();
+            for (a, b) in [(0, u64::MAX), (u64::MAX, 0), (u64::MAX - 1, u64::MAX), (0x4000_0000, 0x4000_0001)]
+            {
+                let _ = s.gfns_for_hvas(&HvaRange { start: Hva(a), end: Hva(b) });
+            }
+        }
+        assert_eq!(slots[1].gfn_to_hva(Gfn(u64::MAX - 3 + 2)), None, "past the top of the hva space");
+    }
+
+    #[test]
+    fn a_replaced_slot_is_listed_stale_with_its_reason() {
+        let old =
+            set(&[slot(1, 0, 16, 0x10000), slot(2, 100, 16, 0x80000), slot(3, 200, 4, 0x90000)]).unwrap();
+        let mut b = old.to_builder();
+        // Slot 1: same gfns, new host memory. Slot 2: deleted and recreated
+        // as slot 4 at the same gfns in one build. Slot 3: logging only.
+        b.delete(SlotId(1)).unwrap();
+        b.create(slot(1, 0, 16, 0x40000)).unwrap();
+        b.delete(SlotId(2)).unwrap();
+        b.create(slot(4, 100, 16, 0x80000)).unwrap();
+        b.set_flags(SlotId(3), SlotFlags::DIRTY_LOG).unwrap();
+        let new = b.build().unwrap();
+        let stale: Vec<_> = old.stale_slots(&new).map(|(s, c)| (s.id(), s.hva(), c)).collect();
+        assert_eq!(
+            stale,
+            [(SlotId(1), Hva(0x10000), SlotChange::Rebacked), (SlotId(2), Hva(0x80000), SlotChange::Deleted)]
+        );
     }
 }

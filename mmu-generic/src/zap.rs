@@ -10,12 +10,9 @@
 //! [`InvalidationSeq::start`]: crate::invalidate::InvalidationSeq::start
 //! [`SlotDirtyLog::note_zapped`]: crate::dirty_log::SlotDirtyLog::note_zapped
 
-use alloc::vec::Vec;
-
 use crate::addr::HvaRange;
-use crate::backend::{FlushToken, Leaf, MmuBackend};
+use crate::backend::{for_each_leaf_batched, FlushToken, Leaf, MmuBackend};
 use crate::memslot::{Memslot, Memslots};
-use crate::pte_list::PteHandle;
 
 /// Zaps every leaf backed by host range `range` in every slot that maps it
 /// (aliases included), recording the flushes in `flush` and calling
@@ -29,16 +26,16 @@ pub fn zap_hva_range<B: MmuBackend + ?Sized>(
     mut zapped: impl FnMut(&Memslot, &Leaf),
 ) -> usize {
     let mut count = 0;
-    let mut leaves: Vec<PteHandle> = Vec::new();
     for (slot, gfns) in slots.lookup_hva(range) {
-        leaves.clear();
-        backend.for_each_leaf(slot, gfns, &mut |h| leaves.push(h));
-        for &h in &leaves {
-            if let Some(leaf) = backend.zap(h, flush) {
+        // Stack batches: nothing is allocated under the MMU lock.
+        for_each_leaf_batched(backend, slot, gfns, |b, h| match b.zap(h, flush) {
+            Some(leaf) => {
                 count += 1;
                 zapped(slot, &leaf);
+                true
             }
-        }
+            None => false,
+        });
     }
     count
 }

@@ -6,11 +6,16 @@ use loom::sync::atomic::{AtomicU64, Ordering};
 use loom::sync::Arc;
 use loom::thread;
 
-use mmu_generic::addr::{Hva, HvaRange};
+use loom::sync::RwLock;
+use mmu_generic::addr::{Gfn, GfnRange, Hva, HvaRange};
+use mmu_generic::backend::{BackendError, Caps, FlushToken, Leaf, MmuBackend, NoTlb};
 use mmu_generic::dirty_bitmap::DirtyBitmap;
+use mmu_generic::dirty_log::{LogMode, SlotDirtyLog, Tracking};
 use mmu_generic::dirty_ring::{DirtyRing, RingFull};
 use mmu_generic::invalidate::InvalidationSeq;
 use mmu_generic::memslot::SlotId;
+use mmu_generic::memslot::{Memslot, SlotFlags};
+use mmu_generic::pte_list::PteHandle;
 
 /// Runs a loom model and prints how many interleavings it explored.
 fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
@@ -212,4 +217,148 @@ fn pages_made_during_a_zap_all_are_never_mistaken_for_valid() {
         assert_eq!(gen.is_obsolete(tagged), tagged != new_gen);
         assert!(tagged == 0 || tagged == new_gen);
     });
+}
+
+const P: u64 = 1 << 0;
+
+/// A two-leaf page table for the dirty-log model: leaf `i` maps gfn `i`,
+/// present from the start; the CPU sets D with an atomic OR.
+struct TwoLeaves {
+    ptes: [AtomicU64; 2],
+}
+
+impl MmuBackend for TwoLeaves {
+    fn caps(&self) -> Caps {
+        Caps { accessed_bit: false, dirty_bit: true }
+    }
+    fn for_each_leaf(&self, _: &Memslot, gfns: GfnRange, f: &mut dyn FnMut(PteHandle)) {
+        for i in 0..2u64 {
+            if gfns.contains(Gfn(i)) && self.ptes[i as usize].load(Ordering::Acquire) & P != 0 {
+                f(PteHandle(i as u32));
+            }
+        }
+    }
+    fn leaf(&self, h: PteHandle) -> Option<Leaf> {
+        let w = self.ptes.get(h.0 as usize)?.load(Ordering::Acquire);
+        (w & P != 0).then_some(Leaf {
+            gfn: Gfn(h.0 as u64),
+            npages: 1,
+            writable: w & W != 0,
+            young: false,
+            dirty: w & D != 0,
+            access_tracked: false,
+        })
+    }
+    fn write_protect(&mut self, h: PteHandle, flush: &mut FlushToken) -> bool {
+        let was = self.ptes[h.0 as usize].fetch_and(!W, Ordering::AcqRel) & W != 0;
+        if was {
+            flush.add_range(GfnRange { start: Gfn(h.0 as u64), end: Gfn(h.0 as u64 + 1) });
+        }
+        was
+    }
+    fn clear_dirty(&self, h: PteHandle, flush: &mut FlushToken) -> bool {
+        let was = self.ptes[h.0 as usize].fetch_and(!D, Ordering::AcqRel) & D != 0;
+        if was {
+            flush.add_range(GfnRange { start: Gfn(h.0 as u64), end: Gfn(h.0 as u64 + 1) });
+        }
+        was
+    }
+    fn clear_young(&self, _: PteHandle, _: &mut FlushToken) -> bool {
+        false
+    }
+    fn split_huge(&mut self, _: PteHandle, _: &mut FlushToken) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn zap(&mut self, _: PteHandle, _: &mut FlushToken) -> Option<Leaf> {
+        None
+    }
+}
+
+/// Two vCPUs take write faults at once on the same `&self` log (the MMU
+/// lock held for reading: `note_writable`, then the grant of W), then write
+/// through their leaf if it is still writable (setting D); a harvester
+/// takes the lock for writing and runs a round, concurrently. After the
+/// vCPUs stop, a final round. Every page written is reported in exactly one
+/// round, under write protection and under dirty-bit tracking.
+#[test]
+fn two_faulting_vcpus_and_a_harvester_lose_no_write_and_report_none_twice() {
+    for tracking in [Tracking::WriteProtect, Tracking::HardwareDirty] {
+        let mut b = loom::model::Builder::new();
+        b.preemption_bound = Some(3);
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = runs.clone();
+        b.check(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let slot = Memslot::new(
+                mmu_generic::memslot::SlotId(0),
+                Gfn(0),
+                2,
+                Hva(0x1000_0000),
+                SlotFlags::DIRTY_LOG,
+            );
+            let mut backend = TwoLeaves { ptes: [AtomicU64::new(P), AtomicU64::new(P)] };
+            let mut flush = FlushToken::new();
+            let log =
+                SlotDirtyLog::start(&slot, tracking, LogMode::Bitmap, &mut backend, &mut flush).unwrap();
+            flush.flush(&mut NoTlb);
+            let mmu = Arc::new(RwLock::new((log, backend)));
+            let written = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+            let vcpus: Vec<_> = (0..2u64)
+                .map(|i| {
+                    let (mmu, written) = (mmu.clone(), written.clone());
+                    thread::spawn(move || {
+                        {
+                            // The fault, under the read lock: log, then grant.
+                            let g = mmu.read().unwrap();
+                            g.0.note_writable(Gfn(i), PteHandle(i as u32), None).unwrap();
+                            g.1.ptes[i as usize].fetch_or(W, Ordering::AcqRel);
+                        }
+                        // The guest's store: through a writable leaf only,
+                        // the CPU setting D as it writes.
+                        let g = mmu.read().unwrap();
+                        let pte = &g.1.ptes[i as usize];
+                        let mut cur = pte.load(Ordering::Acquire);
+                        while cur & W != 0 {
+                            match pte.compare_exchange(cur, cur | D, Ordering::AcqRel, Ordering::Acquire) {
+                                Ok(_) => {
+                                    written[i as usize].store(1, Ordering::Release);
+                                    break;
+                                }
+                                Err(now) => cur = now,
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let mut words = Vec::new();
+            let round1 = {
+                let mut g = mmu.write().unwrap();
+                let (log, backend) = &mut *g;
+                let f = log.get_and_clear(backend, &mut words).unwrap();
+                f.flush(&mut NoTlb);
+                words[0]
+            };
+            for v in vcpus {
+                v.join().unwrap();
+            }
+            let round2 = {
+                let mut g = mmu.write().unwrap();
+                let (log, backend) = &mut *g;
+                let f = log.get_and_clear(backend, &mut words).unwrap();
+                f.flush(&mut NoTlb);
+                words[0]
+            };
+            for i in 0..2 {
+                let bit = 1u64 << i;
+                if written[i].load(Ordering::Acquire) == 1 {
+                    assert!((round1 | round2) & bit != 0, "{tracking:?}: the write to page {i} was lost");
+                }
+                assert!(round1 & round2 & bit == 0, "{tracking:?}: page {i} was reported twice");
+            }
+        });
+        eprintln!(
+            "loom two vCPUs + harvester ({tracking:?}): {} interleavings",
+            runs.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
 }

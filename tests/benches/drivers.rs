@@ -107,7 +107,7 @@ fn logged(backend: &mut Flat, slot: &Memslot, dirty: &[u64]) -> SlotDirtyLog {
     let mut flush = FlushToken::new();
     // Start with nothing writable: the start pass then has nothing to do
     // beyond its walk.
-    let mut log = SlotDirtyLog::start(slot, Tracking::WriteProtect, LogMode::Bitmap, backend, &mut flush)
+    let log = SlotDirtyLog::start(slot, Tracking::WriteProtect, LogMode::Bitmap, backend, &mut flush)
         .expect("start");
     // The bench's back end has no TLB.
     flush.flush(&mut NoTlb);

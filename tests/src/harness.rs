@@ -17,7 +17,7 @@ use mmu_generic::age::{age, test_age, NoAccessedBit};
 use mmu_generic::backend::{FlushToken, MmuBackend};
 use mmu_generic::dirty_log::{LogMode, SlotDirtyLog, Tracking};
 use mmu_generic::dirty_ring::DirtyRing;
-use mmu_generic::memslot::{Memslots, SlotId};
+use mmu_generic::memslot::{Memslot, Memslots, SlotId};
 
 /// Why the CPU's access did not complete.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -174,12 +174,32 @@ pub struct DirtyReport {
     pub written: u64,
     /// Pages reported, summed over rounds.
     pub reported: u64,
+    /// Writes that went through a translation still cached between a
+    /// harvest and its flush (a vCPU on another CPU): only the copy after
+    /// the flush holds them.
+    pub in_flight_writes: u64,
+    /// Times the vCPU exited to the harvester because its ring was full or
+    /// soft-full.
+    pub ring_exits: u64,
 }
 
-/// Live-migration dirty rounds on `slot`: before logging starts the guest
-/// touches part of the slot; then each round it writes a random set (and
-/// reads another), and the harvester collects the log in `mode`. Every
-/// written page must be reported in its round and no other page.
+/// The ring a [`dirty_rounds_with`] run gives the vCPU in ring mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingSize {
+    /// Entries (a power of two).
+    pub size: u32,
+    /// Soft-full reserve.
+    pub reserve: u32,
+}
+
+impl Default for RingSize {
+    fn default() -> Self {
+        Self { size: 1024, reserve: 16 }
+    }
+}
+
+/// Live-migration dirty rounds on `slot` with a large ring; see
+/// [`dirty_rounds_with`].
 pub fn dirty_rounds<M: GuestMmu>(
     mmu: &mut M,
     slot: SlotId,
@@ -188,86 +208,280 @@ pub fn dirty_rounds<M: GuestMmu>(
     rounds: u32,
     seed: u64,
 ) -> Result<DirtyReport, String> {
+    dirty_rounds_with(mmu, slot, tracking, mode, rounds, seed, RingSize::default())
+}
+
+/// The migration's view of guest memory: a version per page, bumped by each
+/// guest write, and the destination's copy.
+#[derive(Default)]
+struct Migration {
+    memory: BTreeMap<u64, u64>,
+    dest: BTreeMap<u64, u64>,
+    writes: u64,
+}
+
+impl Migration {
+    fn write(&mut self, off: u64) {
+        self.writes += 1;
+        self.memory.insert(off, self.writes);
+    }
+
+    /// Copies the pages reported dirty; call only after the round's flush.
+    fn copy(&mut self, pages: &BTreeSet<u64>) {
+        for &off in pages {
+            if let Some(&v) = self.memory.get(&off) {
+                self.dest.insert(off, v);
+            }
+        }
+    }
+
+    fn first_difference(&self) -> Option<(u64, u64, Option<u64>)> {
+        self.memory
+            .iter()
+            .find(|(off, v)| self.dest.get(off) != Some(v))
+            .map(|(&o, &v)| (o, v, self.dest.get(&o).copied()))
+    }
+}
+
+/// Ring mode: collects the ring, checks each page is reported once per
+/// harvest and exactly the pages written since the previous harvest, resets
+/// (re-protects) and flushes, then copies.
+fn ring_exit<M: GuestMmu>(
+    mmu: &mut M,
+    logs: &mut DirtyLogs,
+    s: &Memslot,
+    fetch: &mut u32,
+    since: &mut BTreeSet<u64>,
+    mig: &mut Migration,
+) -> Result<BTreeSet<u64>, String> {
+    let slot = s.id();
+    let log = logs.logs.get(&slot).expect("the slot is logged");
+    let ring = logs.ring.as_ref().expect("ring mode has a ring");
+    let mut reported = BTreeSet::new();
+    let mut twice = None;
+    ring.harvest(fetch, |sl, off| {
+        if sl == slot && !reported.insert(off) {
+            twice = Some(off);
+        }
+    });
+    if let Some(off) = twice {
+        return Err(format!("page {off} was reported twice in one harvest"));
+    }
+    if let Some(missed) = since.difference(&reported).next() {
+        return Err(format!("page {missed} was written but not in the ring"));
+    }
+    if let Some(extra) = reported.difference(since).next() {
+        return Err(format!("page {extra} is in the ring but was not written"));
+    }
+    let mut flush = FlushToken::new();
+    let backend = mmu.backend_mut();
+    let mut err = None;
+    ring.reset(|_, off| {
+        if let Err(e) = log.reset_ring_entry(backend, s, off, &mut flush) {
+            err = Some(e);
+        }
+    });
+    if let Some(e) = err {
+        flush.discard();
+        return Err(format!("ring reset: {e}"));
+    }
+    mmu.flush(flush);
+    mig.copy(&reported);
+    since.clear();
+    Ok(reported)
+}
+
+/// Live-migration dirty rounds on `slot`: before logging starts the guest
+/// touches part of the slot; then each round it writes a random set (and
+/// reads another), and the harvester collects the log in `mode`. Every
+/// written page must be reported in its round and no other page (ring
+/// mode: in the harvest that follows it, once).
+///
+/// The migration copies what is reported only after the round's flush.
+/// Between the harvest and that flush a vCPU on another CPU keeps writing
+/// (accesses that fault are dropped, not retried): those writes can only go
+/// through translations still cached, and only the copy after the flush
+/// holds them. After the last round the guest stops, a final round runs,
+/// and the destination must equal guest memory page for page; a copy taken
+/// before a flush, or a flush that misses a range, fails here or in a round.
+///
+/// In ring mode the vCPU has a ring of `ring` entries; when a write finds it
+/// full (or soft-full) the vCPU exits to the harvester mid-round, so rings
+/// smaller than a round's writes run the full, soft-full and retry paths.
+pub fn dirty_rounds_with<M: GuestMmu>(
+    mmu: &mut M,
+    slot: SlotId,
+    tracking: Tracking,
+    mode: LogMode,
+    rounds: u32,
+    seed: u64,
+    ring: RingSize,
+) -> Result<DirtyReport, String> {
     let mut rng = Lcg(seed);
     let s = *mmu.memslots().get(slot).ok_or("no such slot")?;
     let n = s.npages();
     let mut logs = DirtyLogs::default();
     if mode == LogMode::Ring {
-        logs.ring = Some(DirtyRing::new(1024, 16).map_err(|e| format!("{e:?}"))?);
+        logs.ring = Some(DirtyRing::new(ring.size, ring.reserve).map_err(|e| format!("{e:?}"))?);
     }
+    let mut mig = Migration::default();
     // Before logging: writes and reads that must not show up in round 1.
+    // The first full copy (below) takes them.
     for _ in 0..n / 2 {
-        let g = Gfn(s.base_gfn().0 + rng.below(n));
-        touch_ok(mmu, g, rng.below(2) == 0, &mut logs)?;
+        let off = rng.below(n);
+        let write = rng.below(2) == 0;
+        touch_ok(mmu, Gfn(s.base_gfn().0 + off), write, &mut logs)?;
+        if write {
+            mig.write(off);
+        }
     }
     let mut flush = FlushToken::new();
     let log = SlotDirtyLog::start(&s, tracking, mode, mmu.backend_mut(), &mut flush)
         .map_err(|e| format!("start: {e}"))?;
     mmu.flush(flush);
     logs.logs.insert(slot, log);
+    // The first pass copies everything, after logging started.
+    let all: BTreeSet<u64> = (0..n).collect();
+    mig.copy(&all);
 
     let mut report = DirtyReport::default();
     let mut fetch = 0u32;
     let mut words = Vec::new();
-    for round in 0..rounds {
+    // In-flight pages of the last harvest: may be reported next round.
+    let mut in_flight = BTreeSet::new();
+    for round in 0..=rounds {
+        let last = round == rounds;
         let mut written = BTreeSet::new();
-        let writes = 1 + rng.below(n.min(200));
+        let mut since_harvest = BTreeSet::new();
+        let mut reported = BTreeSet::new();
+        let writes = if last { 0 } else { 1 + rng.below(n.min(200)) };
         for _ in 0..writes {
             let off = rng.below(n);
-            touch_ok(mmu, Gfn(s.base_gfn().0 + off), true, &mut logs)?;
+            let gfn = Gfn(s.base_gfn().0 + off);
+            let mut tries = 0;
+            let mut exit_after = false;
+            loop {
+                tries += 1;
+                if tries > 16 {
+                    return Err(format!("round {round}: write to page {off} never completed"));
+                }
+                if mmu.hw_access(gfn, true).is_ok() {
+                    break;
+                }
+                let soft_before = logs.soft_full_exits;
+                let outcome = mmu.handle_fault(gfn, true, &mut logs);
+                let ring_full = logs.ring.as_ref().is_some_and(|r| r.used() >= r.size());
+                let soft = logs.soft_full_exits != soft_before;
+                match outcome {
+                    FaultOutcome::Mapped | FaultOutcome::Retry => {}
+                    other => return Err(format!("round {round}: write to page {off} ended in {other:?}")),
+                }
+                if mode == LogMode::Ring && soft && outcome == FaultOutcome::Mapped {
+                    // Soft-full: the write completes, then the vCPU exits.
+                    exit_after = true;
+                } else if mode == LogMode::Ring && ring_full {
+                    // Full: the write waits; exit to the harvester now.
+                    report.ring_exits += 1;
+                    let got = ring_exit(mmu, &mut logs, &s, &mut fetch, &mut since_harvest, &mut mig)?;
+                    report.written += got.len() as u64;
+                    report.reported += got.len() as u64;
+                    reported.extend(got);
+                }
+            }
+            mig.write(off);
             written.insert(off);
+            since_harvest.insert(off);
+            if exit_after {
+                report.ring_exits += 1;
+                let got = ring_exit(mmu, &mut logs, &s, &mut fetch, &mut since_harvest, &mut mig)?;
+                report.written += got.len() as u64;
+                report.reported += got.len() as u64;
+                reported.extend(got);
+            }
             let read = rng.below(n);
             touch_ok(mmu, Gfn(s.base_gfn().0 + read), false, &mut logs)?;
         }
-        let mut reported = BTreeSet::new();
         let log = logs.logs.get_mut(&slot).expect("inserted above");
-        match mode {
+        let mut new_in_flight = BTreeSet::new();
+        // The harvest; its flush is handed back for after the in-flight
+        // writes.
+        let pending = match mode {
             LogMode::Bitmap => {
                 let f = log.get_and_clear(mmu.backend_mut(), &mut words).map_err(|e| e.to_string())?;
-                mmu.flush(f);
                 collect_bits(&words, 0, &mut reported);
+                f
             }
             LogMode::ManualProtect => {
                 let f = log.get(mmu.backend_mut(), &mut words).map_err(|e| e.to_string())?;
                 mmu.flush(f);
-                collect_bits(&words, 0, &mut reported);
+                let mut got = BTreeSet::new();
+                collect_bits(&words, 0, &mut got);
                 let mut flush = FlushToken::new();
                 for (i, &w) in words.iter().enumerate().filter(|(_, w)| **w != 0) {
+                    // A guest write lands between get and clear of the same
+                    // range: it must not be lost (it is copied after the
+                    // clear's flush, or reported next round).
+                    let off = i as u64 * 64 + u64::from(w.trailing_zeros());
+                    if !last && rng.below(2) == 0 {
+                        let gfn = Gfn(s.base_gfn().0 + off);
+                        touch_ok(mmu, gfn, true, &mut logs)?;
+                        mig.write(off);
+                        report.in_flight_writes += 1;
+                        new_in_flight.insert(off);
+                    }
+                    let log = logs.logs.get_mut(&slot).expect("inserted above");
                     let f = log.clear(mmu.backend_mut(), &s, i as u64 * 64, w).map_err(|e| e.to_string())?;
                     flush.merge(f);
                 }
-                mmu.flush(flush);
+                reported.extend(got);
+                flush
             }
             LogMode::Ring => {
-                let ring = logs.ring.as_ref().expect("ring mode has a ring");
-                ring.harvest(&mut fetch, |sl, off| {
-                    if sl == slot {
-                        reported.insert(off);
-                    }
-                });
-                let mut flush = FlushToken::new();
-                let backend = mmu.backend_mut();
-                let mut err = None;
-                ring.reset(|_, off| {
-                    if let Err(e) = log.reset_ring_entry(backend, &s, off, &mut flush) {
-                        err = Some(e);
-                    }
-                });
-                if let Some(e) = err {
-                    return Err(format!("ring reset: {e}"));
-                }
-                mmu.flush(flush);
+                let got = ring_exit(mmu, &mut logs, &s, &mut fetch, &mut since_harvest, &mut mig)?;
+                report.written += got.len() as u64;
+                report.reported += got.len() as u64;
+                reported.extend(got);
+                FlushToken::new()
             }
+        };
+        // A vCPU on another CPU writes before the flush lands: only cached
+        // translations let it through.
+        if !last {
+            for _ in 0..1 + rng.below(8) {
+                let off = rng.below(n);
+                if mmu.hw_access(Gfn(s.base_gfn().0 + off), true).is_ok() {
+                    mig.write(off);
+                    report.in_flight_writes += 1;
+                    new_in_flight.insert(off);
+                }
+            }
+        }
+        mmu.flush(pending);
+        if mode != LogMode::Ring {
+            mig.copy(&reported);
         }
         if let Some(missed) = written.difference(&reported).next() {
             return Err(format!("round {round}: page {missed} was written but not reported"));
         }
-        if let Some(extra) = reported.difference(&written).next() {
+        if let Some(extra) = reported.difference(&written).find(|p| !in_flight.contains(*p)) {
             return Err(format!("round {round}: page {extra} was reported but not written"));
         }
-        report.rounds += 1;
-        report.written += written.len() as u64;
-        report.reported += reported.len() as u64;
+        if !last {
+            report.rounds += 1;
+        }
+        if mode != LogMode::Ring {
+            // Pages reported for an in-flight write of the last harvest
+            // alone are not this round's.
+            let carried = reported.iter().filter(|p| in_flight.contains(*p) && !written.contains(*p)).count();
+            report.written += written.len() as u64;
+            report.reported += (reported.len() - carried) as u64;
+        }
+        in_flight = new_in_flight;
+    }
+    if let Some((off, want, got)) = mig.first_difference() {
+        return Err(format!(
+            "after the final round page {off} holds write {want} in the guest but {got:?} at the destination"
+        ));
     }
     Ok(report)
 }

@@ -16,10 +16,12 @@ use mmu_generic::backend::{Caps, FlushToken};
 use mmu_generic::dirty_log::{LogMode, SlotDirtyLog, Tracking};
 use mmu_generic::dirty_ring::DirtyRing;
 use mmu_generic::invalidate::{FaultSnapshot, InvalidationSeq};
-use mmu_generic::memslot::{Memslot, MemslotError, Memslots, SlotFlags, SlotId};
+use mmu_generic::memslot::{
+    Memslot, MemslotError, MemslotGenerations, Memslots, MemslotsBuilder, SlotFlags, SlotHint, SlotId,
+};
 use mmu_generic::pte_list::{PteHandle, PteList, PteListPool, RmapError};
 
-use crate::harness::{touch, DirtyLogs, GuestMmu, Touch};
+use crate::harness::{touch, DirtyLogs, FaultOutcome, GuestMmu, Touch};
 use crate::sim::SimMmu;
 
 /// One change or query of a memslot set. Small fields make collisions
@@ -47,10 +49,24 @@ pub enum MemslotOp {
     Move(u8, u8),
     /// Toggle a slot's flags.
     SetFlags(u8, bool, bool),
-    /// Look a gfn up (base * 4 + offset).
-    Lookup(u16),
-    /// Query a host-virtual range (start page, pages).
-    LookupHva(u16, u8),
+    /// Look a gfn up: `g * 4 + g % 3`, or near the top of the gfn space
+    /// (`2^52 - 64 + g % 320`), through the vCPU's hint or without.
+    Lookup {
+        /// The gfn's seed.
+        g: u16,
+        /// Near the top of the gfn space.
+        high: bool,
+        /// Through the [`SlotHint`].
+        hinted: bool,
+    },
+    /// Look any gfn up (the whole 64-bit space).
+    LookupRaw(u64),
+    /// Query a host-virtual range (start page, pages), low or at the top of
+    /// the address space.
+    LookupHva(u16, u8, bool),
+    /// Build two sets from the current one and one from scratch with the
+    /// VM's counter (kept only for the generation check).
+    Rebuild,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -106,8 +122,19 @@ fn error_kind(e: &MemslotError) -> &'static str {
 /// Applies memslot operations to [`Memslots`] (rebuilt after each change)
 /// and to a `BTreeMap` model; compares build verdicts and every query.
 pub fn run_memslots(ops: &[MemslotOp]) -> Result<(), String> {
-    let mut real = Memslots::new();
+    let vm = MemslotGenerations::new();
+    let mut real = Memslots::empty_in(&vm);
     let mut model: BTreeMap<u16, ModelSlot> = BTreeMap::new();
+    let mut hint = SlotHint::default();
+    // Every generation ever built from the VM's counter only goes up.
+    let mut newest = 0u64;
+    let mut check_gen = |step: usize, set: &Memslots| -> Result<(), String> {
+        if set.generation() <= newest {
+            return Err(format!("step {step}: generation {} not above {newest}", set.generation()));
+        }
+        newest = set.generation();
+        Ok(())
+    };
     for (step, op) in ops.iter().enumerate() {
         let mut b = real.to_builder();
         let mut next = model.clone();
@@ -146,24 +173,52 @@ pub fn run_memslots(ops: &[MemslotOp]) -> Result<(), String> {
                 }
                 b.set_flags(SlotId(id as u16), f).map(|_| ())
             }
-            MemslotOp::Lookup(g) => {
-                let gfn = g as u64 * 4 + (g as u64 % 3);
+            MemslotOp::Lookup { .. } | MemslotOp::LookupRaw(_) => {
+                let (gfn, hinted) = match *op {
+                    MemslotOp::Lookup { g, high: true, hinted } => {
+                        ((1u64 << 52) - 64 + g as u64 % 320, hinted)
+                    }
+                    MemslotOp::Lookup { g, high: false, hinted } => (g as u64 * 4 + (g as u64 % 3), hinted),
+                    MemslotOp::LookupRaw(g) => (g, g % 2 == 0),
+                    _ => unreachable!("matched above"),
+                };
                 let want =
-                    model.iter().find(|(_, s)| gfn >= s.base && gfn < s.base + s.npages).map(|(id, _)| *id);
-                let got = real.lookup(Gfn(gfn)).map(|s| s.id().0);
+                    model.iter().find(|(_, s)| gfn >= s.base && gfn - s.base < s.npages).map(|(id, _)| *id);
+                let got =
+                    if hinted { real.lookup_hinted(Gfn(gfn), &mut hint) } else { real.lookup(Gfn(gfn)) };
+                let got = got.map(|s| s.id().0);
                 if want != got {
-                    return Err(format!("step {step}: lookup {gfn:#x}: model {want:?}, real {got:?}"));
+                    return Err(format!(
+                        "step {step}: lookup {gfn:#x} (hint {hinted}): model {want:?}, real {got:?}"
+                    ));
                 }
                 continue;
             }
-            MemslotOp::LookupHva(page, len) => {
-                let start = page as u64 * 0x1000;
-                let end = start + (len as u64 + 1) * 0x1000;
+            MemslotOp::Rebuild => {
+                let a = real.to_builder().build().map_err(|e| format!("step {step}: rebuild: {e:?}"))?;
+                check_gen(step, &a)?;
+                let b = real.to_builder().build().map_err(|e| format!("step {step}: rebuild: {e:?}"))?;
+                check_gen(step, &b)?;
+                let c = MemslotsBuilder::with_generations(&vm).build().map_err(|e| format!("{e:?}"))?;
+                check_gen(step, &c)?;
+                // The hint of the current set must not carry over to a
+                // sibling that holds other slots.
+                if c.lookup_hinted(Gfn(0), &mut hint).is_some() {
+                    return Err(format!("step {step}: an empty set found a slot through a stale hint"));
+                }
+                // Continue on a sibling, so later steps use a set whose
+                // generation an older hint must not match.
+                real = b;
+                continue;
+            }
+            MemslotOp::LookupHva(page, len, high) => {
+                let start = if high { u64::MAX - 0xfff - page as u64 * 0x1000 } else { page as u64 * 0x1000 };
+                let end = start.saturating_add((len as u64 + 1) * 0x1000);
                 let range = HvaRange { start: Hva(start), end: Hva(end) };
                 let mut want: Vec<(u16, u64, u64)> = model
                     .iter()
                     .filter_map(|(id, s)| {
-                        let (hs, he) = (s.hva, s.hva + (s.npages << PAGE_SHIFT));
+                        let (hs, he) = (s.hva, s.hva.saturating_add(s.npages << PAGE_SHIFT));
                         (hs < end && start < he).then(|| {
                             let first = (start.max(hs) - hs) >> PAGE_SHIFT;
                             let last = (end.min(he) - hs).div_ceil(4096);
@@ -204,9 +259,7 @@ pub fn run_memslots(ops: &[MemslotOp]) -> Result<(), String> {
         };
         match (verdict, model_verdict) {
             (Ok(set), Ok(())) => {
-                if set.generation() != real.generation() + 1 {
-                    return Err(format!("step {step}: generation did not advance"));
-                }
+                check_gen(step, &set)?;
                 real = set;
                 model = next;
             }
@@ -334,6 +387,11 @@ pub struct DirtySetup {
     pub mode: LogMode,
     /// Map 2 MiB leaves before logging starts.
     pub huge: bool,
+    /// Ring mode: the ring has `2 << (ring_shift % 6)` entries (2 to 64),
+    /// fewer than the writes, so it fills.
+    pub ring_shift: u8,
+    /// Ring mode: the soft-full reserve (modulo the size).
+    pub ring_reserve: u8,
 }
 
 /// Runs a guest under dirty logging on the simulated back end and checks
@@ -370,23 +428,61 @@ pub fn run_dirty(setup: DirtySetup, ops: &[DirtyOp]) -> Result<(), String> {
     mmu.flush(flush);
     logs.logs.insert(SlotId(0), log);
     if setup.mode == LogMode::Ring {
-        logs.ring = Some(DirtyRing::new(4096, 64).map_err(|e| format!("{e:?}"))?);
+        let size = 2u32 << (setup.ring_shift % 6);
+        let reserve = u32::from(setup.ring_reserve) % size;
+        logs.ring = Some(DirtyRing::new(size, reserve).map_err(|e| format!("{e:?}"))?);
     }
     let mut written = BTreeSet::new();
     let mut fetch = 0u32;
     let mut words = Vec::new();
+    // A harvest: exactly the pages written since the last one, each once.
+    let check = |step: usize, written: &mut BTreeSet<u64>, reported: BTreeSet<u64>| -> Result<(), String> {
+        if let Some(p) = written.difference(&reported).next() {
+            return Err(format!("step {step}: page {p} written but not reported"));
+        }
+        if let Some(p) = reported.difference(written).next() {
+            return Err(format!("step {step}: page {p} reported but not written"));
+        }
+        written.clear();
+        Ok(())
+    };
     for (step, op) in ops.iter().enumerate() {
         match *op {
-            DirtyOp::Write(p) | DirtyOp::Read(p) => {
+            DirtyOp::Read(p) => {
                 let off = p as u64 % PAGES;
-                let write = matches!(op, DirtyOp::Write(_));
-                match touch(&mut mmu, Gfn(0x200 + off), write, &mut logs)? {
-                    Touch::Done(_) => {
-                        if write {
-                            written.insert(off);
-                        }
-                    }
+                match touch(&mut mmu, Gfn(0x200 + off), false, &mut logs)? {
+                    Touch::Done(_) => {}
                     other => return Err(format!("step {step}: access ended in {other:?}")),
+                }
+            }
+            DirtyOp::Write(p) => {
+                // The vCPU's write: a full ring exits to the harvester and
+                // the write is retried; a soft-full ring lets the write
+                // complete, then exits.
+                let gfn = Gfn(0x200 + p as u64 % PAGES);
+                let mut exit_after = false;
+                let mut tries = 0;
+                while mmu.hw_access(gfn, true).is_err() {
+                    tries += 1;
+                    if tries > 8 {
+                        return Err(format!("step {step}: write to {gfn:?} never completed"));
+                    }
+                    let soft = logs.soft_full_exits;
+                    match mmu.handle_fault(gfn, true, &mut logs) {
+                        FaultOutcome::Mapped => exit_after |= logs.soft_full_exits != soft,
+                        FaultOutcome::Retry => {
+                            if logs.ring.as_ref().is_some_and(|r| r.used() >= r.size()) {
+                                let reported = harvest(&mut mmu, &mut logs, &slot, &mut fetch, &mut words)?;
+                                check(step, &mut written, reported)?;
+                            }
+                        }
+                        other => return Err(format!("step {step}: write ended in {other:?}")),
+                    }
+                }
+                written.insert(p as u64 % PAGES);
+                if exit_after {
+                    let reported = harvest(&mut mmu, &mut logs, &slot, &mut fetch, &mut words)?;
+                    check(step, &mut written, reported)?;
                 }
             }
             DirtyOp::Invalidate(p, n) => {
@@ -396,13 +492,7 @@ pub fn run_dirty(setup: DirtySetup, ops: &[DirtyOp]) -> Result<(), String> {
             }
             DirtyOp::Harvest => {
                 let reported = harvest(&mut mmu, &mut logs, &slot, &mut fetch, &mut words)?;
-                if let Some(p) = written.difference(&reported).next() {
-                    return Err(format!("step {step}: page {p} written but not reported"));
-                }
-                if let Some(p) = reported.difference(&written).next() {
-                    return Err(format!("step {step}: page {p} reported but not written"));
-                }
-                written.clear();
+                check(step, &mut written, reported)?;
             }
         }
     }
@@ -443,9 +533,15 @@ fn harvest(
         }
         LogMode::Ring => {
             let ring = logs.ring.as_ref().ok_or("ring")?;
+            let mut twice = None;
             ring.harvest(fetch, |_, off| {
-                reported.insert(off);
+                if !reported.insert(off) {
+                    twice = Some(off);
+                }
             });
+            if let Some(off) = twice {
+                return Err(format!("page {off} reported twice in one harvest"));
+            }
             let mut flush = FlushToken::new();
             let backend = mmu.backend_mut();
             let mut err = Ok(());
@@ -474,60 +570,82 @@ pub enum AgeOp {
     Invalidate(u16, u8),
 }
 
-/// Runs ageing against a model of "accessed since last aged" per page, on a
-/// format with an accessed bit or (under access tracking) without.
-pub fn run_ageing(accessed_bit: bool, ops: &[AgeOp]) -> Result<(), String> {
-    const PAGES: u64 = 256;
+/// Runs ageing against a model of "accessed since last aged" per leaf, on a
+/// format with an accessed bit or (under access tracking) without, with
+/// 4 KiB leaves or 2 MiB leaves (`huge`: a leaf is young as a whole, and an
+/// invalidation of one page zaps all of it). After each `age` and each
+/// `test_age`, every page of the range is tested on its own and compared
+/// with the model: pages, not only counts.
+pub fn run_ageing(accessed_bit: bool, huge: bool, ops: &[AgeOp]) -> Result<(), String> {
+    const PAGES: u64 = 2048;
+    const BASE: u64 = 0x1000;
+    const HVA: u64 = 0x8000_0000;
     let slots = {
         let mut b = mmu_generic::memslot::MemslotsBuilder::new();
-        b.create(Memslot::new(SlotId(0), Gfn(0x1000), PAGES, Hva(0x8000_0000), SlotFlags::empty()))
+        b.create(Memslot::new(SlotId(0), Gfn(BASE), PAGES, Hva(HVA), SlotFlags::empty()))
             .map_err(|e| e.to_string())?;
         b.build().map_err(|e| e.to_string())?
     };
     let policy = NoAccessedBit::AccessTracking;
     let mut mmu = SimMmu::new(slots.clone(), Caps { accessed_bit, dirty_bit: accessed_bit });
+    mmu.huge_pages = huge;
+    let leaf = if huge { 512 } else { 1 };
     let mut logs = DirtyLogs::default();
-    // young[p]: accessed since last aged, while mapped.
-    let mut young = vec![false; PAGES as usize];
+    // young[l]: leaf l accessed since last aged, while mapped.
+    let mut young = vec![false; (PAGES / leaf) as usize];
     let hvas = |p: u16, n: u8| {
         let first = p as u64 % PAGES;
-        let last = (first + n as u64 + 1).min(PAGES);
-        (
-            first..last,
-            HvaRange { start: Hva(0x8000_0000 + first * 4096), end: Hva(0x8000_0000 + last * 4096) },
-        )
+        let last = (first + n as u64 * 8 + 1).min(PAGES);
+        (first..last, HvaRange { start: Hva(HVA + first * 4096), end: Hva(HVA + last * 4096) })
+    };
+    let page_range = |q: u64| HvaRange { start: Hva(HVA + q * 4096), end: Hva(HVA + (q + 1) * 4096) };
+    let leaves_of = |pages: core::ops::Range<u64>| (pages.start / leaf)..pages.end.div_ceil(leaf);
+    let per_page = |step: usize, mmu: &SimMmu, young: &[bool], pages: core::ops::Range<u64>| {
+        for q in pages {
+            let got = test_age(&slots, mmu.backend(), page_range(q), policy).young;
+            if got != young[(q / leaf) as usize] {
+                return Err(format!(
+                    "step {step}: page {q}: test_age {got}, model {}",
+                    young[(q / leaf) as usize]
+                ));
+            }
+        }
+        Ok(())
     };
     for (step, op) in ops.iter().enumerate() {
         match *op {
             AgeOp::Touch(p, w) => {
                 let off = p as u64 % PAGES;
-                touch(&mut mmu, Gfn(0x1000 + off), w, &mut logs)?;
-                young[off as usize] = true;
+                touch(&mut mmu, Gfn(BASE + off), w, &mut logs)?;
+                young[(off / leaf) as usize] = true;
             }
             AgeOp::Age(p, n) => {
                 let (pages, range) = hvas(p, n);
-                let want = pages.clone().filter(|&q| young[q as usize]).count() as u64;
+                let want = leaves_of(pages.clone()).filter(|&l| young[l as usize]).count() as u64;
                 let mut flush = FlushToken::new();
                 let r = age(&slots, mmu.backend_mut(), range, policy, &mut flush);
                 mmu.flush(flush);
                 if r.young_leaves != want {
                     return Err(format!("step {step}: age found {} young, model {want}", r.young_leaves));
                 }
-                pages.for_each(|q| young[q as usize] = false);
+                leaves_of(pages.clone()).for_each(|l| young[l as usize] = false);
+                per_page(step, &mmu, &young, pages)?;
             }
             AgeOp::TestAge(p, n) => {
                 let (pages, range) = hvas(p, n);
-                let want = pages.clone().any(|q| young[q as usize]);
+                let want = leaves_of(pages.clone()).any(|l| young[l as usize]);
                 let got = test_age(&slots, mmu.backend(), range, policy).young;
                 if got != want {
                     return Err(format!("step {step}: test_age {got}, model {want}"));
                 }
+                per_page(step, &mmu, &young, pages)?;
             }
             AgeOp::Invalidate(p, n) => {
                 let (pages, range) = hvas(p, n);
                 mmu.zap_hva_range(range, &logs);
-                // An unmapped page is old: nothing maps it.
-                pages.for_each(|q| young[q as usize] = false);
+                // An unmapped leaf is old: nothing maps it (a huge leaf
+                // goes whole).
+                leaves_of(pages).for_each(|l| young[l as usize] = false);
             }
         }
     }

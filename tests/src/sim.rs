@@ -4,13 +4,26 @@
 //! [`MmuBackend`]) and, through [`SimMmu`], the CPU that walks it and the
 //! hypervisor's fault handler, so every core driver runs before any arch
 //! crate exists.
+//!
+//! **A real TLB.** [`SimMmu::hw_access`] goes through a simulated TLB that
+//! caches each 4 KiB frame's translation with its write permission and
+//! whether D was set when it was cached, and forgets only on a flush
+//! ([`SimTlb`], through the drivers' [`FlushToken`]s): a hit that permits the
+//! access completes without touching the PTE (A and D are not set again); a
+//! write hit cached before D was set re-walks to set D, faulting if the PTE
+//! no longer allows it; a hit that does not permit the access faults and
+//! drops the entry. So a driver that forgets an `add_range`, or a harness
+//! that copies a page before the flush, lets a write through a stale entry
+//! go unlogged, and the scenarios fail.
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use mmu_generic::addr::{Gfn, GfnRange, HvaRange};
-use mmu_generic::backend::{BackendError, Caps, FlushToken, Leaf, MmuBackend, TlbFlush};
+use mmu_generic::backend::{
+    for_each_leaf_batched, BackendError, Caps, FlushToken, Leaf, MmuBackend, TlbFlush,
+};
 use mmu_generic::dirty_log::Tracking;
 use mmu_generic::dirty_ring::RingPush;
 use mmu_generic::memslot::{Memslot, Memslots, SlotFlags, SlotId};
@@ -240,21 +253,50 @@ impl MmuBackend for SimBackend {
     }
 }
 
-/// Counts the flushes the drivers asked for.
+/// One cached translation of a 4 KiB frame.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct TlbEntry {
+    /// The PTE allowed writes when cached.
+    writable: bool,
+    /// D was set when cached (or the format has no D bit): a write hit
+    /// needs no walk.
+    dirty: bool,
+}
+
+/// The simulated TLB: never evicts (the strictest model of a missing
+/// flush), keyed by 4 KiB guest frame, forgets only on a flush.
 #[derive(Debug, Default)]
 pub struct SimTlb {
+    entries: BTreeMap<u64, TlbEntry>,
     /// Range flushes performed.
     pub ranges: u64,
     /// Full flushes performed.
     pub alls: u64,
 }
 
+impl SimTlb {
+    /// Number of cached translations.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 impl TlbFlush for SimTlb {
-    fn flush_range(&mut self, _: GfnRange) {
+    fn flush_range(&mut self, range: GfnRange) {
         self.ranges += 1;
+        let doomed: Vec<u64> = self.entries.range(range.start.0..range.end.0).map(|(&g, _)| g).collect();
+        for g in doomed {
+            self.entries.remove(&g);
+        }
     }
     fn flush_all(&mut self) {
         self.alls += 1;
+        self.entries.clear();
     }
 }
 
@@ -268,6 +310,8 @@ pub struct SimMmu {
     pub huge_pages: bool,
     /// Faults that installed a new leaf.
     pub faults_mapped: u64,
+    /// Accesses the TLB served without a walk.
+    pub tlb_hits: u64,
 }
 
 impl SimMmu {
@@ -275,7 +319,59 @@ impl SimMmu {
     pub fn new(slots: Memslots, caps: Caps) -> Self {
         let mut backend = SimBackend::new(caps);
         backend.sync_slots(&slots);
-        Self { slots, backend, tlb: SimTlb::default(), huge_pages: false, faults_mapped: 0 }
+        Self { slots, backend, tlb: SimTlb::default(), huge_pages: false, faults_mapped: 0, tlb_hits: 0 }
+    }
+
+    /// The simulated TLB.
+    pub fn tlb(&self) -> &SimTlb {
+        &self.tlb
+    }
+
+    /// Installs a new memslot set. Every old slot whose mappings cannot
+    /// survive ([`Memslots::stale_slots`]: deleted, moved, backed by other
+    /// host memory, made read-only) has its leaves zapped first, through the
+    /// old slot's reverse map, with their final D bits folded into its log;
+    /// then the reverse map follows the new set. Returns the leaves zapped.
+    pub fn set_memslots(&mut self, new: Memslots, logs: &DirtyLogs) -> usize {
+        let mut flush = FlushToken::new();
+        let mut zapped = 0;
+        let stale: Vec<Memslot> = self.slots.stale_slots(&new).map(|(s, _)| *s).collect();
+        for old in stale {
+            let log = logs.logs.get(&old.id());
+            for_each_leaf_batched(&mut self.backend, &old, old.gfns(), |b, h| match b.zap(h, &mut flush) {
+                Some(leaf) => {
+                    zapped += 1;
+                    if let Some(log) = log {
+                        log.note_zapped(&leaf);
+                    }
+                    true
+                }
+                None => false,
+            });
+        }
+        self.flush(flush);
+        self.backend.sync_slots(&new);
+        self.slots = new;
+        zapped
+    }
+
+    /// Cached translations that grant more than the tables: a write through a
+    /// non-writable PTE, or a D bit cached as set that the tables cleared on
+    /// a writable leaf (the CPU would skip setting it), or a frame no present
+    /// leaf maps. Zero after every correct flush.
+    pub fn stale_tlb_entries(&self) -> usize {
+        self.tlb
+            .entries
+            .iter()
+            .filter(|(&g, e)| match self.backend.lookup(Gfn(g)).and_then(|h| self.backend.leaf(h)) {
+                None => true,
+                Some(l) if l.access_tracked => true,
+                Some(l) => {
+                    (e.writable && !l.writable)
+                        || (e.writable && e.dirty && self.backend.caps.dirty_bit && !l.dirty)
+                }
+            })
+            .count()
     }
 }
 
@@ -295,7 +391,26 @@ impl GuestMmu for SimMmu {
     }
 
     fn hw_access(&mut self, gfn: Gfn, write: bool) -> Result<(), HwFault> {
-        self.backend.hw_access(gfn, write)
+        let denied = if write { HwFault::WriteProtected } else { HwFault::NotPresent };
+        if let Some(e) = self.tlb.entries.get(&gfn.0).copied() {
+            if write && !e.writable {
+                // The fault drops the translation it faulted on.
+                self.tlb.entries.remove(&gfn.0);
+                return Err(denied);
+            }
+            if !write || e.dirty {
+                self.tlb_hits += 1;
+                return Ok(());
+            }
+            // A write through a translation cached before D was set walks
+            // the tables to set D, faulting if they no longer allow it.
+        }
+        self.tlb.entries.remove(&gfn.0);
+        self.backend.hw_access(gfn, write)?;
+        let leaf = self.backend.lookup(gfn).and_then(|h| self.backend.leaf(h)).ok_or(HwFault::NotPresent)?;
+        let dirty = write || !self.backend.caps.dirty_bit;
+        self.tlb.entries.insert(gfn.0, TlbEntry { writable: leaf.writable, dirty });
+        Ok(())
     }
 
     fn handle_fault(&mut self, gfn: Gfn, write: bool, logs: &mut DirtyLogs) -> FaultOutcome {

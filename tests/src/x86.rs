@@ -23,20 +23,17 @@
 //! violations.
 //!
 //! **What the embedder owes the core's dirty log.** The engine's fault path
-//! knows memslot flags, not [`SlotDirtyLog`]s; an embedder (this adapter)
-//! does three things the engine cannot:
-//! 1. it sets [`SlotFlags::DIRTY_LOG`] on a slot's memslot when the slot's
+//! takes a [`FaultCtx`] naming the slots' logs and the vCPU's ring, and logs
+//! each page before it stores a writable leaf (log, then grant); a full ring
+//! maps read-only and the adapter answers `Retry`. The adapter still:
+//! 1. sets [`SlotFlags::DIRTY_LOG`] on a slot's memslot when the slot's
 //!    log starts (and clears it when the log goes), through
-//!    [`TdpMmu::set_memslots`], whose flag-only change keeps the mappings.
-//!    The engine then maps logged memory with 4 KiB leaves, writable only on
-//!    a write fault. The harness starts logs without a memslot change, so the
-//!    adapter derives the flags from the [`DirtyLogs`] at each fault;
-//! 2. after a fault whose [`Mapping::dirtied`] is set in a logged slot, it
-//!    calls [`SlotDirtyLog::note_writable`] with the leaf's handle, found
-//!    through the reverse map ([`MmuBackend::for_each_leaf`]), since the
-//!    outcome does not carry it; a ring that refuses the entry makes the
-//!    adapter write-protect the leaf again and answer `Retry`. (A ring that is
-//!    already full is checked before the fault, so the undo is a backstop.);
+//!    [`TdpMmu::set_memslots`], whose flag-only change keeps the mappings
+//!    (the engine refuses a flagged slot without a log in the context). The
+//!    harness starts logs without a memslot change, so the adapter derives
+//!    the flags from the [`DirtyLogs`] at each fault;
+//! 2. tops up the engine's reverse-map reserve when a fault reports it
+//!    empty, and retries (KVM's memory caches, topped up outside the lock);
 //! 3. on an invalidation it passes every zapped leaf to
 //!    [`SlotDirtyLog::note_zapped`], so a dirty bit is not lost with its leaf.
 
@@ -50,16 +47,16 @@ use arch_x86::format::ept::Ept;
 use arch_x86::format::npt::Npt;
 use arch_x86::format::{Access, PageSize, PhysAddrWidth, TdpFormat, WalkFault, WalkLength};
 use arch_x86::frame::SimMemory;
-use arch_x86::tdp::{self, MapKind, Mapping, TdpError, TdpMmu};
+use arch_x86::tdp::{self, MapKind, TdpError, TdpMmu};
 use arch_x86::testing::LinearHost;
 use arch_x86::walk::{translate, WalkError};
 use mmu_generic::addr::{Gfn, GfnRange, HvaRange, Pfn};
-use mmu_generic::backend::{FlushToken, MmuBackend, TlbFlush};
-use mmu_generic::dirty_log::LogMode;
+use mmu_generic::backend::{FlushToken, TlbFlush};
+use mmu_generic::dirty_log::{FaultCtx, WriteGrant};
 use mmu_generic::dirty_ring::RingPush;
 use mmu_generic::invalidate::InvalidationSeq;
 use mmu_generic::memslot::{Memslots, SlotFlags, SlotId};
-use mmu_generic::pte_list::PteHandle;
+use mmu_generic::pte_list::RmapError;
 
 use crate::harness::{DirtyLogs, FaultOutcome, GuestMmu, HwFault};
 
@@ -150,6 +147,11 @@ pub struct GuestStats {
     /// Walks that hit a reserved bit or a pointer outside table memory: the
     /// engine wrote an entry the processor rejects.
     pub misconfigs: u64,
+    /// Faults that found the reverse-map reserve empty and were retried
+    /// after a top-up.
+    pub reserve_refills: u64,
+    /// Faults whose write the full ring refused (mapped read-only).
+    pub ring_full: u64,
 }
 
 /// A guest whose nested tables are arch-x86's [`TdpMmu`] in [`SimMemory`].
@@ -298,46 +300,6 @@ impl<F: TdpFormat> TdpGuest<F> {
         // A flag-only change keeps every mapping; nothing is zapped.
         self.mmu.set_memslots(&new, &mut self.tlb, |_| {});
     }
-
-    /// The handle of the writable leaf mapping `gfn` (through the reverse
-    /// map: the fault's outcome does not carry it).
-    fn writable_leaf(&self, slot: SlotId, gfn: Gfn) -> Option<PteHandle> {
-        let s = *self.mmu.memslots().get(slot)?;
-        let mut found = None;
-        let one = GfnRange { start: gfn, end: Gfn(gfn.0 + 1) };
-        self.mmu.for_each_leaf(&s, one, &mut |h| {
-            if found.is_none() && self.mmu.leaf(h).is_some_and(|l| l.writable && !l.access_tracked) {
-                found = Some(h);
-            }
-        });
-        found
-    }
-
-    /// Step 2 of the embedder's duties: a write made a leaf of a logged slot
-    /// writable (or found it so); the log must hear of it.
-    fn note_dirtied(&mut self, gfn: Gfn, m: &Mapping, logs: &mut DirtyLogs) -> FaultOutcome {
-        let Some(log) = logs.logs.get_mut(&m.slot) else { return FaultOutcome::Mapped };
-        let Some(h) = self.writable_leaf(m.slot, gfn) else {
-            // A dirtied mapping is writable; the reverse map files every leaf.
-            self.errors.push(format!("{gfn:?}: a dirtied mapping with no writable leaf in the reverse map"));
-            return FaultOutcome::Retry;
-        };
-        match log.note_writable(gfn, h, logs.ring.as_ref()) {
-            Ok(RingPush::Ok) => FaultOutcome::Mapped,
-            Ok(RingPush::SoftFull) => {
-                logs.soft_full_exits += 1;
-                FaultOutcome::Mapped
-            }
-            Err(_) => {
-                // The write was not logged, so it must not happen: take the
-                // permission back and let the harvester run.
-                let mut flush = FlushToken::new();
-                self.mmu.write_protect(h, &mut flush);
-                self.flush(flush);
-                FaultOutcome::Retry
-            }
-        }
-    }
 }
 
 impl<F: TdpFormat> GuestMmu for TdpGuest<F> {
@@ -398,22 +360,20 @@ impl<F: TdpFormat> GuestMmu for TdpGuest<F> {
     fn handle_fault(&mut self, gfn: Gfn, write: bool, logs: &mut DirtyLogs) -> FaultOutcome {
         self.sync_log_flags(logs);
         let Some(gpa) = gfn.gpa() else { return FaultOutcome::Mmio };
-        if write {
-            // A full ring cannot log the write this fault would allow.
-            let ring_logged = self
-                .mmu
-                .memslots()
-                .lookup(gfn)
-                .and_then(|s| logs.logs.get(&s.id()))
-                .is_some_and(|l| l.mode() == LogMode::Ring);
-            if ring_logged && logs.ring.as_ref().is_some_and(|r| r.used() >= r.size()) {
-                return FaultOutcome::Retry;
-            }
-        }
         let access = if write { Access::WRITE } else { Access::READ };
-        let mut flush = FlushToken::new();
-        let outcome = self.mmu.handle_fault(gpa, access, &mut self.host, &self.inv, &mut flush);
-        self.flush(flush);
+        let ctx = FaultCtx::new(&logs.logs, logs.ring.as_ref());
+        let mut outcome = Err(TdpError::Rmap(RmapError::ReserveEmpty));
+        for _ in 0..2 {
+            let mut flush = FlushToken::new();
+            outcome = self.mmu.handle_fault_logged(gpa, access, &mut self.host, &self.inv, &ctx, &mut flush);
+            self.flush(flush);
+            if outcome != Err(TdpError::Rmap(RmapError::ReserveEmpty)) {
+                break;
+            }
+            // Outside the MMU lock, as KVM tops up its memory caches.
+            self.stats.reserve_refills += 1;
+            self.mmu.reserve(TdpMmu::<F, SimMemory>::FAULT_RESERVE);
+        }
         match outcome {
             Ok(tdp::FaultOutcome::Mapped(m)) => {
                 match m.kind {
@@ -421,10 +381,17 @@ impl<F: TdpFormat> GuestMmu for TdpGuest<F> {
                     MapKind::Restored => self.stats.faults_restored += 1,
                     MapKind::Spurious => self.stats.faults_spurious += 1,
                 }
-                if m.dirtied {
-                    self.note_dirtied(gfn, &m, logs)
-                } else {
-                    FaultOutcome::Mapped
+                match m.grant {
+                    Some(WriteGrant::RingFull) => {
+                        // Mapped read-only: the write waits for the harvester.
+                        self.stats.ring_full += 1;
+                        FaultOutcome::Retry
+                    }
+                    Some(WriteGrant::Writable(RingPush::SoftFull)) => {
+                        logs.soft_full_exits += 1;
+                        FaultOutcome::Mapped
+                    }
+                    _ => FaultOutcome::Mapped,
                 }
             }
             Ok(tdp::FaultOutcome::Retry) => FaultOutcome::Retry,

@@ -360,3 +360,77 @@ fn full_ring_holds_the_write_back<F: TdpFormat>(f: F) {
 fn a_full_dirty_ring_holds_the_write_back_until_reset() {
     each_format!(|f| full_ring_holds_the_write_back(f));
 }
+
+/// Shadow paging's guest A/D updates are hypervisor writes to guest table
+/// pages: the fault marks each table page whose entry it changed (and only
+/// those), and an emulated write marks its page before writing. A refused
+/// mark (full ring) makes the fault retry with the mark kept.
+#[test]
+fn shadow_guest_ad_updates_and_emulated_writes_are_marked() {
+    use arch_x86::frame::SimMemory;
+    use arch_x86::shadow::mode::{A, P, RW, US};
+    use arch_x86::shadow::{
+        AccessKind, AccessOp, CpuFeatures, DirtyTracker, GuestCpu, GuestMode, ShadowConfig, ShadowError,
+        ShadowFault, ShadowMmu, SimGuestRam,
+    };
+    use arch_x86::testing::LinearHost;
+    use mmu_generic::addr::{Gpa, Gva, Pfn};
+    use mmu_generic::pte_list::PteHandle;
+
+    #[derive(Default)]
+    struct Marks {
+        marked: Vec<u64>,
+        refuse: bool,
+    }
+    impl DirtyTracker for Marks {
+        fn write_protected(&self, _: SlotId) -> bool {
+            false
+        }
+        fn note_writable(&mut self, _: SlotId, _: Gfn, _: PteHandle) -> bool {
+            true
+        }
+        fn mark(&mut self, _: SlotId, gfn: Gfn) -> bool {
+            if self.refuse {
+                return false;
+            }
+            self.marked.push(gfn.0);
+            true
+        }
+    }
+
+    let mut b = MemslotsBuilder::new();
+    b.create(Memslot::new(SlotId(0), Gfn(0), 512, Hva(0x4000_0000), SlotFlags::empty())).unwrap();
+    let ram = SimGuestRam::new(&[(Gfn(0), 512)]);
+    // PD at 0x1000 (A already set), page table at 0x2000 (A clear).
+    ram.write(Gpa(0x1000), 4, 0x2000 | P | RW | US | A).unwrap();
+    ram.write(Gpa(0x2000 + 4 * 5), 4, 0x9000 | P | RW | US).unwrap();
+    let mut mmu = ShadowMmu::new(
+        ShadowConfig::new(CpuFeatures::typical()),
+        SimMemory::new(Pfn(0x8_0000), 64),
+        ram,
+        LinearHost::new(0x10_0000, arch_x86::format::PageSize::Size4K),
+        b.build().unwrap(),
+    );
+    let cpu = GuestCpu::new(GuestMode::Bits32, 0x1000);
+    mmu.load_cr3(&cpu).unwrap();
+    let read = AccessKind::user(AccessOp::Read);
+    let mut t = Marks { refuse: true, ..Marks::default() };
+    assert_eq!(
+        mmu.page_fault(&cpu, Gva(0x5123), read, &mut t),
+        Ok(ShadowFault::Retry),
+        "a refused mark retries"
+    );
+    t.refuse = false;
+    assert_eq!(mmu.page_fault(&cpu, Gva(0x5123), read, &mut t), Ok(ShadowFault::Fixed));
+    assert_eq!(t.marked, [2], "the kept mark of the table page whose A bit the walk set, and no other");
+    // An emulated write marks its page first; refused, it writes nothing.
+    let mut t = Marks { refuse: true, ..Marks::default() };
+    assert_eq!(
+        mmu.emulated_write_logged(Gpa(0x3008), 4, 7, &mut t),
+        Err(ShadowError::DirtyRingFull(Gpa(0x3008)))
+    );
+    t.refuse = false;
+    mmu.emulated_write_logged(Gpa(0x3008), 4, 7, &mut t).unwrap();
+    assert_eq!(t.marked, [3]);
+    mmu.take_flush().flush(&mut mmu_generic::backend::NoTlb);
+}

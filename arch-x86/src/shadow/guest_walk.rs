@@ -125,6 +125,10 @@ pub struct GuestWalk {
     /// Steps by level (index `level - 1`), valid from the root level down
     /// to `leaf_level`.
     pub steps: [WalkStep; 5],
+    /// Levels whose entry this walk's A/D update wrote (bit `level - 1`):
+    /// the hypervisor wrote those guest table pages, and a dirty log must
+    /// hear of it.
+    pub ad_written: u8,
 }
 
 impl GuestWalk {
@@ -246,6 +250,7 @@ pub fn walk<P: PagingMode, Mem: PhysMemory + ?Sized>(
         }
         let write = access.op == AccessOp::Write;
         let mut restart = false;
+        let mut ad_written = 0u8;
         if set_ad {
             let top = if P::MODE == GuestMode::Pae { 2 } else { P::MODE.root_level() };
             for l in level..=top {
@@ -254,7 +259,10 @@ pub fn walk<P: PagingMode, Mem: PhysMemory + ?Sized>(
                 if step.entry & set != set {
                     let new = step.entry | set;
                     match mem.compare_exchange(step.entry_addr, bytes, step.entry, new) {
-                        Ok(true) => step.entry = new,
+                        Ok(true) => {
+                            step.entry = new;
+                            ad_written |= 1 << (l - 1);
+                        }
                         Ok(false) => {
                             restart = true;
                             break;
@@ -283,6 +291,7 @@ pub fn walk<P: PagingMode, Mem: PhysMemory + ?Sized>(
             access: allowed,
             dirty: steps[level as usize - 1].entry & D != 0,
             steps,
+            ad_written,
         });
     }
     Err(WalkFault::Contended)

@@ -76,6 +76,9 @@ pub enum ShadowError {
     /// The CPU state names a PAE root whose PDPTE registers were not loaded
     /// with [`super::guest_walk::load_pdptrs`] (a present one has reserved bits).
     BadPdptrs,
+    /// A logged emulated write found the vCPU's dirty ring full: nothing was
+    /// written; exit to the harvester and emulate again.
+    DirtyRingFull(Gpa),
 }
 
 impl fmt::Display for ShadowError {
@@ -87,6 +90,7 @@ impl fmt::Display for ShadowError {
             Self::NotGuestMemory(a) => write!(f, "guest-physical address {a} is outside every memslot"),
             Self::PaeRootAbove4G(p) => write!(f, "PAE root frame {p} is above 4 GiB"),
             Self::BadPdptrs => f.write_str("PDPTE registers with reserved bits"),
+            Self::DirtyRingFull(a) => write!(f, "dirty ring full: the write to {a} was not logged"),
         }
     }
 }
@@ -138,6 +142,11 @@ pub trait DirtyTracker {
     /// Leaf `h` of `slot`, mapping `gfn`, is about to become writable.
     /// Returning `false` refuses (a full dirty ring): the fault retries.
     fn note_writable(&mut self, slot: SlotId, gfn: Gfn, h: PteHandle) -> bool;
+    /// The hypervisor wrote `gfn` of `slot` itself (a guest A/D update, an
+    /// emulated write): log it without chaining
+    /// ([`mmu_generic::dirty_log::SlotDirtyLog::mark`]). Returning `false`
+    /// (a full ring) makes the fault retry, the mark kept for the next fault.
+    fn mark(&mut self, slot: SlotId, gfn: Gfn) -> bool;
 }
 
 /// No dirty logging.
@@ -149,6 +158,9 @@ impl DirtyTracker for NoDirtyLog {
         false
     }
     fn note_writable(&mut self, _: SlotId, _: Gfn, _: PteHandle) -> bool {
+        true
+    }
+    fn mark(&mut self, _: SlotId, _: Gfn) -> bool {
         true
     }
 }
@@ -275,6 +287,9 @@ pub struct ShadowMmu<M: FrameMemory, G: PhysMemory, H: HostMemory> {
     roots: Vec<Root>,
     /// Pages that are (or were) unsync; stale indices are skipped.
     unsync: Vec<PageIdx>,
+    /// Guest table pages a walk's A/D update wrote whose mark the dirty
+    /// tracker refused (a full ring): marked first at the next fault.
+    pending_marks: [Option<(SlotId, Gfn)>; 5],
     flush: FlushToken,
     /// Dirty leaves dropped by internal zaps, for the embedder's dirty log.
     zapped_dirty: Vec<(SlotId, Leaf)>,
@@ -341,6 +356,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             config: ShadowConfig { max_pages: config.max_pages.max(16), ..config },
             roots: Vec::new(),
             unsync: Vec::new(),
+            pending_marks: [None; 5],
             flush: FlushToken::new(),
             zapped_dirty: Vec::new(),
             track_zapped_dirty: false,

@@ -63,7 +63,7 @@
 //!     other => panic!("{other:?}"),
 //! };
 //! assert_eq!(code, 0x7);
-//! # let _ = mmu.take_flush();
+//! # mmu.take_flush().flush(&mut mmu_generic::backend::NoTlb);
 //! # Ok::<(), mmu_generic::memslot::MemslotError>(())
 //! ```
 //!

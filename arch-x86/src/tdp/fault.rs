@@ -7,13 +7,34 @@
 //! sequence, resolve hva → pfn through the embedder (which may sleep), and
 //! retry if an invalidation hit meanwhile; then choose the largest page the
 //! slot and the host mapping allow and install it.
+//!
+//! **Log, then grant.** A fault gets a [`FaultCtx`] naming the slots' dirty
+//! logs and the vCPU's ring. In a logged slot the engine calls the log
+//! ([`FaultCtx::before_grant`]) *before* it stores a writable leaf, so no
+//! vCPU can write through a leaf whose page is not yet logged; a full ring
+//! maps the leaf read-only ([`Mapping::grant`] says so) and the write
+//! refaults once the harvester has reset the ring. Under write-protect
+//! tracking only a write fault maps writable; under dirty-bit tracking any
+//! fault does, with D clear on a read (the CPU sets it on the first write,
+//! and no write fault is taken per page). A slot flagged
+//! [`SlotFlags::DIRTY_LOG`] without a log in the context is refused
+//! ([`TdpError::NoDirtyLog`]): logging cannot be bypassed by forgetting it.
+//!
+//! **No allocation.** The fault takes reverse-map descriptors from the
+//! reserve; an empty reserve is [`TdpError::Rmap`]`(`[`RmapError::ReserveEmpty`]`)`:
+//! top up with [`TdpMmu::reserve`] (outside the MMU lock) and retry.
 
 use core::sync::atomic::Ordering;
 
 use mmu_generic::addr::{Gfn, Gpa, Hva, Pfn};
 use mmu_generic::backend::FlushToken;
+use mmu_generic::dirty_log::{FaultCtx, Tracking, WriteGrant};
 use mmu_generic::invalidate::InvalidationSeq;
 use mmu_generic::memslot::{SlotFlags, SlotId};
+use mmu_generic::pte_list::PteHandle;
+
+#[cfg(doc)]
+use mmu_generic::pte_list::RmapError;
 
 use super::map::NewLeaf;
 use super::{TdpError, TdpMmu};
@@ -74,9 +95,16 @@ pub struct Mapping {
     pub slot: SlotId,
     /// What happened.
     pub kind: MapKind,
-    /// The fault was a write and the leaf is writable: the frame is dirty.
-    /// An embedder logging dirty pages by write protection marks it.
+    /// The fault was a write and the leaf is writable: the frame is dirty
+    /// (and, in a logged slot, already logged).
     pub dirtied: bool,
+    /// The leaf's handle (as the reverse map files it).
+    pub handle: PteHandle,
+    /// What the slot's dirty log said before the leaf was made writable:
+    /// `None` when no log was asked (unlogged slot, read-only leaf, or a
+    /// fault that changed nothing). `Some(WriteGrant::RingFull)`: the leaf
+    /// was mapped read-only; exit to the harvester.
+    pub grant: Option<WriteGrant>,
 }
 
 /// Why a fault on guest memory is refused.
@@ -123,8 +151,21 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         inv: &InvalidationSeq,
         flush: &mut FlushToken,
     ) -> Result<FaultOutcome, TdpError> {
+        self.handle_exit_logged(exit, gpa, host, inv, &FaultCtx::unlogged(), flush)
+    }
+
+    /// [`handle_exit`](Self::handle_exit) with the dirty-log context.
+    pub fn handle_exit_logged(
+        &mut self,
+        exit: NestedExit,
+        gpa: Gpa,
+        host: &mut impl HostMemory,
+        inv: &InvalidationSeq,
+        ctx: &FaultCtx<'_>,
+        flush: &mut FlushToken,
+    ) -> Result<FaultOutcome, TdpError> {
         let access = exit.access().map_err(|_| TdpError::Misconfigured(gpa.gfn()))?;
-        self.handle_fault(gpa, access, host, inv, flush)
+        self.handle_fault_logged(gpa, access, host, inv, ctx, flush)
     }
 
     /// Handles a fault of `access` at `gpa`.
@@ -141,6 +182,21 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         inv: &InvalidationSeq,
         flush: &mut FlushToken,
     ) -> Result<FaultOutcome, TdpError> {
+        self.handle_fault_logged(gpa, access, host, inv, &FaultCtx::unlogged(), flush)
+    }
+
+    /// [`handle_fault`](Self::handle_fault) where slots may be dirty-logged:
+    /// `ctx` names the logs and the vCPU's ring, and the engine logs each
+    /// page before it maps it writable.
+    pub fn handle_fault_logged(
+        &mut self,
+        gpa: Gpa,
+        access: Access,
+        host: &mut impl HostMemory,
+        inv: &InvalidationSeq,
+        ctx: &FaultCtx<'_>,
+        flush: &mut FlushToken,
+    ) -> Result<FaultOutcome, TdpError> {
         let gfn = gpa.gfn();
         let Some(slot) = self.slots.lookup(gfn).copied() else {
             return Ok(FaultOutcome::Mmio { gpa, access });
@@ -151,6 +207,10 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         }
         if !self.format.walk_length().covers(gfn.0) {
             return Err(TdpError::GfnTooWide(gfn));
+        }
+        let log = ctx.log(slot.id());
+        if log.is_none() && slot.flags().contains(SlotFlags::DIRTY_LOG) {
+            return Err(TdpError::NoDirtyLog(slot.id()));
         }
         if let Some(m) = self.fast_path(gfn, access, slot.id()) {
             return Ok(FaultOutcome::Mapped(m));
@@ -170,7 +230,7 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
             return Ok(FaultOutcome::Retry);
         }
 
-        let logging = slot.flags().contains(SlotFlags::DIRTY_LOG);
+        let logging = log.is_some();
         let mut size = if logging { PageSize::Size4K } else { self.max_size.min(page.size) };
         while size != PageSize::Size4K {
             let offset = gfn.0 & (size.frames() - 1);
@@ -181,28 +241,44 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
             size = size.smaller().expect("4 KiB ends the loop");
         }
         let mut leaf_access = Access::READ | Access::EXEC;
-        // In a dirty-logged slot only a write fault maps writable, so that
-        // write-protection logging sees every first write.
-        if page.writable && !slot.flags().contains(SlotFlags::READONLY) && (write || !logging) {
+        // In a slot logged by write protection only a write fault maps
+        // writable, so that the log sees every first write; under dirty-bit
+        // tracking any fault may (D stays clear until the CPU writes).
+        let tracking = log.map(|l| l.tracking());
+        if page.writable
+            && !slot.flags().contains(SlotFlags::READONLY)
+            && (write || tracking != Some(Tracking::WriteProtect))
+        {
             leaf_access |= Access::WRITE;
         }
-        // A frame mapped by an obsolete tree too needs a second reverse-map
-        // entry; keep one descriptor in reserve.
-        self.rmap.reserve(1);
         // The access is about to happen: preset A (and D for a write), which
         // spares the processor a locked update of the fresh entry.
         let ad = self.format.accessed_mask() | if write { self.format.dirty_mask() } else { 0 };
         let want = NewLeaf { gfn, pfn: page.pfn, access: leaf_access, ad, slot: Some(slot.id()) };
-        let done = self.install(want, size, false, flush)?;
+        // Log, then grant: the engine asks the log right before it stores
+        // the writable leaf, with the leaf's handle.
+        let mut grant = None;
+        let mut ask = |h: PteHandle| -> Result<bool, TdpError> {
+            if log.is_none() {
+                return Ok(true);
+            }
+            let g = ctx.before_grant(slot.id(), gfn, h).map_err(TdpError::DirtyLog)?;
+            grant = Some(g);
+            Ok(g != WriteGrant::RingFull)
+        };
+        let done = self.install(want, size, false, &mut ask, flush)?;
         let size = PageSize::at_level(done.pos.level).expect("leaves exist at levels 1 to 3 only");
+        let access = self.format.leaf_access(done.new);
         Ok(FaultOutcome::Mapped(Mapping {
             gfn: self.entry_gfn(done.pos),
             pfn: self.format.entry_pfn(done.new, done.pos.level),
             size,
-            access: leaf_access,
+            access,
             slot: slot.id(),
             kind: MapKind::Installed,
-            dirtied: write,
+            dirtied: write && access.contains(Access::WRITE),
+            handle: done.pos.handle(),
+            grant,
         }))
     }
 
@@ -220,6 +296,8 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
             slot,
             kind,
             dirtied: false,
+            handle: pos.handle(),
+            grant: None,
         };
         if f.is_present(e) {
             let have = f.leaf_access(e);

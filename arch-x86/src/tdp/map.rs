@@ -7,6 +7,7 @@ use core::sync::atomic::Ordering;
 use mmu_generic::addr::{Gfn, GfnRange, Pfn};
 use mmu_generic::backend::FlushToken;
 use mmu_generic::memslot::SlotId;
+use mmu_generic::pte_list::PteHandle;
 
 use super::{Pos, TdpError, TdpMmu};
 use crate::format::{level_frames, level_index, Access, PageSize, TdpFormat, ENTRIES};
@@ -42,11 +43,15 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     /// changes. Without it (faults), a table where the leaf would go makes the
     /// leaf smaller, a huge leaf above is split, and an existing leaf at the
     /// position is updated in place.
+    ///
+    /// `grant(handle)` runs right before a leaf with write permission is
+    /// stored (log, then grant); `false` stores it read-only instead.
     pub(super) fn install(
         &mut self,
         want: NewLeaf,
         size: PageSize,
         exact: bool,
+        grant: &mut dyn FnMut(PteHandle) -> Result<bool, TdpError>,
         flush: &mut FlushToken,
     ) -> Result<Installed, TdpError> {
         let NewLeaf { gfn, pfn, access, ad, slot } = want;
@@ -72,7 +77,8 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
                 if exact && (present || tracked) {
                     return Err(TdpError::AlreadyMapped(gfn));
                 }
-                let new = self.leaf_for(gfn, pfn, level, access) | ad;
+                let access = self.granted(access, pos, grant)?;
+                let new = self.leaf_for(gfn, pfn, level, access) | self.ad_for(access, ad);
                 return self.set_leaf(pos, e, new, slot, flush);
             }
             if tracked || (present && self.format.is_leaf(e, level)) {
@@ -83,10 +89,33 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
                 continue;
             }
             if !present {
-                return self.link_subtree(pos, want, target);
+                return self.link_subtree(pos, want, target, grant);
             }
             frame = self.child(e, level);
             level -= 1;
+        }
+    }
+
+    /// `access`, less write permission if `grant` refuses it for the leaf at
+    /// `pos`. Asked only when the leaf would be writable.
+    fn granted(
+        &self,
+        access: Access,
+        pos: Pos,
+        grant: &mut dyn FnMut(PteHandle) -> Result<bool, TdpError>,
+    ) -> Result<Access, TdpError> {
+        if access.contains(Access::WRITE) && !grant(pos.handle())? {
+            return Ok(access - Access::WRITE);
+        }
+        Ok(access)
+    }
+
+    /// The A/D bits to preset: never D on a leaf that is not writable.
+    fn ad_for(&self, access: Access, ad: u64) -> u64 {
+        if access.contains(Access::WRITE) {
+            ad
+        } else {
+            ad & !self.format.dirty_mask()
         }
     }
 
@@ -146,7 +175,13 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     /// Builds the tables from below `pos` (an empty entry of level
     /// `pos.level`) down to a leaf at `target`, then links them with one
     /// store: no walker ever sees a partly built table.
-    fn link_subtree(&mut self, pos: Pos, want: NewLeaf, target: u8) -> Result<Installed, TdpError> {
+    fn link_subtree(
+        &mut self,
+        pos: Pos,
+        want: NewLeaf,
+        target: u8,
+        grant: &mut dyn FnMut(PteHandle) -> Result<bool, TdpError>,
+    ) -> Result<Installed, TdpError> {
         let NewLeaf { gfn, pfn, access, ad, slot } = want;
         let n = (pos.level - target) as usize;
         let mut frames = [FrameId(0); 4];
@@ -172,7 +207,19 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
                 return Err(e.into());
             }
         }
-        let new = self.leaf_for(gfn, pfn, target, access) | ad;
+        let access = match self.granted(access, leaf, grant) {
+            Ok(a) => a,
+            Err(e) => {
+                if let Some(s) = slot {
+                    let _ = self.rmap.remove(s, self.entry_gfn(leaf), target as usize - 1, leaf.handle());
+                }
+                for &f in &frames[..n] {
+                    self.free_table(f);
+                }
+                return Err(e);
+            }
+        };
+        let new = self.leaf_for(gfn, pfn, target, access) | self.ad_for(access, ad);
         self.entry(leaf).store(new, Ordering::Relaxed);
         for k in 0..n - 1 {
             let level = pos.level - 1 - k as u8;
@@ -232,7 +279,8 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     /// Moves the reverse-map entry of the huge leaf at `pos` to the 512
     /// leaves of `child`, all or nothing.
     fn rmap_split(&mut self, slot: SlotId, gfn: Gfn, pos: Pos, child: FrameId) -> Result<(), TdpError> {
-        self.rmap.reserve(ENTRIES);
+        // Descriptors come from the reserve topped up before the lock
+        // (`TdpMmu::reserve`); an empty one fails the split, all or nothing.
         let child_level = pos.level as usize - 2;
         let step = level_frames(pos.level - 1);
         let child_pos = |i: usize| Pos { frame: child, idx: i, level: pos.level - 1 };
@@ -274,9 +322,11 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         let slot = self.check_map(gfn, pfn, size, access)?;
         let mut flush = FlushToken::new();
         let want = NewLeaf { gfn, pfn, access, ad: 0, slot };
-        let r = self.install(want, size, true, &mut flush);
+        // An explicit mapping is the VMM's own: no dirty log to ask.
+        let r = self.install(want, size, true, &mut |_| Ok(true), &mut flush);
         debug_assert!(!flush.is_needed(), "an exact install only fills empty entries");
-        let _ = flush;
+        // Nothing any CPU could cache changed: only empty entries were filled.
+        flush.discard();
         r
     }
 

@@ -27,6 +27,7 @@ use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use mmu_generic::addr::{Gfn, Pfn};
+use mmu_generic::dirty_log::DirtyLogError;
 use mmu_generic::memslot::{Memslots, SlotId};
 use mmu_generic::pte_list::{PteHandle, RmapError};
 use mmu_generic::rmap::{Rmap, X86_LEVEL_SHIFTS};
@@ -84,8 +85,14 @@ pub enum TdpError {
     /// The exit reports a misconfigured entry (EPT misconfiguration or NPF
     /// with RSV), which the engine never writes.
     Misconfigured(Gfn),
-    /// The reverse map refused an update.
+    /// The reverse map refused an update; `ReserveEmpty`: top up with
+    /// [`TdpMmu::reserve`] and retry.
     Rmap(RmapError),
+    /// The dirty log refused the page (out of the slot, wrong mode).
+    DirtyLog(DirtyLogError),
+    /// The slot is flagged for dirty logging but the fault's context holds
+    /// no log for it: the write could not be logged before it is granted.
+    NoDirtyLog(SlotId),
 }
 
 impl From<OutOfFrames> for TdpError {
@@ -116,6 +123,10 @@ impl fmt::Display for TdpError {
             Self::HostFault(g) => write!(f, "no host page behind guest frame {g}"),
             Self::Misconfigured(g) => write!(f, "misconfigured nested entry for guest frame {g}"),
             Self::Rmap(e) => write!(f, "reverse map: {e}"),
+            Self::DirtyLog(e) => write!(f, "dirty log: {e}"),
+            Self::NoDirtyLog(s) => {
+                write!(f, "memslot {} is flagged for logging, but the fault has no log for it", s.0)
+            }
         }
     }
 }
@@ -273,10 +284,16 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     }
 
     /// Tops up the reverse map's descriptor reserve (call before taking the
-    /// MMU lock when the engine sits behind one).
+    /// MMU lock when the engine sits behind one). Faults and splits never
+    /// allocate: they take descriptors from this reserve and report
+    /// `ReserveEmpty` when it runs dry. [`FAULT_RESERVE`](Self::FAULT_RESERVE)
+    /// covers any single fault (one leaf, or a split of one huge leaf).
     pub fn reserve(&mut self, n: usize) {
         self.rmap.reserve(n);
     }
+
+    /// Descriptors that cover any single fault or split.
+    pub const FAULT_RESERVE: usize = ENTRIES + 1;
 
     fn set_meta(&mut self, frame: FrameId, m: TableMeta) {
         let i = frame.0 as usize;

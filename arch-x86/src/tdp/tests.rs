@@ -1,9 +1,14 @@
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use mmu_generic::addr::{Gfn, GfnRange, Gpa, Hva, HvaRange, Pfn};
+use mmu_generic::backend::BackendError;
 use mmu_generic::backend::{FlushToken, MmuBackend};
+use mmu_generic::dirty_log::{DirtyLogError, FaultCtx, LogMode, SlotDirtyLog, Tracking, WriteGrant};
+use mmu_generic::dirty_ring::{DirtyRing, RingPush};
 use mmu_generic::invalidate::InvalidationSeq;
 use mmu_generic::memslot::{Memslot, Memslots, MemslotsBuilder, SlotFlags, SlotId};
+use mmu_generic::pte_list::RmapError;
 
 use super::*;
 use crate::exit::{NestedExit, Origin};
@@ -68,6 +73,34 @@ fn fault<F: TdpFormat>(
     let r = mmu.handle_fault(Gpa(gpa), access, host, &inv, &mut flush);
     flush.flush(&mut FlushRecorder::default());
     r
+}
+
+/// A fault with the dirty-log context `logs` (and the vCPU's `ring`).
+fn fault_logged<F: TdpFormat>(
+    mmu: &mut TdpMmu<F, SimMemory>,
+    host: &mut LinearHost,
+    gpa: u64,
+    access: Access,
+    logs: &BTreeMap<SlotId, SlotDirtyLog>,
+    ring: Option<&DirtyRing>,
+) -> Result<FaultOutcome, TdpError> {
+    let inv = InvalidationSeq::new();
+    let mut flush = FlushToken::new();
+    let ctx = FaultCtx::new(logs, ring);
+    let r = mmu.handle_fault_logged(Gpa(gpa), access, host, &inv, &ctx, &mut flush);
+    flush.flush(&mut FlushRecorder::default());
+    r
+}
+
+/// A log of slot 0 of `slots`, started on an engine with nothing mapped.
+fn log_of(slots: &Memslots, tracking: Tracking, mode: LogMode) -> BTreeMap<SlotId, SlotDirtyLog> {
+    let mut blank = TdpMmu::new(npt(), mem()).unwrap();
+    blank.set_memslots(slots, &mut FlushRecorder::default(), |_| {});
+    let slot = *slots.get(SlotId(0)).unwrap();
+    let mut flush = FlushToken::new();
+    let log = SlotDirtyLog::start(&slot, tracking, mode, &mut blank, &mut flush).unwrap();
+    flush.flush(&mut FlushRecorder::default());
+    BTreeMap::from([(SlotId(0), log)])
 }
 
 fn host(size: PageSize) -> LinearHost {
@@ -360,14 +393,68 @@ fn split_keeps_every_frame_mapped_with_the_same_bits() {
 #[test]
 fn dirty_logged_slot_maps_4k_and_writable_only_on_write_faults() {
     let mut mmu = mmu_with(npt(), SlotFlags::DIRTY_LOG);
+    let logs = log_of(mmu.memslots(), Tracking::WriteProtect, LogMode::Bitmap);
     let mut h = host(PageSize::Size1G);
     let gpa = (4 * GIB) << 12;
-    let m = mapped(fault(&mut mmu, &mut h, gpa, Access::READ).unwrap());
+    // A flagged slot without its log in the context is refused.
+    assert_eq!(fault(&mut mmu, &mut h, gpa, Access::READ), Err(TdpError::NoDirtyLog(SlotId(0))));
+    let m = mapped(fault_logged(&mut mmu, &mut h, gpa, Access::READ, &logs, None).unwrap());
     assert_eq!((m.size, m.access.contains(Access::WRITE), m.dirtied), (PageSize::Size4K, false, false));
-    let m = mapped(fault(&mut mmu, &mut h, gpa, Access::WRITE).unwrap());
+    assert!(!logs[&SlotId(0)].bitmap().test(0), "a read logs nothing");
+    let m = mapped(fault_logged(&mut mmu, &mut h, gpa, Access::WRITE, &logs, None).unwrap());
     assert_eq!((m.kind, m.access.contains(Access::WRITE), m.dirtied), (MapKind::Installed, true, true));
-    let m = mapped(fault(&mut mmu, &mut h, gpa, Access::WRITE).unwrap());
+    assert_eq!(m.grant, Some(WriteGrant::Writable(RingPush::Ok)));
+    assert!(logs[&SlotId(0)].bitmap().test(0), "logged before it was granted");
+    assert_eq!(mmu.leaf(m.handle).map(|l| (l.gfn, l.writable)), Some((Gfn(4 * GIB), true)));
+    let m = mapped(fault_logged(&mut mmu, &mut h, gpa, Access::WRITE, &logs, None).unwrap());
     assert_eq!(m.kind, MapKind::Spurious);
+}
+
+/// Log, then grant: the log is asked with the leaf's handle before the
+/// writable leaf is stored, and a full ring leaves the leaf read-only.
+#[test]
+fn a_full_ring_maps_read_only_and_the_log_runs_before_the_grant() {
+    let mut mmu = mmu_with(ept(true), SlotFlags::DIRTY_LOG);
+    let logs = log_of(mmu.memslots(), Tracking::WriteProtect, LogMode::Ring);
+    let ring = DirtyRing::new(2, 0).unwrap();
+    let mut h = host(PageSize::Size4K);
+    for i in 0..2u64 {
+        let gpa = (4 * GIB + i) << 12;
+        let m = mapped(fault_logged(&mut mmu, &mut h, gpa, Access::WRITE, &logs, Some(&ring)).unwrap());
+        assert!(m.access.contains(Access::WRITE) && m.grant.is_some());
+    }
+    let gpa = (4 * GIB + 2) << 12;
+    let m = mapped(fault_logged(&mut mmu, &mut h, gpa, Access::WRITE, &logs, Some(&ring)).unwrap());
+    assert_eq!(m.grant, Some(WriteGrant::RingFull));
+    assert!(!m.access.contains(Access::WRITE) && !m.dirtied);
+    assert!(walk(&mmu, gpa, Access::READ).is_ok());
+    assert!(walk(&mmu, gpa, Access::WRITE).is_err(), "no write without a ring entry");
+    assert_eq!(mmu.leaf(m.handle).map(|l| (l.writable, l.dirty)), Some((false, false)));
+    // The harvester frees the ring; the refault is granted.
+    let mut fetch = 0;
+    assert_eq!(ring.harvest(&mut fetch, |_, _| {}), 2);
+    ring.reset(|_, _| {});
+    let m = mapped(fault_logged(&mut mmu, &mut h, gpa, Access::WRITE, &logs, Some(&ring)).unwrap());
+    assert!(m.access.contains(Access::WRITE));
+    let mut got = Vec::new();
+    ring.harvest(&mut fetch, |s, o| got.push((s, o)));
+    assert_eq!(got, [(SlotId(0), 2)]);
+}
+
+/// Under dirty-bit tracking a read fault maps writable with D clear: the
+/// first write takes no fault and the D bit is the record.
+#[test]
+fn dirty_bit_tracking_maps_writable_on_a_read_with_d_clear() {
+    let mut mmu = mmu_with(ept(true), SlotFlags::DIRTY_LOG);
+    let logs = log_of(mmu.memslots(), Tracking::HardwareDirty, LogMode::Bitmap);
+    let mut h = host(PageSize::Size1G);
+    let gpa = (4 * GIB + 5) << 12;
+    let m = mapped(fault_logged(&mut mmu, &mut h, gpa, Access::READ, &logs, None).unwrap());
+    assert_eq!((m.size, m.access.contains(Access::WRITE), m.dirtied), (PageSize::Size4K, true, false));
+    assert_eq!(mmu.leaf(m.handle).map(|l| (l.writable, l.dirty)), Some((true, false)));
+    assert_eq!(logs[&SlotId(0)].chain_len(), 1, "the page is chained before it is writable");
+    assert!(walk(&mmu, gpa, Access::WRITE).is_ok());
+    assert!(mmu.leaf(m.handle).unwrap().dirty);
 }
 
 #[test]
@@ -378,6 +465,7 @@ fn write_fault_in_a_newly_logged_slot_splits_the_huge_page_first() {
     mapped(fault(&mut mmu, &mut h, gpa, Access::READ).unwrap());
     let logged = slots(&[(0, 4 * GIB, 4 * GIB, 0x40_0000_0000, SlotFlags::DIRTY_LOG)]);
     mmu.set_memslots(&logged, &mut FlushRecorder::default(), |_| panic!("a flag change zaps nothing"));
+    let logs = log_of(&logged, Tracking::WriteProtect, LogMode::Bitmap);
     let slot = *logged.get(SlotId(0)).unwrap();
     let mut flush = FlushToken::new();
     let mut hs = Vec::new();
@@ -386,7 +474,7 @@ fn write_fault_in_a_newly_logged_slot_splits_the_huge_page_first() {
         mmu.write_protect(x, &mut flush);
     }
     flush.flush(&mut FlushRecorder::default());
-    let m = mapped(fault(&mut mmu, &mut h, gpa, Access::WRITE).unwrap());
+    let m = mapped(fault_logged(&mut mmu, &mut h, gpa, Access::WRITE, &logs, None).unwrap());
     assert_eq!((m.size, m.gfn), (PageSize::Size4K, Gfn(4 * GIB + 77)));
     assert!(walk(&mmu, gpa, Access::WRITE).is_ok());
     assert!(walk(&mmu, gpa + 4096, Access::WRITE).is_err(), "neighbours stay write-protected");
@@ -447,24 +535,22 @@ fn ept_without_ad_ages_by_access_tracking_and_a_refault_restores() {
     assert_eq!(mapped(o).kind, MapKind::Restored);
     assert_eq!(h.resolves, resolves, "restored without the host");
     assert!(walk(&mmu, gpa, Access::WRITE).is_ok());
-    assert!(mmu.mark_access_tracked(hs[0], &mut FlushToken::new().tap()));
+    assert!(flushed(|f| mmu.mark_access_tracked(hs[0], f)));
     // NPT has an accessed bit: no tracking.
     let mut n = mmu_with(npt(), SlotFlags::empty());
     mapped(fault(&mut n, &mut h, gpa, Access::READ).unwrap());
     let mut hs = Vec::new();
     n.for_each_leaf(&slot, slot.gfns(), &mut |x| hs.push(x));
-    assert!(!n.mark_access_tracked(hs[0], &mut FlushToken::new().tap()));
+    assert!(!flushed(|f| n.mark_access_tracked(hs[0], f)));
 }
 
-trait Tap {
-    fn tap(self) -> Self;
-}
-
-impl Tap for FlushToken {
-    /// Lets a test pass a throwaway token inline.
-    fn tap(self) -> Self {
-        self
-    }
+/// Runs `f` with a fresh token and flushes it: these host tests walk the
+/// tables on every access (no TLB to flush).
+fn flushed<T>(f: impl FnOnce(&mut FlushToken) -> T) -> T {
+    let mut token = FlushToken::new();
+    let r = f(&mut token);
+    token.flush(&mut mmu_generic::backend::NoTlb);
+    r
 }
 
 #[test]
@@ -483,7 +569,21 @@ fn zap_all_by_generation_keeps_obsolete_dirt_visible_and_frees_in_batches() {
     assert_eq!(mmu.generation(), 1);
     assert_eq!(mmu.lookup(Gfn(4 * GIB)), None);
     assert!(walk(&mmu, (4 * GIB) << 12, Access::READ).is_err());
-    // Refault one frame under the new root: the frame has two leaves now.
+    // Refault one frame under the new root: the frame has two leaves now,
+    // and its reverse-map list needs a descriptor. The reserve was never
+    // topped up: the fault says so and changes nothing; topped up, the retry
+    // maps.
+    assert_eq!(mmu.rmap().pool().reserve_len(), 0);
+    let before = mmu.tables_in_use();
+    assert_eq!(
+        fault(&mut mmu, &mut h, (4 * GIB) << 12, Access::READ),
+        Err(TdpError::Rmap(RmapError::ReserveEmpty))
+    );
+    assert_eq!(mmu.tables_in_use(), before, "nothing left half-built");
+    // The tables the failed fault built off to the side were freed.
+    let undone = mmu.stats().tables_freed as usize;
+    assert!(walk(&mmu, (4 * GIB) << 12, Access::READ).is_err());
+    mmu.reserve(TdpMmu::<Npt, SimMemory>::FAULT_RESERVE);
     mapped(fault(&mut mmu, &mut h, (4 * GIB) << 12, Access::READ).unwrap());
     let mut dirty = 0;
     mmu.for_each_leaf(&slot, slot.gfns(), &mut |x| dirty += mmu.leaf(x).map_or(0, |l| l.dirty as u32));
@@ -501,7 +601,7 @@ fn zap_all_by_generation_keeps_obsolete_dirt_visible_and_frees_in_batches() {
     assert_eq!(reported, 1100);
     assert!(calls > 2);
     assert_eq!(mmu.tables_in_use(), 4, "the new root and one path remain");
-    assert_eq!(mmu.stats().tables_freed as usize, tables);
+    assert_eq!(mmu.stats().tables_freed as usize - undone, tables);
     let mut left = 0;
     mmu.for_each_leaf(&slot, slot.gfns(), &mut |_| left += 1);
     assert_eq!(left, 1);
@@ -596,4 +696,38 @@ fn batched_4k_map_files_each_page_under_its_slot_and_stops_at_a_taken_entry() {
         check(ept());
         check(npt());
     });
+}
+
+/// A split that finds the reverse-map reserve empty returns `ReserveEmpty`
+/// through the dirty-log start (nothing half split); topped up, the start
+/// is retried and succeeds. The frames' lists already hold a leaf of an
+/// obsolete tree, so the 512 new entries need descriptors.
+#[test]
+fn a_split_with_an_empty_reserve_fails_typed_and_the_retry_after_a_top_up_splits() {
+    let mut mmu = mmu_with(npt(), SlotFlags::empty());
+    let mut h = host(PageSize::Size2M);
+    mmu.set_max_page_size(PageSize::Size4K);
+    for i in 0..512u64 {
+        mapped(fault(&mut mmu, &mut h, (4 * GIB + i) << 12, Access::WRITE).unwrap());
+    }
+    mmu.zap_all(&mut FlushRecorder::default(), |_| {});
+    mmu.set_max_page_size(PageSize::Size2M);
+    let m = mapped(fault(&mut mmu, &mut h, (4 * GIB) << 12, Access::READ).unwrap());
+    assert_eq!(m.size, PageSize::Size2M);
+    assert_eq!(mmu.rmap().pool().reserve_len(), 0);
+    let slot = *mmu.memslots().get(SlotId(0)).unwrap();
+    let mut flush = FlushToken::new();
+    let r = SlotDirtyLog::start(&slot, Tracking::WriteProtect, LogMode::Bitmap, &mut mmu, &mut flush);
+    assert_eq!(r.err(), Some(DirtyLogError::Backend(BackendError::ReserveEmpty)));
+    flush.flush(&mut FlushRecorder::default());
+    assert_eq!(mmu.lookup(Gfn(4 * GIB)).map(|l| l.size), Some(PageSize::Size2M), "the huge leaf is intact");
+    mmu.reserve(TdpMmu::<Npt, SimMemory>::FAULT_RESERVE);
+    let mut flush = FlushToken::new();
+    SlotDirtyLog::start(&slot, Tracking::WriteProtect, LogMode::Bitmap, &mut mmu, &mut flush).unwrap();
+    flush.flush(&mut FlushRecorder::default());
+    assert_eq!(
+        mmu.lookup(Gfn(4 * GIB + 7)).map(|l| l.size),
+        Some(PageSize::Size4K),
+        "split after the top-up"
+    );
 }

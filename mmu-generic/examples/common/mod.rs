@@ -84,7 +84,7 @@ impl FlatMmu {
     /// dirty-logged slot unless the fault is a write, so that write
     /// protection sees the first write), or makes its entry writable. A leaf
     /// made writable is reported to the slot's dirty log, if it has one.
-    pub fn fault(&mut self, gfn: Gfn, write: bool, log: Option<&mut SlotDirtyLog>) -> Option<PteHandle> {
+    pub fn fault(&mut self, gfn: Gfn, write: bool, log: Option<&SlotDirtyLog>) -> Option<PteHandle> {
         let slot = *self.slots.lookup(gfn)?;
         if write && slot.flags().contains(SlotFlags::READONLY) {
             return None;

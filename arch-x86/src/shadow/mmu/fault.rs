@@ -22,6 +22,16 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         dirty: &mut dyn DirtyTracker,
     ) -> Result<ShadowFault, ShadowError> {
         self.stats.faults += 1;
+        // Hypervisor writes a full ring refused at the last fault: logged
+        // before anything else happens.
+        for pending in &mut self.pending_marks {
+            if let Some((slot, gfn)) = *pending {
+                if !dirty.mark(slot, gfn) {
+                    return Ok(ShadowFault::Retry);
+                }
+                *pending = None;
+            }
+        }
         self.topup();
         self.make_room();
         self.ensure_root(cpu)?;
@@ -40,6 +50,23 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             Err(WalkFault::Contended) => return Ok(ShadowFault::Retry),
             Err(f) => return Ok(ShadowFault::InjectPf(f.error_code().expect("page faults carry a code"))),
         };
+        // The walk's A/D updates wrote guest table pages: log them.
+        let mut refused = false;
+        for l in 0..5u8 {
+            if w.ad_written & (1 << l) == 0 {
+                continue;
+            }
+            let table = w.steps[l as usize].table_gfn;
+            if let Some(s) = self.slots.lookup(table) {
+                if !dirty.mark(s.id(), table) {
+                    self.pending_marks[l as usize] = Some((s.id(), table));
+                    refused = true;
+                }
+            }
+        }
+        if refused {
+            return Ok(ShadowFault::Retry);
+        }
         let gpa = w.gpa;
         let gfn = gpa.gfn();
         let Some(slot) = self.slots.lookup(gfn).copied() else { return Ok(ShadowFault::Mmio { gpa }) };

@@ -9,12 +9,29 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     /// shadow of the written table up to date, or zaps the shadow page when
     /// the guest writes it too often or across entries.
     pub fn emulated_write(&mut self, gpa: Gpa, bytes: u64, value: u64) -> Result<(), ShadowError> {
+        self.emulated_write_logged(gpa, bytes, value, &mut NoDirtyLog)
+    }
+
+    /// [`emulated_write`](Self::emulated_write) in a guest whose memory may
+    /// be dirty-logged: the page is marked in `dirty` first (the hypervisor
+    /// writes guest memory), and a refused mark (a full ring) writes nothing
+    /// ([`ShadowError::DirtyRingFull`]).
+    pub fn emulated_write_logged(
+        &mut self,
+        gpa: Gpa,
+        bytes: u64,
+        value: u64,
+        dirty: &mut dyn DirtyTracker,
+    ) -> Result<(), ShadowError> {
         let bytes = bytes.clamp(1, 8);
         let slot = self.slots.lookup(gpa.gfn()).ok_or(ShadowError::NotGuestMemory(gpa))?;
         if slot.flags().contains(SlotFlags::READONLY)
             || gpa.checked_add(bytes - 1).map(|e| e.gfn()) != Some(gpa.gfn())
         {
             return Err(ShadowError::NotGuestMemory(gpa));
+        }
+        if !dirty.mark(slot.id(), gpa.gfn()) {
+            return Err(ShadowError::DirtyRingFull(gpa));
         }
         write_bytes(&self.guest, gpa, bytes, value).map_err(|_| ShadowError::NotGuestMemory(gpa))?;
         self.stats.emulated_writes += 1;

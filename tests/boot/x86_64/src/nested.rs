@@ -11,16 +11,15 @@ use alloc::vec::Vec;
 use arch_x86::format::ept::Ept;
 use arch_x86::format::npt::Npt;
 use arch_x86::exit::{EptQualification, NestedExit, NpfErrorCode};
-use arch_x86::format::{Access, PageSize, PhysAddrWidth, WalkLength};
+use arch_x86::format::{PageSize, PhysAddrWidth, WalkLength};
 use arch_x86::frame::{FrameMemory, IdentityMemory};
 use arch_x86::tdp::{self, HostFault, HostMemory, HostPage, MapKind, TdpError, TdpMmu};
 use mmu_generic::addr::{Gfn, GfnRange, Gpa, Hva, HvaRange, Pfn};
 use mmu_generic::age::{self, AgeReport, NoAccessedBit};
 use mmu_generic::backend::{FlushToken, Leaf, MmuBackend, TlbFlush};
-use mmu_generic::dirty_log::{DirtyLogError, LogMode, SlotDirtyLog, Tracking};
+use mmu_generic::dirty_log::{DirtyLogError, FaultCtx, LogMode, SlotDirtyLog, Tracking};
 use mmu_generic::invalidate::InvalidationSeq;
 use mmu_generic::memslot::{Memslot, MemslotError, Memslots, SlotFlags, SlotId};
-use mmu_generic::pte_list::PteHandle;
 
 use crate::frames::{FramePool, OutOfFrames};
 use crate::port::{cpuid, rdmsr};
@@ -263,16 +262,15 @@ impl Nested {
         let mut host = IdentityHost { huge: &huge };
         let mut flush = FlushToken::new();
         let seq = &self.seq;
-        let out = with_engine!(&mut self.engine, t => t.handle_exit(exit, Gpa(gpa), &mut host, seq, &mut flush));
+        // Log, then grant: the engine logs each page before it maps it writable.
+        let ctx = FaultCtx::new(&self.logs, None);
+        let out = with_engine!(&mut self.engine, t => t.handle_exit_logged(exit, Gpa(gpa), &mut host, seq, &ctx, &mut flush));
         // The staged invalidation (test hook) completes after the fault's check.
         self.end_injected();
         let out = out?;
         self.pending.merge(flush);
         let outcome = match out {
             tdp::FaultOutcome::Mapped(m) => {
-                if m.access.contains(Access::WRITE) && (m.kind == MapKind::Installed || m.dirtied) {
-                    self.note_writable(m.slot, Gfn(gpa >> 12))?;
-                }
                 match m.kind {
                     MapKind::Installed => {
                         self.counters.mapped += 1;
@@ -305,23 +303,6 @@ impl Nested {
         self.zap_hva(range, vendor);
         self.seq.start(range);
         self.injected_open = true;
-    }
-
-    /// Tells the slot's dirty log that the leaf mapping `gfn` became writable.
-    fn note_writable(&mut self, id: SlotId, gfn: Gfn) -> Result<(), NestedError> {
-        let Ok(slot) = self.slot(id) else { return Ok(()) };
-        let Some(log) = self.logs.get_mut(id.0 as usize).and_then(Option::as_mut) else { return Ok(()) };
-        let mut handle: Option<PteHandle> = None;
-        let backend: &dyn MmuBackend = with_engine!(&self.engine, t => t as &dyn MmuBackend);
-        backend.for_each_leaf(&slot, GfnRange { start: gfn, end: Gfn(gfn.0 + 1) }, &mut |h| {
-            if backend.leaf(h).is_some_and(|l| l.writable) {
-                handle = Some(h);
-            }
-        });
-        if let Some(h) = handle {
-            log.note_writable(gfn, h, None).map_err(NestedError::DirtyLog)?;
-        }
-        Ok(())
     }
 
     fn zap_hva(&mut self, range: HvaRange, vendor: &mut dyn Vendor) -> u64 {
