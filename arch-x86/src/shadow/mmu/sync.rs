@@ -175,6 +175,29 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         }
     }
 
+    /// Stops shadowing guest frame `gfn` (KVM's `kvm_mmu_unprotect_page`):
+    /// zaps every shadow page of the current generation that shadows it, so
+    /// a fault on it may map it writable. For a write to a write-protected
+    /// guest table that the embedder cannot emulate (a locked
+    /// read-modify-write, a string store into a table page being reused):
+    /// unprotect and let the guest retry the instruction. Returns the pages
+    /// zapped.
+    pub fn unprotect_gfn(&mut self, gfn: Gfn) -> usize {
+        let gen = self.generation.current();
+        let pages: Vec<PageIdx> = self
+            .cache
+            .of_gfn(gfn)
+            .filter(|&i| {
+                let p = self.cache.get(i);
+                !p.role.direct && p.generation == gen && !p.invalid
+            })
+            .collect();
+        for &i in &pages {
+            self.zap_page(i, ZapReason::Range);
+        }
+        pages.len()
+    }
+
     /// A guest TLB flush (MOV to CR4 of PGE, INVPCID all, a flush hypercall):
     /// resyncs every unsync page.
     pub fn flush_tlb(&mut self) {
