@@ -102,19 +102,25 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         }
         let acc = role.access & PteAccess::of_entry(gpte, cpu.has_xd());
         let may_write = acc.contains(PteAccess::WRITE) && gpte & D != 0;
-        let _ = self.mem.table(frame)[j].fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-            let mut n = c & !(US | XD | RW);
-            if acc.contains(PteAccess::USER) {
-                n |= US;
-            }
+        let user = if acc.contains(PteAccess::USER) { US } else { 0 };
+        let keeps_write = |c: u64| may_write && c & RW != 0 && c & US == user;
+        let was = self.mem.table(frame)[j].fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            let mut n = (c & !(US | XD | RW)) | user;
             if !acc.contains(PteAccess::EXEC) {
                 n |= XD;
             }
-            if may_write && c & RW != 0 && c & US == n & US {
+            if keeps_write(c) {
                 n |= RW;
             }
             Some(n)
         });
+        if let Ok(c) = was {
+            if c & RW != 0 && !keeps_write(c) {
+                let w = self.leaf_word(i, j);
+                let slot = SlotId((w >> SLOT_SHIFT) as u16);
+                self.took_write(frame, j, slot, Gfn(w & ((1 << SLOT_SHIFT) - 1)), c);
+            }
+        }
         self.flush.add_all();
     }
 
