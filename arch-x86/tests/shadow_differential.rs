@@ -840,6 +840,44 @@ fn continuous_self_writes_are_bounded_and_flooded_tables_unprotected() {
     assert_eq!(run_access(&mut mmu, &as1, Gva(0x5123), r), expected(&mmu, &as1, Gva(0x5123), r));
 }
 
+/// A store into a write-protected guest table that the embedder cannot emulate (Linux's
+/// locked read-modify-writes, string stores into recycled table pages): unprotecting the
+/// frame lets the guest's retried store go through, and the other address space that
+/// used the table refaults onto its new contents.
+#[test]
+fn an_unprotected_guest_table_takes_the_guest_store_and_is_shadowed_again_on_use() {
+    let mut mmu = new_mmu(4096, 2);
+    identity_2m(&mmu);
+    let g = mmu.guest();
+    // Address space 1: PML4 6, PDPT 7, PD 8, the shared PT 4.
+    g.write(Gpa(0x6000), 8, 0x7000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x7000), 8, 0x8000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x8000), 8, 0x4000 | P | RW | US | A).unwrap();
+    let as0 = four_level(&mmu, 1);
+    let as1 = four_level(&mmu, 6);
+    let r = AccessKind::user(AccessOp::Read);
+    let w = AccessKind::supervisor(AccessOp::Write);
+    mmu.load_cr3(&as1).unwrap();
+    assert!(matches!(run_access(&mut mmu, &as1, Gva(0x5000), r), Outcome::Host(_)));
+    mmu.load_cr3(&as0).unwrap();
+    assert!(mmu.is_write_tracked(Gfn(8)));
+    assert_eq!(run_access(&mut mmu, &as0, Gva(0x8000), w), Outcome::Emulated(Gpa(0x8000)));
+    assert_eq!(mmu.unprotect_gfn(Gfn(8)), 1, "the PD's one shadow page");
+    assert!(!mmu.is_write_tracked(Gfn(8)));
+    assert_eq!(mmu.unprotect_gfn(Gfn(8)), 0);
+    // The retried store completes on a writable leaf; the guest repoints its PD entry.
+    assert!(matches!(run_access(&mut mmu, &as0, Gva(0x8000), w), Outcome::Host(_)));
+    mmu.guest().write(Gpa(0x8000), 8, 0x9000 | P | RW | US | A).unwrap();
+    mmu.guest().write(Gpa(0x9000 + 8 * 5), 8, 0x77_000 | P | RW | US | A | D).unwrap();
+    mmu.load_cr3(&as1).unwrap();
+    assert_eq!(run_access(&mut mmu, &as1, Gva(0x5123), r), expected(&mmu, &as1, Gva(0x5123), r));
+    assert_eq!(
+        expected(&mmu, &as1, Gva(0x5123), r),
+        Outcome::Host(host_addr(&slots(), Gpa(0x77_123)).unwrap())
+    );
+    assert!(mmu.is_write_tracked(Gfn(8)), "shadowed again once a walk uses it");
+}
+
 #[test]
 fn unsync_leaf_tables_are_resynced_at_invlpg_cr3_load_and_flush() {
     let mut mmu = new_mmu(4096, 2);
