@@ -995,6 +995,63 @@ fn a_dirty_page_that_becomes_a_guest_table_is_still_reported_under_dirty_bits() 
     assert!(got.contains(&0x50), "the write before the page became a table was lost: {got:x?}");
 }
 
+/// The same loss through a resync: the guest cleans the D bit of a PTE in an unsync
+/// page table (Linux's `pte_mkclean`) after writing the page; the INVLPG's resync makes
+/// the leaf read-only, and its D bit must still reach the log.
+#[test]
+fn a_resync_that_makes_a_dirty_leaf_read_only_keeps_its_write_in_the_dirty_log() {
+    let mut mmu = new_mmu(4096, 2);
+    let g = mmu.guest();
+    g.write(Gpa(0x1000), 8, 0x2000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x2000), 8, 0x3000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
+    // The PT maps itself at gva 0x4000 and data gfn 0x80 at 0x10000.
+    g.write(Gpa(0x4000 + 8 * 4), 8, 0x4000 | P | RW | US | A | D).unwrap();
+    g.write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | RW | US | A | D).unwrap();
+    let cpu = four_level(&mmu, 1);
+    mmu.load_cr3(&cpu).unwrap();
+    let slot = *mmu.memslots().get(SlotId(0)).unwrap();
+    let mut flush = FlushToken::new();
+    let log = mmu_generic::dirty_log::SlotDirtyLog::start(
+        &slot,
+        Tracking::HardwareDirty,
+        LogMode::Bitmap,
+        &mut mmu,
+        &mut flush,
+    )
+    .unwrap();
+    let mut log = DbitLog(log);
+    mmu.set_track_zapped_dirty(true);
+    let w = AccessKind::user(AccessOp::Write);
+    let write = |mmu: &mut Mmu, log: &mut DbitLog, gva: u64| {
+        for _ in 0..4 {
+            if mmu.hw_access(&cpu, Gva(gva), w).is_ok() {
+                return;
+            }
+            assert_eq!(mmu.page_fault(&cpu, Gva(gva), w, log), Ok(ShadowFault::Fixed));
+        }
+        panic!("the write to {gva:#x} never completed");
+    };
+    // The PT goes unsync (written through its own mapping), the data page is written.
+    write(&mut mmu, &mut log, 0x4000 + 8 * 16);
+    assert_eq!(mmu.unsync_pages(), 1);
+    write(&mut mmu, &mut log, 0x10_000);
+    dbit_round(&mut mmu, &mut log);
+    write(&mut mmu, &mut log, 0x10_000);
+    // The guest cleans its PTE (same frame, D clear) and invalidates it.
+    mmu.guest().write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | RW | US | A).unwrap();
+    mmu.invlpg(&cpu, Gva(0x10_000));
+    let mut writable = true;
+    mmu.for_each_mapping(|gfn, _, wr| {
+        if gfn == Gfn(0x80) {
+            writable = wr;
+        }
+    });
+    assert!(!writable, "the resync took write away");
+    let got = dbit_round(&mut mmu, &mut log);
+    assert!(got.contains(&0x80), "the write before the resync was lost: {got:x?}");
+}
+
 /// PML4 at gfn 1, PDPT 2, PD 3, PT 4: the first 2 MiB mapped one to one,
 /// the tables included.
 fn identity_2m(mmu: &Mmu) -> GuestCpu {
