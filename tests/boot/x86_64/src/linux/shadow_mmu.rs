@@ -574,9 +574,10 @@ impl GuestMmu for ShadowLinux {
         "shadow paging"
     }
 
-    fn fault(&mut self, gpa: u64, _info: u64, _cpu: &mut dyn Vendor) -> Result<FaultOutcome, NestedError> {
-        // Nested paging is off: there are no nested faults to serve.
-        Err(NestedError::NoSuchSlot(SlotId(u16::try_from(gpa >> 48).unwrap_or(u16::MAX))))
+    fn fault(&mut self, _gpa: u64, _info: u64, _cpu: &mut dyn Vendor) -> Result<FaultOutcome, NestedError> {
+        // Nested paging is off, so the processor reports no nested fault; if one came,
+        // no nested table of this MMU could serve it.
+        Err(NestedError::NoSuchSlot(super::migrate::RAM_SLOT))
     }
 
     fn flush(&mut self, cpu: &mut dyn Vendor) {
