@@ -1,8 +1,9 @@
 //! The guest-memory MMU under the Linux VMM, as a parameter: the VMM serves nested faults,
 //! runs dirty-log rounds, ages and invalidates through this trait only. Today it is the
 //! nested MMU of the scenarios ([`crate::nested::Nested`]: arch-x86's TDP engine with
-//! mmu-generic's memslots, dirty logs, ageing and invalidation), on NPT; a shadow-paging
-//! MMU implements the same operations for the shadow run.
+//! mmu-generic's memslots, dirty logs, ageing and invalidation), on NPT, or arch-x86's
+//! shadow MMU ([`super::shadow_mmu::ShadowLinux`]), which also serves the paging exits
+//! (#PF, CR accesses, INVLPG) and sets the processor's paging state before each entry.
 
 use alloc::format;
 use alloc::string::String;

@@ -7,6 +7,8 @@
 //! ([`pic`]), the PIT ([`pit`]), the RTC ([`cmos`]), filtered CPUID ([`cpuid`]) and MSRs
 //! ([`msr`]); every other port reads as absent. While the test program works the VMM
 //! migrates it twice, ages its memory and zaps a host range under it ([`migrate`]).
+//! With `shadow` on the image's PVH command line the same guest runs with nested paging
+//! off, on arch-x86's shadow MMU ([`shadow_mmu`]).
 //!
 //! The kernel command line is [`CMDLINE`]: the serial console, `quiet`, the legacy PIC and
 //! PIT instead of the APICs (`noapic nolapic`, no second CPU), and no KASLR (the kernel

@@ -2,7 +2,9 @@
 //! started in 64-bit long mode, intercepts for port I/O, CPUID, MSRs, HLT, shutdown and
 //! the interrupt window, event injection through EVENTINJ, and a world switch that also
 //! swaps the state VMRUN leaves alone (FS, GS, TR, LDTR, KernelGsBase, STAR/LSTAR/CSTAR/
-//! SFMASK, SYSENTER_*) with VMLOAD/VMSAVE, as a Linux guest changes all of them.
+//! SFMASK, SYSENTER_*) with VMLOAD/VMSAVE, as a Linux guest changes all of them. With
+//! nested paging off ([`SvmCpu::enable_shadow`]) it also intercepts #PF, CR0/CR3/CR4 and
+//! INVLPG and keeps the guest's control registers apart from the processor's.
 
 use core::arch::global_asm;
 
