@@ -840,6 +840,44 @@ fn continuous_self_writes_are_bounded_and_flooded_tables_unprotected() {
     assert_eq!(run_access(&mut mmu, &as1, Gva(0x5123), r), expected(&mmu, &as1, Gva(0x5123), r));
 }
 
+/// A store into a write-protected guest table that the embedder cannot emulate (Linux's
+/// locked read-modify-writes, string stores into recycled table pages): unprotecting the
+/// frame lets the guest's retried store go through, and the other address space that
+/// used the table refaults onto its new contents.
+#[test]
+fn an_unprotected_guest_table_takes_the_guest_store_and_is_shadowed_again_on_use() {
+    let mut mmu = new_mmu(4096, 2);
+    identity_2m(&mmu);
+    let g = mmu.guest();
+    // Address space 1: PML4 6, PDPT 7, PD 8, the shared PT 4.
+    g.write(Gpa(0x6000), 8, 0x7000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x7000), 8, 0x8000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x8000), 8, 0x4000 | P | RW | US | A).unwrap();
+    let as0 = four_level(&mmu, 1);
+    let as1 = four_level(&mmu, 6);
+    let r = AccessKind::user(AccessOp::Read);
+    let w = AccessKind::supervisor(AccessOp::Write);
+    mmu.load_cr3(&as1).unwrap();
+    assert!(matches!(run_access(&mut mmu, &as1, Gva(0x5000), r), Outcome::Host(_)));
+    mmu.load_cr3(&as0).unwrap();
+    assert!(mmu.is_write_tracked(Gfn(8)));
+    assert_eq!(run_access(&mut mmu, &as0, Gva(0x8000), w), Outcome::Emulated(Gpa(0x8000)));
+    assert_eq!(mmu.unprotect_gfn(Gfn(8)), 1, "the PD's one shadow page");
+    assert!(!mmu.is_write_tracked(Gfn(8)));
+    assert_eq!(mmu.unprotect_gfn(Gfn(8)), 0);
+    // The retried store completes on a writable leaf; the guest repoints its PD entry.
+    assert!(matches!(run_access(&mut mmu, &as0, Gva(0x8000), w), Outcome::Host(_)));
+    mmu.guest().write(Gpa(0x8000), 8, 0x9000 | P | RW | US | A).unwrap();
+    mmu.guest().write(Gpa(0x9000 + 8 * 5), 8, 0x77_000 | P | RW | US | A | D).unwrap();
+    mmu.load_cr3(&as1).unwrap();
+    assert_eq!(run_access(&mut mmu, &as1, Gva(0x5123), r), expected(&mmu, &as1, Gva(0x5123), r));
+    assert_eq!(
+        expected(&mmu, &as1, Gva(0x5123), r),
+        Outcome::Host(host_addr(&slots(), Gpa(0x77_123)).unwrap())
+    );
+    assert!(mmu.is_write_tracked(Gfn(8)), "shadowed again once a walk uses it");
+}
+
 #[test]
 fn unsync_leaf_tables_are_resynced_at_invlpg_cr3_load_and_flush() {
     let mut mmu = new_mmu(4096, 2);
@@ -875,6 +913,143 @@ fn unsync_leaf_tables_are_resynced_at_invlpg_cr3_load_and_flush() {
         run_access(&mut mmu, &cpu, Gva(0x10000), w),
         Outcome::Pf(PfErrorCode::PRESENT | PfErrorCode::WRITE | PfErrorCode::USER)
     );
+}
+
+/// A dirty-bit log of slot 0 as the fault path sees it.
+struct DbitLog(mmu_generic::dirty_log::SlotDirtyLog);
+
+impl DirtyTracker for DbitLog {
+    fn write_protected(&self, _: SlotId) -> bool {
+        false
+    }
+    fn note_writable(&mut self, _: SlotId, gfn: Gfn, h: PteHandle) -> bool {
+        self.0.note_writable(gfn, h, None).is_ok()
+    }
+}
+
+/// One dirty-bit round as an embedder runs it: the D bits the MMU's own changes took
+/// from leaves folded in, then get-and-clear. The guest frames reported.
+fn dbit_round(mmu: &mut Mmu, log: &mut DbitLog) -> Vec<u64> {
+    for (_, leaf) in mmu.take_zapped_dirty() {
+        log.0.note_zapped(&leaf);
+    }
+    let mut words = Vec::new();
+    let _ = log.0.get_and_clear(mmu, &mut words).unwrap();
+    let _ = mmu.take_flush();
+    let mut out = Vec::new();
+    for (w, word) in words.iter().enumerate() {
+        for b in 0..64 {
+            if word & (1 << b) != 0 {
+                out.push(64 * w as u64 + b);
+            }
+        }
+    }
+    out
+}
+
+/// Found by Debian's kernel under shadow paging (33 lost writes in a D-bit migration):
+/// a page the guest wrote through a writable, dirty leaf and then made a page table
+/// was write-protected by the MMU with its D bit still set; the dirty-bit chain skips
+/// leaves that are no longer writable, so the write was never reported. Linux does
+/// this for every page-table page it allocates (zeroed, then linked).
+#[test]
+fn a_dirty_page_that_becomes_a_guest_table_is_still_reported_under_dirty_bits() {
+    let mut mmu = new_mmu(4096, 2);
+    let cpu = identity_2m(&mmu);
+    mmu.load_cr3(&cpu).unwrap();
+    let slot = *mmu.memslots().get(SlotId(0)).unwrap();
+    let mut flush = FlushToken::new();
+    let log = mmu_generic::dirty_log::SlotDirtyLog::start(
+        &slot,
+        Tracking::HardwareDirty,
+        LogMode::Bitmap,
+        &mut mmu,
+        &mut flush,
+    )
+    .unwrap();
+    let mut log = DbitLog(log);
+    mmu.set_track_zapped_dirty(true);
+    let w = AccessKind::supervisor(AccessOp::Write);
+    let r = AccessKind::supervisor(AccessOp::Read);
+    let write = |mmu: &mut Mmu, log: &mut DbitLog, gva: u64| {
+        for _ in 0..4 {
+            if mmu.hw_access(&cpu, Gva(gva), w).is_ok() {
+                return;
+            }
+            assert_eq!(mmu.page_fault(&cpu, Gva(gva), w, log), Ok(ShadowFault::Fixed));
+        }
+        panic!("the write to {gva:#x} never completed");
+    };
+    write(&mut mmu, &mut log, 0x50_000);
+    assert_eq!(dbit_round(&mut mmu, &mut log), vec![0x50]);
+    // The guest fills the page (a PTE of its future table), through the writable leaf.
+    write(&mut mmu, &mut log, 0x50_000);
+    mmu.guest().write(Gpa(0x50_000), 8, 0x60_000 | P | RW | A | D).unwrap();
+    // It links the page as the page table of 2-4 MiB (an emulated write to the
+    // write-protected PD) and touches 2 MiB: the MMU shadows and write-protects it.
+    assert!(matches!(run_access(&mut mmu, &cpu, Gva(0x3008), w), Outcome::Emulated(_)));
+    mmu.emulated_write(Gpa(0x3008), 8, 0x50_000 | P | RW | US | A).unwrap();
+    assert!(matches!(run_access(&mut mmu, &cpu, Gva(0x20_0000), r), Outcome::Host(_)));
+    assert!(mmu.is_write_tracked(Gfn(0x50)));
+    let got = dbit_round(&mut mmu, &mut log);
+    assert!(got.contains(&0x50), "the write before the page became a table was lost: {got:x?}");
+}
+
+/// The same loss through a resync: the guest cleans the D bit of a PTE in an unsync
+/// page table (Linux's `pte_mkclean`) after writing the page; the INVLPG's resync makes
+/// the leaf read-only, and its D bit must still reach the log.
+#[test]
+fn a_resync_that_makes_a_dirty_leaf_read_only_keeps_its_write_in_the_dirty_log() {
+    let mut mmu = new_mmu(4096, 2);
+    let g = mmu.guest();
+    g.write(Gpa(0x1000), 8, 0x2000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x2000), 8, 0x3000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
+    // The PT maps itself at gva 0x4000 and data gfn 0x80 at 0x10000.
+    g.write(Gpa(0x4000 + 8 * 4), 8, 0x4000 | P | RW | US | A | D).unwrap();
+    g.write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | RW | US | A | D).unwrap();
+    let cpu = four_level(&mmu, 1);
+    mmu.load_cr3(&cpu).unwrap();
+    let slot = *mmu.memslots().get(SlotId(0)).unwrap();
+    let mut flush = FlushToken::new();
+    let log = mmu_generic::dirty_log::SlotDirtyLog::start(
+        &slot,
+        Tracking::HardwareDirty,
+        LogMode::Bitmap,
+        &mut mmu,
+        &mut flush,
+    )
+    .unwrap();
+    let mut log = DbitLog(log);
+    mmu.set_track_zapped_dirty(true);
+    let w = AccessKind::user(AccessOp::Write);
+    let write = |mmu: &mut Mmu, log: &mut DbitLog, gva: u64| {
+        for _ in 0..4 {
+            if mmu.hw_access(&cpu, Gva(gva), w).is_ok() {
+                return;
+            }
+            assert_eq!(mmu.page_fault(&cpu, Gva(gva), w, log), Ok(ShadowFault::Fixed));
+        }
+        panic!("the write to {gva:#x} never completed");
+    };
+    // The PT goes unsync (written through its own mapping), the data page is written.
+    write(&mut mmu, &mut log, 0x4000 + 8 * 16);
+    assert_eq!(mmu.unsync_pages(), 1);
+    write(&mut mmu, &mut log, 0x10_000);
+    dbit_round(&mut mmu, &mut log);
+    write(&mut mmu, &mut log, 0x10_000);
+    // The guest cleans its PTE (same frame, D clear) and invalidates it.
+    mmu.guest().write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | RW | US | A).unwrap();
+    mmu.invlpg(&cpu, Gva(0x10_000));
+    let mut writable = true;
+    mmu.for_each_mapping(|gfn, _, wr| {
+        if gfn == Gfn(0x80) {
+            writable = wr;
+        }
+    });
+    assert!(!writable, "the resync took write away");
+    let got = dbit_round(&mut mmu, &mut log);
+    assert!(got.contains(&0x80), "the write before the resync was lost: {got:x?}");
 }
 
 /// PML4 at gfn 1, PDPT 2, PD 3, PT 4: the first 2 MiB mapped one to one,

@@ -735,8 +735,24 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             let old = self.mem.table(frame)[j].fetch_and(!RW, Ordering::AcqRel);
             if old & RW != 0 {
                 self.flush.add_all();
+                self.took_write(frame, j, slot, gfn, old);
             }
         }
+    }
+
+    /// The MMU itself took write permission from the leaf at (`frame`, `j`),
+    /// which was `old`. A dirty-bit log chains writable leaves only, so a D
+    /// bit left in a read-only leaf would never be harvested: while dirty
+    /// leaves are tracked, move it to [`ShadowMmu::take_zapped_dirty`] as a
+    /// zap would (clearing it, so it is reported once).
+    pub(super) fn took_write(&mut self, frame: FrameId, j: usize, slot: SlotId, gfn: Gfn, old: u64) {
+        if !self.track_zapped_dirty || old & D == 0 {
+            return;
+        }
+        let was = self.mem.table(frame)[j].fetch_and(!D, Ordering::AcqRel);
+        let leaf =
+            Leaf { gfn, npages: 1, writable: true, young: was & A != 0, dirty: true, access_tracked: false };
+        self.zapped_dirty.push((slot, leaf));
     }
 
     /// Zaps old pages until a fault's worth of new ones fits.

@@ -119,19 +119,25 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         }
         let acc = role.access & PteAccess::of_entry(gpte, cpu.has_xd());
         let may_write = acc.contains(PteAccess::WRITE) && gpte & D != 0;
-        let _ = self.mem.table(frame)[j].fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-            let mut n = c & !(US | XD | RW);
-            if acc.contains(PteAccess::USER) {
-                n |= US;
-            }
+        let user = if acc.contains(PteAccess::USER) { US } else { 0 };
+        let keeps_write = |c: u64| may_write && c & RW != 0 && c & US == user;
+        let was = self.mem.table(frame)[j].fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            let mut n = (c & !(US | XD | RW)) | user;
             if !acc.contains(PteAccess::EXEC) {
                 n |= XD;
             }
-            if may_write && c & RW != 0 && c & US == n & US {
+            if keeps_write(c) {
                 n |= RW;
             }
             Some(n)
         });
+        if let Ok(c) = was {
+            if c & RW != 0 && !keeps_write(c) {
+                let w = self.leaf_word(i, j);
+                let slot = SlotId((w >> SLOT_SHIFT) as u16);
+                self.took_write(frame, j, slot, Gfn(w & ((1 << SLOT_SHIFT) - 1)), c);
+            }
+        }
         self.flush.add_all();
     }
 
@@ -190,6 +196,29 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if self.cache.get(page).unsync {
             self.sync_entry(page, hw_index(gva, 1));
         }
+    }
+
+    /// Stops shadowing guest frame `gfn` (KVM's `kvm_mmu_unprotect_page`):
+    /// zaps every shadow page of the current generation that shadows it, so
+    /// a fault on it may map it writable. For a write to a write-protected
+    /// guest table that the embedder cannot emulate (a locked
+    /// read-modify-write, a string store into a table page being reused):
+    /// unprotect and let the guest retry the instruction. Returns the pages
+    /// zapped.
+    pub fn unprotect_gfn(&mut self, gfn: Gfn) -> usize {
+        let gen = self.generation.current();
+        let pages: Vec<PageIdx> = self
+            .cache
+            .of_gfn(gfn)
+            .filter(|&i| {
+                let p = self.cache.get(i);
+                !p.role.direct && p.generation == gen && !p.invalid
+            })
+            .collect();
+        for &i in &pages {
+            self.zap_page(i, ZapReason::Range);
+        }
+        pages.len()
     }
 
     /// A guest TLB flush (MOV to CR4 of PGE, INVPCID all, a flush hypercall):

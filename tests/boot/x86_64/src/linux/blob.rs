@@ -27,6 +27,9 @@ pub struct Blob {
     pub kernel: &'static [u8],
     /// The initramfs (newc cpio archives).
     pub initrd: &'static [u8],
+    /// Run the guest on shadow paging instead of nested paging (the image's PVH command
+    /// line, QEMU's `-append`, holds the word `shadow`).
+    pub shadow: bool,
 }
 
 /// Why no guest could be found in a module that claims to be one.
@@ -66,6 +69,22 @@ pub fn pvh_module(start_info: u32) -> Option<(u64, u64)> {
     (pa != 0 && size != 0 && pa.checked_add(size)? <= 1 << 32).then_some((pa, size))
 }
 
+/// The image's own command line from the PVH start info (`cmdline_paddr`, offset 24), at
+/// most 256 bytes up to its NUL; empty if there is none.
+pub fn pvh_cmdline(start_info: u32) -> &'static [u8] {
+    if start_info == 0 || start_info as u64 + 56 > 1 << 32 || read_u32(start_info as u64) != PVH_MAGIC {
+        return &[];
+    }
+    let pa = read_u64(start_info as u64 + 24);
+    if pa == 0 || pa + 256 > 1 << 32 {
+        return &[];
+    }
+    // SAFETY: QEMU's PVH loader wrote the NUL-terminated string into RAM below 4 GiB
+    // (checked), which the trampoline identity-maps; nothing writes it later.
+    let bytes: &'static [u8] = unsafe { core::slice::from_raw_parts(pa as *const u8, 256) };
+    &bytes[..bytes.iter().position(|&c| c == 0).unwrap_or(256)]
+}
+
 fn parse_hex(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 16 {
         return None;
@@ -100,7 +119,7 @@ pub fn parse(pa: u64, size: u64) -> Option<Result<Blob, BlobError>> {
         (off >= HEADER && end <= size).then(|| &bytes[off as usize..end as usize])
     };
     Some(match (part(koff, klen), part(ioff, ilen)) {
-        (Some(kernel), Some(initrd)) => Ok(Blob { start: pa, kernel, initrd }),
+        (Some(kernel), Some(initrd)) => Ok(Blob { start: pa, kernel, initrd, shadow: false }),
         _ => Err(BlobError::OutOfModule),
     })
 }

@@ -141,12 +141,12 @@ impl Live {
                 m.final_round = r;
                 // The guest stayed stopped from the final harvest through its copy.
                 let pause_us = rdtsc().saturating_sub(pause_from) * 1000 / vm.tsc_per_ms.max(1);
-                let faults = vm.exits.npf - m.npf_at_start;
+                let faults = vm.exits.faults() - m.npf_at_start;
                 m.written = m.rounds.iter().sum::<u64>() + r;
                 m.lost = (0..npages).filter(|&g| !self.same_page(vm, g)).count() as u64;
                 let copied = m.bulk + m.written;
                 let line = format!(
-                    "rounds over {} ms after the bulk copy, split huge pages {}, {} rounds + final, pages copied {} (bulk {}, rounds {:?}, final {}), final-round pause {} us, {} nested faults while logging, {} lost writes",
+                    "rounds over {} ms after the bulk copy, split huge pages {}, {} rounds + final, pages copied {} (bulk {}, rounds {:?}, final {}), final-round pause {} us, {} {} while logging, {} lost writes",
                     now - m.started_ms,
                     m.split,
                     m.rounds.len(),
@@ -156,6 +156,7 @@ impl Live {
                     m.final_round,
                     pause_us,
                     faults,
+                    vm.mmu.fault_kind(),
                     m.lost
                 );
                 let r = if m.lost != 0 {
@@ -194,8 +195,16 @@ impl Live {
                 return self.start_zap(vm);
             }
             Phase::Zap { until, pages, npf_before } if now >= until => {
-                let refaults = vm.exits.npf - npf_before;
-                let line = format!("host range gpa {:#x}-{:#x}: {} pages unmapped, {} nested faults in the {} ms after, guest running", ZAP_GPA.0, ZAP_GPA.1, pages, refaults, ZAP_MS);
+                let refaults = vm.exits.faults() - npf_before;
+                let line = format!(
+                    "host range gpa {:#x}-{:#x}: {} pages unmapped, {} {} in the {} ms after, guest running",
+                    ZAP_GPA.0,
+                    ZAP_GPA.1,
+                    pages,
+                    refaults,
+                    vm.mmu.fault_kind(),
+                    ZAP_MS
+                );
                 let ok = pages > 0 && refaults > 0;
                 self.finish(String::from("linux zap"), if ok { Ok(line) } else { Err(line) });
                 vm.test.phases_done = true;
@@ -226,7 +235,7 @@ impl Live {
             split,
             bulk: npages,
             started_ms: vm.ms(),
-            npf_at_start: vm.exits.npf,
+            npf_at_start: vm.exits.faults(),
             ..Migration::default()
         };
         self.phase = Phase::Migrate { mode, m, next: vm.ms() + ROUND_MS };
@@ -247,7 +256,7 @@ impl Live {
 
     fn start_zap<C: VCpu + Vendor, M: GuestMmu>(&mut self, vm: &mut Vm<C, M>) -> Option<End> {
         let range = HvaRange { start: Hva(vm.ram.hva + ZAP_GPA.0), end: Hva(vm.ram.hva + ZAP_GPA.1) };
-        let npf_before = vm.exits.npf;
+        let npf_before = vm.exits.faults();
         let pages = vm.mmu.invalidate(range, &mut vm.cpu);
         self.phase = Phase::Zap { until: vm.ms() + ZAP_MS, pages, npf_before };
         None

@@ -1,9 +1,12 @@
 //! The guest-memory MMU under the Linux VMM, as a parameter: the VMM serves nested faults,
 //! runs dirty-log rounds, ages and invalidates through this trait only. Today it is the
 //! nested MMU of the scenarios ([`crate::nested::Nested`]: arch-x86's TDP engine with
-//! mmu-generic's memslots, dirty logs, ageing and invalidation), on NPT; a shadow-paging
-//! MMU implements the same operations for the shadow run.
+//! mmu-generic's memslots, dirty logs, ageing and invalidation), on NPT, or arch-x86's
+//! shadow MMU ([`super::shadow_mmu::ShadowLinux`]), which also serves the paging exits
+//! (#PF, CR accesses, INVLPG) and sets the processor's paging state before each entry.
 
+use alloc::format;
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use mmu_generic::addr::{Gfn, GfnRange, HvaRange};
@@ -11,6 +14,8 @@ use mmu_generic::age::AgeReport;
 use mmu_generic::dirty_log::Tracking;
 use mmu_generic::memslot::SlotId;
 
+use super::ram::GuestRam;
+use super::vcpu::{LinuxExit, VCpu};
 use crate::nested::{Counters, FaultOutcome, Nested, NestedError};
 use crate::vendor::Vendor;
 
@@ -40,6 +45,38 @@ pub trait GuestMmu {
     fn counters(&self) -> Counters;
     /// Table frames in use.
     fn tables(&self) -> usize;
+    /// What the MMU's faults are called in the report.
+    fn fault_kind(&self) -> &'static str {
+        "nested faults"
+    }
+    /// Serves an exit of the guest's paging (shadow paging: #PF, CR access, INVLPG);
+    /// an MMU with nested paging takes none.
+    fn paging_exit(
+        &mut self,
+        exit: LinuxExit,
+        _cpu: &mut dyn VCpu,
+        _ram: &GuestRam,
+    ) -> Result<PagingOutcome, String> {
+        Err(format!("{exit:?} under {}", self.name()))
+    }
+    /// Brings the processor's paging state up to date before an entry (shadow paging:
+    /// the shadow root for the guest's CR3 and controls).
+    fn before_entry(&mut self, _cpu: &mut dyn VCpu) -> Result<(), String> {
+        Ok(())
+    }
+    /// Lines of figures for the run's report.
+    fn report(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// What a paging exit came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PagingOutcome {
+    /// Served: resume the guest.
+    Done,
+    /// The access goes to guest-physical memory outside every memslot.
+    Mmio(u64),
 }
 
 impl GuestMmu for Nested {

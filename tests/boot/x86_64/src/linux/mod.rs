@@ -7,6 +7,8 @@
 //! ([`pic`]), the PIT ([`pit`]), the RTC ([`cmos`]), filtered CPUID ([`cpuid`]) and MSRs
 //! ([`msr`]); every other port reads as absent. While the test program works the VMM
 //! migrates it twice, ages its memory and zaps a host range under it ([`migrate`]).
+//! With `shadow` on the image's PVH command line the same guest runs with nested paging
+//! off, on arch-x86's shadow MMU ([`shadow_mmu`]).
 //!
 //! The kernel command line is [`CMDLINE`]: the serial console, `quiet`, the legacy PIC and
 //! PIT instead of the APICs (`noapic nolapic`, no second CPU), and no KASLR (the kernel
@@ -26,6 +28,7 @@ pub mod ram;
 pub mod run;
 pub mod selftest;
 pub mod serial;
+pub mod shadow_mmu;
 pub mod svm_cpu;
 pub mod vcpu;
 
@@ -47,19 +50,25 @@ use migrate::{Live, RAM_SLOT};
 use mmu::GuestMmu;
 use ram::GuestRam;
 use run::{End, ExitCounts, Vm};
+use shadow_mmu::ShadowLinux;
 use svm_cpu::{LongModeStart, SvmCpu};
 
 /// The guest kernel's command line.
 pub const CMDLINE: &str = "console=ttyS0 quiet noapic nolapic nosmp nokaslr";
 /// Guest RAM.
 const RAM_BYTES: u64 = 128 << 20;
+/// Host frames for shadow tables (shadow paging run): 48 MiB.
+const SHADOW_FRAMES: u64 = 12 * 1024;
+/// Shadow pages kept at most (older ones are zapped to make room).
+const SHADOW_PAGES: usize = 8 * 1024;
 /// The run's limit (ms of host time).
 const RUN_LIMIT_MS: u64 = 200_000;
 
 /// The Linux guest handed over by PVH, if the image was started with one.
 pub fn find(start_info: u32) -> Option<Result<Blob, BlobError>> {
     let (pa, size) = blob::pvh_module(start_info)?;
-    blob::parse(pa, size)
+    let shadow = blob::pvh_cmdline(start_info).split(|&c| c == b' ').any(|w| w == b"shadow");
+    blob::parse(pa, size).map(|r| r.map(|b| Blob { shadow, ..b }))
 }
 
 fn pass(tally: &mut Tally, name: &str, r: Result<String, String>) {
@@ -90,12 +99,13 @@ fn expected_checksum() -> u64 {
 
 fn exits_line(e: &ExitCounts) -> String {
     format!(
-        "{} exits: npf {}, io in {}, io out {}, cpuid {}, rdmsr {}, wrmsr {}, hlt {}, interrupt window {}, host interrupt {}",
-        e.total, e.npf, e.io_in, e.io_out, e.cpuid, e.rdmsr, e.wrmsr, e.hlt, e.vintr, e.intr
+        "{} exits: npf {}, #PF {}, CR access {}, invlpg {}, io in {}, io out {}, cpuid {}, rdmsr {}, wrmsr {}, hlt {}, interrupt window {}, host interrupt {}",
+        e.total, e.npf, e.pf, e.cr, e.invlpg, e.io_in, e.io_out, e.cpuid, e.rdmsr, e.wrmsr, e.hlt, e.vintr, e.intr
     )
 }
 
-/// Boots the guest in `found` under NPT and runs every Linux phase; the host frames come
+/// Boots the guest in `found` under NPT (or shadow paging, if the image's command line
+/// says `shadow`) and runs every Linux phase; the host frames come
 /// from `[pool_start, module start)`.
 pub fn run(found: Result<Blob, BlobError>, pool_start: u64, tally: &mut Tally) {
     let blob = match found {
@@ -122,11 +132,6 @@ pub fn run(found: Result<Blob, BlobError>, pool_start: u64, tally: &mut Tally) {
         Ok(s) => s,
         Err(e) => return pass(tally, "linux setup", Err(format!("memslot: {e:?}"))),
     };
-    let mut mmu = match Nested::new(NestedFormat::Npt, &mut pool) {
-        Ok(m) => m,
-        Err(e) => return pass(tally, "linux setup", Err(format!("nested MMU: {e:?}"))),
-    };
-    mmu.huge_ok.push(RAM_SLOT);
     let ram = GuestRam { hva: ram_hva, bytes: RAM_BYTES };
     let loaded = match bootproto::load(&ram, &[(0, RAM_BYTES)], blob.kernel, blob.initrd, CMDLINE) {
         Ok(l) => l,
@@ -145,35 +150,41 @@ pub fn run(found: Result<Blob, BlobError>, pool_start: u64, tally: &mut Tally) {
         RAM_BYTES >> 20,
         CMDLINE
     );
-    let mut vm = Vm {
-        cpu,
-        mmu,
-        ram,
-        pic: pic::Pic::new(),
-        pit: pit::Pit::new(tsc_per_ms * 1000),
-        serial: serial::Serial::new(),
-        cmos: cmos::Cmos::new(),
-        msrs: msr::Msrs::new(),
-        exits: ExitCounts::default(),
-        test: run::TestReport::default(),
-        absent_ports: alloc::vec::Vec::new(),
-        ports: alloc::vec::Vec::new(),
-        exits_at_init: ExitCounts::default(),
-        mmio: run::AbsentMmio::default(),
-        tsc_per_ms,
-        t0: crate::port::rdtsc(),
-        init_at: None,
-    };
-    vm.mmu.set_slots(slots, &mut vm.cpu);
-    let root = vm.mmu.root_pointer();
-    vm.cpu.set_nested_root(root);
-    vm.cpu.start_long_mode(LongModeStart {
+    let start = LongModeStart {
         rip: loaded.entry,
         rsi: bootproto::BOOT_PARAMS,
         cr3: bootproto::PAGE_TABLES,
         gdt: bootproto::gdt(),
-    });
+    };
+    if blob.shadow {
+        let Ok(frames) = pool.alloc_contiguous(SHADOW_FRAMES << 12) else {
+            return pass(tally, "linux setup", Err(String::from("out of host frames for shadow tables")));
+        };
+        // SAFETY: the region was just taken from the frame pool, which hands each frame out
+        // once; it is identity-mapped RAM used by nothing else.
+        let mmu = unsafe { ShadowLinux::new(frames, SHADOW_FRAMES as u32, SHADOW_PAGES, ram, slots) };
+        let mut vm = Vm::new(cpu, mmu, ram, tsc_per_ms);
+        vm.cpu.enable_shadow();
+        vm.cpu.start_long_mode(start);
+        drive(vm, dest, tally);
+    } else {
+        let mut mmu = match Nested::new(NestedFormat::Npt, &mut pool) {
+            Ok(m) => m,
+            Err(e) => return pass(tally, "linux setup", Err(format!("nested MMU: {e:?}"))),
+        };
+        mmu.huge_ok.push(RAM_SLOT);
+        let mut vm = Vm::new(cpu, mmu, ram, tsc_per_ms);
+        vm.mmu.set_slots(slots, &mut vm.cpu);
+        let root = vm.mmu.root_pointer();
+        vm.cpu.set_nested_root(root);
+        vm.cpu.start_long_mode(start);
+        drive(vm, dest, tally);
+    }
+}
 
+/// Runs the guest on `vm` to its verdict with the live phases, and reports.
+fn drive<M: GuestMmu>(mut vm: Vm<SvmCpu, M>, dest: u64, tally: &mut Tally) {
+    let tsc_per_ms = vm.tsc_per_ms;
     let mut live = Live::new(dest);
     let end = vm.run(RUN_LIMIT_MS, &mut |vm| live.step(vm));
     vm.flush_console();
@@ -187,8 +198,9 @@ pub fn run(found: Result<Blob, BlobError>, pool_start: u64, tally: &mut Tally) {
     let busiest: alloc::vec::Vec<String> = ports.iter().take(8).map(|(p, n)| format!("{p:#x} {n}")).collect();
     println!("linux: port exits by port (busiest first): {}", busiest.join(", "));
     println!(
-        "linux: nested faults {} ({} leaves installed, {} retried), {} table frames; interrupts delivered IRQ0 {}, IRQ4 {}; PIT expiries {}; serial bytes {}",
-        vm.exits.npf,
+        "linux: {} {} ({} leaves installed, {} retried), {} table frames; interrupts delivered IRQ0 {}, IRQ4 {}; PIT expiries {}; serial bytes {}",
+        vm.mmu.fault_kind(),
+        vm.exits.faults(),
         c.mapped,
         c.retries,
         vm.mmu.tables(),
@@ -198,6 +210,9 @@ pub fn run(found: Result<Blob, BlobError>, pool_start: u64, tally: &mut Tally) {
         vm.serial.bytes
     );
     println!("linux: MSRs refused with #GP {:x?}; absent ports read {:x?}", vm.msrs.refused, vm.absent_ports);
+    for line in vm.mmu.report() {
+        println!("{}", line);
+    }
     pass(
         tally,
         &format!("linux boot ({})", vm.mmu.name()),

@@ -8,7 +8,7 @@ use core::arch::asm;
 use super::cmos::Cmos;
 use super::cpuid::guest_cpuid;
 use super::mmio;
-use super::mmu::GuestMmu;
+use super::mmu::{GuestMmu, PagingOutcome};
 use super::msr::{MsrAnswer, Msrs};
 use super::pic::Pic;
 use super::pit::Pit;
@@ -35,6 +35,12 @@ const MAX_SLICE_MS: u64 = 50;
 pub struct ExitCounts {
     /// Nested page faults.
     pub npf: u64,
+    /// #PF intercepts (shadow paging).
+    pub pf: u64,
+    /// CR reads and writes (shadow paging).
+    pub cr: u64,
+    /// INVLPG (shadow paging).
+    pub invlpg: u64,
     /// `in`.
     pub io_in: u64,
     /// `out`.
@@ -53,6 +59,13 @@ pub struct ExitCounts {
     pub intr: u64,
     /// All.
     pub total: u64,
+}
+
+impl ExitCounts {
+    /// Faults of guest memory: nested faults, or #PF intercepts under shadow paging.
+    pub fn faults(&self) -> u64 {
+        self.npf + self.pf
+    }
 }
 
 /// How the run ended.
@@ -128,6 +141,29 @@ pub struct Vm<C: VCpu + Vendor, M: GuestMmu> {
 }
 
 impl<C: VCpu + Vendor, M: GuestMmu> Vm<C, M> {
+    /// A machine with fresh devices around `cpu` and `mmu`; the run's clock starts now.
+    pub fn new(cpu: C, mmu: M, ram: GuestRam, tsc_per_ms: u64) -> Self {
+        Vm {
+            cpu,
+            mmu,
+            ram,
+            pic: Pic::new(),
+            pit: Pit::new(tsc_per_ms * 1000),
+            serial: Serial::new(),
+            cmos: Cmos::new(),
+            msrs: Msrs::new(),
+            exits: ExitCounts::default(),
+            test: TestReport::default(),
+            absent_ports: Vec::new(),
+            ports: Vec::new(),
+            exits_at_init: ExitCounts::default(),
+            mmio: AbsentMmio::default(),
+            tsc_per_ms,
+            t0: rdtsc(),
+            init_at: None,
+        }
+    }
+
     /// Milliseconds since the start of the run.
     pub fn ms(&self) -> u64 {
         rdtsc().saturating_sub(self.t0) / self.tsc_per_ms.max(1)
@@ -269,6 +305,9 @@ impl<C: VCpu + Vendor, M: GuestMmu> Vm<C, M> {
                 return end;
             }
             self.deliver();
+            if let Err(why) = self.mmu.before_entry(&mut self.cpu) {
+                return End::Failed(why);
+            }
             self.mmu.flush(&mut self.cpu);
             let before = timer::ticks();
             timer::arm(self.slice_ms());
@@ -316,6 +355,20 @@ impl<C: VCpu + Vendor, M: GuestMmu> Vm<C, M> {
                     Err(e) => {
                         return Err(End::Failed(alloc::format!("nested MMU error {e:?} at gpa {gpa:#x}")))
                     }
+                }
+            }
+            LinuxExit::PageFault { .. }
+            | LinuxExit::CrRead(_)
+            | LinuxExit::CrWrite(_)
+            | LinuxExit::Invlpg => {
+                match exit {
+                    LinuxExit::PageFault { .. } => self.exits.pf += 1,
+                    LinuxExit::Invlpg => self.exits.invlpg += 1,
+                    _ => self.exits.cr += 1,
+                }
+                match self.mmu.paging_exit(exit, &mut self.cpu, &self.ram).map_err(End::Failed)? {
+                    PagingOutcome::Done => {}
+                    PagingOutcome::Mmio(gpa) => self.absent_mmio(gpa)?,
                 }
             }
             LinuxExit::IoOut { port, size, value } => {

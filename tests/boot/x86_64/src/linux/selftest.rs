@@ -1,6 +1,6 @@
 //! Checks of the Linux VMM's pure parts against their specifications, run in the image
 //! before the guest boots (the image has no host test harness): the `mov` decoder (Intel
-//! SDM Vol. 2, chapter 2) on encodings gcc emits, the 8259A's priorities, EOIs and cascade,
+//! SDM Vol. 2, chapter 2) on encodings gcc emits, the `stos` decoder of the shadow run, the 8259A's priorities, EOIs and cascade,
 //! the 8254's counting, periodic expiry and channel-2 output, the 16450's registers and
 //! transmitter interrupt, the e820 map and the module header. A guest that boots exercises these too, but only in the ways one kernel uses
 //! them; these pin down the rules.
@@ -14,6 +14,7 @@ use super::mmio::{decode, load_result, Access, Decoded};
 use super::pic::Pic;
 use super::pit::{Pit, PIT_HZ};
 use super::serial::Serial;
+use super::shadow_mmu::{decode_stos, Stos};
 
 fn code(bytes: &[u8]) -> [u8; 15] {
     let mut c = [0x90u8; 15];
@@ -79,6 +80,38 @@ fn check_decoder() -> Result<usize, String> {
         }
     }
     Ok(cases.len() + loads.len())
+}
+
+/// The `stos` decoder of the shadow run (Intel SDM Vol. 2B, STOS): element size from the
+/// opcode, 66 and REX.W, the REP prefix, the length; nothing else, and nothing outside
+/// 64-bit code.
+fn check_stos() -> Result<usize, String> {
+    let s = |size, rep, len| Some(Stos { size, rep, len });
+    let cases: [(&[u8], bool, Option<Stos>); 8] = [
+        // rep stos %eax,%es:(%rdi): Linux's reset_early_page_tables
+        (&[0xf3, 0xab, 0x31, 0xc0], true, s(4, true, 2)),
+        // rep stos %rax,%es:(%rdi): clear_page_rep
+        (&[0xf3, 0x48, 0xab], true, s(8, true, 3)),
+        // rep stos %al,%es:(%rdi): clear_page_erms
+        (&[0xf3, 0xaa], true, s(1, true, 2)),
+        // stos %ax,%es:(%rdi)
+        (&[0x66, 0xab], true, s(2, false, 2)),
+        // REX without W: 4 bytes
+        (&[0x40, 0xab], true, s(4, false, 2)),
+        // rep movsq: not a stos
+        (&[0xf3, 0x48, 0xa5], true, None),
+        // mov %eax,(%rdi)
+        (&[0x89, 0x07], true, None),
+        // 32-bit code: not decoded here
+        (&[0xf3, 0xab], false, None),
+    ];
+    for (i, (bytes, long, want)) in cases.iter().enumerate() {
+        let got = decode_stos(bytes, *long);
+        if got != *want {
+            return Err(format!("stos case {i} {bytes:02x?}: got {got:?}, want {want:?}"));
+        }
+    }
+    Ok(cases.len())
 }
 
 /// Linux's `init_8259A`: vectors 0x30 and 0x38, cascade on IRQ2, normal EOI.
@@ -247,12 +280,13 @@ fn check_e820_and_header() -> Result<usize, String> {
 /// Runs every check: the number passed, or the first failure.
 pub fn run() -> Result<String, String> {
     let d = check_decoder()?;
+    let r = check_stos()?;
     let p = check_pic()?;
     let t = check_pit()?;
     let u = check_serial()?;
     let e = check_e820_and_header()?;
     Ok(format!(
-        "{} checks: mov decoder {d}, 8259A {p}, 8254 {t}, 16450 {u}, e820 and module header {e}",
-        d + p + t + u + e
+        "{} checks: mov decoder {d}, stos decoder {r}, 8259A {p}, 8254 {t}, 16450 {u}, e820 and module header {e}",
+        d + r + p + t + u + e
     ))
 }

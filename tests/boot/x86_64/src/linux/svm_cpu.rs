@@ -2,7 +2,9 @@
 //! started in 64-bit long mode, intercepts for port I/O, CPUID, MSRs, HLT, shutdown and
 //! the interrupt window, event injection through EVENTINJ, and a world switch that also
 //! swaps the state VMRUN leaves alone (FS, GS, TR, LDTR, KernelGsBase, STAR/LSTAR/CSTAR/
-//! SFMASK, SYSENTER_*) with VMLOAD/VMSAVE, as a Linux guest changes all of them.
+//! SFMASK, SYSENTER_*) with VMLOAD/VMSAVE, as a Linux guest changes all of them. With
+//! nested paging off ([`SvmCpu::enable_shadow`]) it also intercepts #PF, CR0/CR3/CR4 and
+//! INVLPG and keeps the guest's control registers apart from the processor's.
 
 use core::arch::global_asm;
 
@@ -17,6 +19,8 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
 // VMCB control area (APM Vol. 2, appendix B, table B-1).
+const C_INTERCEPT_CR: usize = 0x000;
+const C_INTERCEPT_EXC: usize = 0x008;
 const C_INTERCEPT_MISC1: usize = 0x00c;
 const C_INTERCEPT_MISC2: usize = 0x010;
 const C_IOPM_BASE: usize = 0x040;
@@ -64,6 +68,7 @@ const S_KERNEL_GS_BASE: usize = 0x620;
 const S_SYSENTER_CS: usize = 0x628;
 const S_SYSENTER_ESP: usize = 0x630;
 const S_SYSENTER_EIP: usize = 0x638;
+const S_CR2: usize = 0x640;
 const S_GPAT: usize = 0x668;
 
 // Intercept bits (table B-1, vectors 3 and 4).
@@ -71,6 +76,7 @@ const MISC1_INTR: u32 = 1 << 0;
 const MISC1_VINTR: u32 = 1 << 4;
 const MISC1_CPUID: u32 = 1 << 18;
 const MISC1_HLT: u32 = 1 << 24;
+const MISC1_INVLPG: u32 = 1 << 25;
 const MISC1_IOIO: u32 = 1 << 27;
 const MISC1_MSR: u32 = 1 << 28;
 const MISC1_SHUTDOWN: u32 = 1 << 31;
@@ -83,10 +89,14 @@ const VINTR_IGN_TPR: u64 = 1 << 20;
 const VINTR_MASKING: u64 = 1 << 24;
 
 // Exit codes (appendix C).
+const EXIT_CR_READ: u64 = 0x00;
+const EXIT_CR_WRITE: u64 = 0x10;
+const EXIT_PF: u64 = 0x4e;
 const EXIT_INTR: u64 = 0x60;
 const EXIT_VINTR: u64 = 0x64;
 const EXIT_CPUID: u64 = 0x72;
 const EXIT_HLT: u64 = 0x78;
+const EXIT_INVLPG: u64 = 0x79;
 const EXIT_IOIO: u64 = 0x7b;
 const EXIT_MSR: u64 = 0x7c;
 const EXIT_SHUTDOWN: u64 = 0x7f;
@@ -101,6 +111,7 @@ const EVENT_EV: u64 = 1 << 11;
 const EVENT_TYPE_EXCEPTION: u64 = 3 << 8;
 
 const RFLAGS_IF: u64 = 1 << 9;
+const EFER_NXE: u64 = 1 << 11;
 const HLT_LEN: u64 = 1;
 
 /// TLB_CONTROL value: flush everything on this VMRUN (APM 15.16.1).
@@ -266,6 +277,9 @@ pub struct SvmCpu {
     regs: GuestRegs,
     vmcb_pa: u64,
     host_state_pa: u64,
+    /// Shadow paging (nested paging off): the control registers as the guest sees them;
+    /// the VMCB holds what the processor runs with ([`VCpu::set_paging`]).
+    shadow: Option<ControlRegs>,
 }
 
 impl SvmCpu {
@@ -302,7 +316,19 @@ impl SvmCpu {
             regs: GuestRegs::default(),
             vmcb_pa: vmcb() as u64,
             host_state_pa: core::ptr::addr_of!(HOST_STATE) as u64,
+            shadow: None,
         })
+    }
+
+    /// Turns nested paging off for shadow paging (APM 15.12-15.16): reads and writes of
+    /// CR0, CR3 and CR4, #PF (EXITINFO1 = error code, EXITINFO2 = the address) and INVLPG
+    /// exit; the guest's control registers live in the vCPU from now on.
+    pub fn enable_shadow(&mut self) {
+        put(C_NP_ENABLE, 0u64);
+        put(C_INTERCEPT_CR, (1u32 << 0) | (1 << 3) | (1 << 4) | (1 << 16) | (1 << 19) | (1 << 20));
+        put(C_INTERCEPT_EXC, 1u32 << 14);
+        put(C_INTERCEPT_MISC1, get::<u32>(C_INTERCEPT_MISC1) | MISC1_INVLPG);
+        self.shadow = Some(ControlRegs::default());
     }
 
     /// Puts the guest at the 64-bit entry of the Linux boot protocol: long mode, paging on
@@ -345,6 +371,12 @@ impl SvmCpu {
         }
         put(C_EVENTINJ, 0u64);
         put(C_TLB_CONTROL, TLB_FLUSH_ALL);
+        if self.shadow.is_some() {
+            // Until the shadow MMU sets the processor's paging state (`set_paging`)
+            // before the first entry, this is the guest's view.
+            self.shadow =
+                Some(ControlRegs { cr0: 0x8000_0031, cr3: s.cr3, cr4: 0x20, efer: EFER_LME | EFER_LMA });
+        }
     }
 
     /// The guest's RIP (for reports).
@@ -369,6 +401,14 @@ impl SvmCpu {
             put(C_EVENTINJ, pending);
         }
         match code {
+            EXIT_PF => LinuxExit::PageFault { addr: info2, code: info1 as u32 },
+            c if (EXIT_CR_READ..EXIT_CR_READ + 16).contains(&c) => {
+                LinuxExit::CrRead((c - EXIT_CR_READ) as u8)
+            }
+            c if (EXIT_CR_WRITE..EXIT_CR_WRITE + 16).contains(&c) => {
+                LinuxExit::CrWrite((c - EXIT_CR_WRITE) as u8)
+            }
+            EXIT_INVLPG => LinuxExit::Invlpg,
             EXIT_NPF => LinuxExit::NestedFault { gpa: info2, info: info1, write: info1 & 2 != 0 },
             EXIT_IOIO => {
                 let port = (info1 >> 16) as u16;
@@ -457,6 +497,11 @@ impl VCpu for SvmCpu {
             Event::Exception { vector, error: Some(e) } => {
                 EVENT_VALID | EVENT_TYPE_EXCEPTION | EVENT_EV | vector as u64 | ((e as u64) << 32)
             }
+            Event::PageFault { error, cr2 } => {
+                // An intercepted #PF left CR2 alone (APM 15.12): the guest's CR2 is set here.
+                put(S_CR2, cr2);
+                EVENT_VALID | EVENT_TYPE_EXCEPTION | EVENT_EV | 14 | ((error as u64) << 32)
+            }
         };
         put(C_EVENTINJ, v);
     }
@@ -480,6 +525,9 @@ impl VCpu for SvmCpu {
     }
 
     fn control(&self) -> ControlRegs {
+        if let Some(c) = self.shadow {
+            return c;
+        }
         ControlRegs {
             cr0: get(S_CR0),
             cr3: get(S_CR3),
@@ -508,7 +556,10 @@ impl VCpu for SvmCpu {
             0x175 => get(S_SYSENTER_ESP),
             0x176 => get(S_SYSENTER_EIP),
             0x277 => get(S_GPAT),
-            MSR_EFER => get::<u64>(S_EFER) & !EFER_SVME,
+            MSR_EFER => match self.shadow {
+                Some(c) => c.efer,
+                None => get::<u64>(S_EFER) & !EFER_SVME,
+            },
             0xc000_0081 => get(S_STAR),
             0xc000_0082 => get(S_LSTAR),
             0xc000_0083 => get(S_CSTAR),
@@ -526,6 +577,14 @@ impl VCpu for SvmCpu {
             0x175 => S_SYSENTER_ESP,
             0x176 => S_SYSENTER_EIP,
             0x277 => S_GPAT,
+            MSR_EFER if self.shadow.is_some() => {
+                // The guest's EFER; the shadow MMU sees the change before the next entry
+                // and gives the processor its own (NXE forced).
+                if let Some(c) = self.shadow.as_mut() {
+                    c.efer = (value & !(EFER_LMA | EFER_SVME)) | (c.efer & EFER_LMA);
+                }
+                return true;
+            }
             MSR_EFER => {
                 // SVME stays on under SVM (VMRUN requires it); LMA is the CPU's, not the
                 // writer's (it follows LME and CR0.PG).
@@ -548,6 +607,28 @@ impl VCpu for SvmCpu {
 
     fn flush_nested(&mut self) {
         put(C_TLB_CONTROL, TLB_FLUSH_ALL);
+    }
+
+    fn set_guest_control(&mut self, c: ControlRegs) {
+        if let Some(s) = self.shadow.as_mut() {
+            *s = c;
+        }
+    }
+
+    fn set_paging(&mut self, hw: &ControlRegs) {
+        put(S_CR0, hw.cr0);
+        put(S_CR3, hw.cr3);
+        put(S_CR4, hw.cr4);
+        put(S_EFER, hw.efer | EFER_SVME | EFER_NXE);
+    }
+
+    fn code64(&self) -> bool {
+        // CS.L (attribute bit 9) in long mode.
+        get::<u16>(S_CS + 2) & (1 << 9) != 0 && get::<u64>(S_EFER) & EFER_LMA != 0
+    }
+
+    fn rflags(&self) -> u64 {
+        get(S_RFLAGS)
     }
 }
 

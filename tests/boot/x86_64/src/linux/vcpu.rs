@@ -70,6 +70,19 @@ pub enum LinuxExit {
     Halt,
     /// The interrupt window opened (the guest can take an interrupt now).
     InterruptWindow,
+    /// Shadow paging: an intercepted #PF at linear `addr` with error code `code`.
+    PageFault {
+        /// The faulting linear address (the guest's CR2 to be).
+        addr: u64,
+        /// The error code.
+        code: u32,
+    },
+    /// Shadow paging: a MOV from CRn (RIP not advanced; no decode assists).
+    CrRead(u8),
+    /// Shadow paging: a MOV to CRn (RIP not advanced).
+    CrWrite(u8),
+    /// Shadow paging: INVLPG (RIP not advanced).
+    Invlpg,
     /// A host interrupt (the run slice ended or another host event).
     HostInterrupt,
     /// Triple fault.
@@ -102,10 +115,17 @@ pub enum Event {
         /// Error code.
         error: Option<u32>,
     },
+    /// A page fault with its error code and the guest's new CR2.
+    PageFault {
+        /// Error code.
+        error: u32,
+        /// The faulting linear address.
+        cr2: u64,
+    },
 }
 
 /// The guest's control state the VMM reads (for its page walks).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ControlRegs {
     /// CR0.
     pub cr0: u64,
@@ -153,6 +173,17 @@ pub trait VCpu {
     fn state_msr(&self, msr: u32) -> Option<u64>;
     /// Writes an MSR the hardware keeps in the vCPU's state; false if not such an MSR.
     fn set_state_msr(&mut self, msr: u32, value: u64) -> bool;
-    /// Invalidates the vCPU's cached nested translations before the next entry.
+    /// Invalidates the vCPU's cached nested translations before the next entry (under
+    /// shadow paging: the guest's whole TLB).
     fn flush_nested(&mut self);
+    /// Shadow paging: sets the control registers as the guest sees them (what
+    /// [`VCpu::control`] returns; nothing without shadow paging).
+    fn set_guest_control(&mut self, c: ControlRegs);
+    /// Shadow paging: the paging state the processor runs the guest with (CR3 = the
+    /// shadow root).
+    fn set_paging(&mut self, hw: &ControlRegs);
+    /// Whether the guest runs 64-bit code (CS.L in long mode).
+    fn code64(&self) -> bool;
+    /// RFLAGS.
+    fn rflags(&self) -> u64;
 }
