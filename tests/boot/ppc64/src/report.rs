@@ -17,6 +17,14 @@ pub fn scenario(name: &str, ok: bool, figures: core::fmt::Arguments) {
 
 /// Prints the summary line and ends the run: power-off on pass, os-term on any failure.
 pub fn finish() -> ! {
+    // A release build counts a FlushToken dropped without its flush instead of
+    // panicking: each such drop is a TLB flush the run forgot.
+    let drops = mmu_generic::backend::FlushToken::unflushed_drops();
+    scenario(
+        "flush tokens",
+        drops == 0,
+        format_args!("{} dropped with a recorded change and no flush", drops),
+    );
     let (p, f) = (PASSED.load(SeqCst), FAILED.load(SeqCst));
     crate::kprintln!("{} passed, {} failed", p, f);
     if f == 0 && p > 0 {

@@ -83,6 +83,7 @@ extern "C" fn kernel_entry(protocol: u32, boot_info: u32) -> ! {
     // scenarios (a separate QEMU run in ci/boot-x86_64).
     if let Some(found) = linux::find(if protocol == boot::PROTO_PVH { boot_info } else { 0 }) {
         linux::run(found, heap_start + HEAP_SIZE, &mut tally);
+        check_flush_tokens(&mut tally);
         println!("{} passed, {} failed", tally.passed, tally.failed);
         console::exit(tally.failed == 0 && tally.passed > 0);
     }
@@ -112,8 +113,22 @@ extern "C" fn kernel_entry(protocol: u32, boot_info: u32) -> ! {
         println!("FAIL setup: the CPU has neither SVM nor VMX");
         tally.failed += 1;
     }
+    check_flush_tokens(&mut tally);
     println!("{} passed, {} failed", tally.passed, tally.failed);
     console::exit(tally.failed == 0 && tally.passed > 0)
+}
+
+/// The image is a release build, where a `FlushToken` dropped without its flush is
+/// counted instead of panicking: every such drop is a TLB flush the run forgot.
+fn check_flush_tokens(tally: &mut scenarios::Tally) {
+    let drops = mmu_generic::backend::FlushToken::unflushed_drops();
+    if drops == 0 {
+        println!("PASS flush tokens: every token with a recorded change was flushed");
+        tally.passed += 1;
+    } else {
+        println!("FAIL flush tokens: {} dropped with a recorded change and no flush", drops);
+        tally.failed += 1;
+    }
 }
 
 #[panic_handler]

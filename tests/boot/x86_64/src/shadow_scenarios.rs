@@ -31,7 +31,7 @@ use crate::port::cpuid;
 use crate::println;
 use crate::scenarios::Tally;
 use crate::sguest::*;
-use crate::shadow_vm::{fmt_faults, GuestRam, SRunError, ShadowVendor, ShadowVm, IDENT_PD, RAM_PAGES};
+use crate::shadow_vm::{fmt_faults, GuestRam, SRunError, ShadowTlb, ShadowVendor, ShadowVm, IDENT_PD, RAM_PAGES};
 
 const P: u64 = 1;
 const RW: u64 = 2;
@@ -674,9 +674,7 @@ fn dirty_rounds(vm: &mut ShadowVm<'_>, l: &Layout, p: usize, tracking: Tracking)
     }
     vm.logs.logs.resize_with(3, || None);
     vm.logs.logs[slot_id.0 as usize] = Some(log);
-    if flush.is_needed() {
-        vm.vendor.flush_tlb();
-    }
+    flush.flush(&mut ShadowTlb(&mut *vm.vendor));
     let mut rng = XorShift(0x1234_5678 + p as u64 + l.eb);
     let (mut missed, mut spurious, mut reported, mut written, mut tables) = (0, 0, 0, 0, 0);
     let rounds = 4;
@@ -714,9 +712,7 @@ fn dirty_rounds(vm: &mut ShadowVm<'_>, l: &Layout, p: usize, tracking: Tracking)
         let mut words = Vec::new();
         let log = vm.logs.logs[slot_id.0 as usize].as_mut().expect("the log was started");
         let flush = log.get_and_clear(&mut vm.mmu, &mut words).map_err(|x| format!("{x:?}"))?;
-        if flush.is_needed() {
-            vm.vendor.flush_tlb();
-        }
+        flush.flush(&mut ShadowTlb(&mut *vm.vendor));
         let mut got = BTreeSet::new();
         for (w, word) in words.iter().enumerate() {
             let mut bits = *word;
@@ -767,9 +763,7 @@ fn ageing(vm: &mut ShadowVm<'_>, l: &Layout) -> Outcome {
     run_script(vm, &s).map_err(e)?;
     let mut flush = FlushToken::new();
     let first = age::age(&slots, &mut vm.mmu, range, NoAccessedBit::ReportOld, &mut flush);
-    if flush.is_needed() {
-        vm.vendor.flush_tlb();
-    }
+    flush.flush(&mut ShadowTlb(&mut *vm.vendor));
     let old_after_age =
         (0..32).filter(|&i| !age::test_age(&slots, &vm.mmu, page(i), NoAccessedBit::ReportOld).young).count();
     let mut s = Script::default();

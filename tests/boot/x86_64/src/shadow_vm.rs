@@ -28,7 +28,8 @@ use arch_x86::shadow::{
     ShadowConfig, ShadowError, ShadowFault, ShadowMmu, SlotMemory,
 };
 use arch_x86::tdp::{HostFault, HostMemory, HostPage};
-use mmu_generic::addr::{Gfn, Gpa, Gva, Hva, Pfn};
+use mmu_generic::addr::{Gfn, GfnRange, Gpa, Gva, Hva, Pfn};
+use mmu_generic::backend::TlbFlush;
 use mmu_generic::dirty_log::{SlotDirtyLog, Tracking};
 use mmu_generic::memslot::{Memslot, Memslots, SlotId};
 use mmu_generic::pte_list::PteHandle;
@@ -149,6 +150,21 @@ pub trait ShadowVendor {
     fn set_rsp(&mut self, rsp: u64);
     /// Whether CS is a 64-bit code segment.
     fn code64(&mut self) -> bool;
+}
+
+/// The shadow vendor as the core's [`TlbFlush`]: a shadow TLB caches linear
+/// addresses, so a guest-frame range cannot be turned into INVLPGs and every flush
+/// the MMU records flushes the guest's whole TLB (as `shadow::mmu` documents).
+pub struct ShadowTlb<'a>(pub &'a mut dyn ShadowVendor);
+
+impl TlbFlush for ShadowTlb<'_> {
+    fn flush_range(&mut self, _range: GfnRange) {
+        self.0.flush_tlb();
+    }
+
+    fn flush_all(&mut self) {
+        self.0.flush_tlb();
+    }
 }
 
 /// Guest RAM: `RAM_PAGES` identity-mapped host pages from `base`, with a record of the
@@ -292,12 +308,20 @@ impl DirtyTracker for Logs {
             None => true,
         }
     }
+
+    fn mark(&mut self, slot: SlotId, gfn: Gfn) -> bool {
+        match self.get(slot) {
+            Some(log) => log.mark(gfn, None).is_ok(),
+            None => true,
+        }
+    }
 }
 
 /// Marks a page the hypervisor wrote (not through a shadow leaf) in its slot's log.
 fn mark_hypervisor_write(log: &SlotDirtyLog, slot: &Memslot, gfn: Gfn) {
-    if let Some(i) = gfn.offset_from(slot.base_gfn()) {
-        log.bitmap().set(i);
+    if slot.gfns().contains(gfn) {
+        // Bitmap mode: no ring, so the mark cannot be refused.
+        let _ = log.mark(gfn, None);
     }
 }
 
@@ -623,10 +647,11 @@ impl<'v> ShadowVm<'v> {
             self.vendor.set_paging(&hw, c.cr0, c.cr4);
             self.hw = Some(hw);
         }
-        if self.mmu.take_flush().is_needed() {
-            self.vendor.flush_tlb();
+        let flush = self.mmu.take_flush();
+        if flush.is_needed() {
             self.counters.flushes += 1;
         }
+        flush.flush(&mut ShadowTlb(&mut *self.vendor));
         Ok(())
     }
 

@@ -314,8 +314,7 @@ impl ShadowLinux {
         self.mmu.guest().take_written(|gfn| {
             let Some(slot) = slots.lookup(gfn) else { return };
             let Some(log) = logs.logs.get(slot.id().0 as usize).and_then(Option::as_ref) else { return };
-            if let Some(i) = gfn.offset_from(slot.base_gfn()) {
-                log.bitmap().set(i);
+            if log.mark(gfn, None).is_ok() {
                 counters.hv_marked += 1;
             }
         });
@@ -582,10 +581,11 @@ impl GuestMmu for ShadowLinux {
 
     fn flush(&mut self, cpu: &mut dyn Vendor) {
         self.pending.merge(self.mmu.take_flush());
-        if core::mem::take(&mut self.pending).is_needed() {
+        let flush = core::mem::take(&mut self.pending);
+        if flush.is_needed() {
             self.counters.tlb_flushes += 1;
-            cpu.flush_nested_tlb();
         }
+        flush.flush(&mut crate::nested::VendorTlb(cpu));
     }
 
     fn start_dirty_log(
