@@ -223,6 +223,8 @@ pub struct GuestHpt<R: PageResolver = HvaIdentity> {
     max_npages: u64,
     /// C bits the hardware lost at the guest's request, when queued.
     folded_dirty: Option<Vec<GfnRange>>,
+    /// Dirty-bit logs running ([`MmuBackend::track_lost_dirty`]).
+    lost_dirty_logs: u32,
     /// Pages ever queued in `folded_dirty`.
     lost_dirty_pages: u64,
 }
@@ -282,6 +284,7 @@ impl<R: PageResolver> GuestHpt<R> {
             resolver,
             max_npages: 1,
             folded_dirty: None,
+            lost_dirty_logs: 0,
             lost_dirty_pages: 0,
         })
     }
@@ -492,8 +495,9 @@ impl<R: PageResolver> GuestHpt<R> {
     /// `MmuBackend::drain_lost_dirty`, so a page the guest wrote and then
     /// unmapped is still reported; [`GuestHpt::take_folded_dirty`] drains it
     /// by hand. The queue covers the whole page, where the per-gfn word names
-    /// only its first frame. Turn it on when a dirty-bit log starts; turning
-    /// it off folds what is queued into the words.
+    /// only its first frame. mmu-generic's `SlotDirtyLog::start` turns it on
+    /// (through `MmuBackend::track_lost_dirty`) and the last log's `stop`
+    /// off; turning it off folds what is queued into the words.
     pub fn queue_folded_dirty(&mut self, on: bool) {
         match (on, self.folded_dirty.take()) {
             (true, q) => self.folded_dirty = Some(q.unwrap_or_default()),
@@ -1223,6 +1227,20 @@ impl<R: PageResolver> MmuBackend for GuestHpt<R> {
         leaf.young = r & HPTE_R_R != 0;
         leaf.dirty = r & HPTE_R_C != 0;
         Some(leaf)
+    }
+
+    /// Counts the dirty-bit logs: the first turns the folded-dirty queue on,
+    /// the last one's stop turns it off ([`GuestHpt::queue_folded_dirty`]).
+    fn track_lost_dirty(&mut self, on: bool) {
+        if on {
+            self.lost_dirty_logs += 1;
+            self.queue_folded_dirty(true);
+        } else if self.lost_dirty_logs > 0 {
+            self.lost_dirty_logs -= 1;
+            if self.lost_dirty_logs == 0 {
+                self.queue_folded_dirty(false);
+            }
+        }
     }
 
     fn drain_lost_dirty(&mut self, gfns: GfnRange, f: &mut dyn FnMut(GfnRange)) {

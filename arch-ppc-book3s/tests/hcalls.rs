@@ -514,3 +514,34 @@ fn valid_hptes_never_leave_guest_memory() {
     assert!(n > 0, "some random entries were accepted");
     g.check_invariants().expect("invariants");
 }
+
+/// A dirty-bit log needs the C bits the guest takes away (H_REMOVE of a changed
+/// entry): the log's start makes the table keep them (`MmuBackend::track_lost_dirty`,
+/// no `queue_folded_dirty` by the embedder), the round reports them, and the last
+/// log's stop hands the table back to the per-gfn words.
+#[test]
+fn a_dirty_bit_log_reports_a_page_the_guest_wrote_and_removed_without_the_embedder_asking() {
+    use mmu_generic::dirty_log::{LogMode, SlotDirtyLog, Tracking};
+    let mut g = default_guest();
+    let slot = *g.memslots().get(SlotId(0)).expect("slot 0");
+    let mut f = FlushToken::new();
+    let mut log =
+        SlotDirtyLog::start(&slot, Tracking::HardwareDirty, LogMode::Bitmap, &mut g, &mut f).expect("C bit");
+    f.flush(&mut NoTlb);
+    assert_eq!(call(&mut g, H_ENTER, &[H_EXACT, 65, 2 << 7, 0x5000 | HPTE_R_M | 2]).status, 0);
+    g.table().hardware_access(65, true);
+    assert_eq!(call(&mut g, H_REMOVE, &[0, 65, 0]).status, 0);
+    let mut words = Vec::new();
+    log.get_and_clear(&mut g, &mut words).expect("bitmap mode").flush(&mut NoTlb);
+    assert_eq!(words[0], 1 << 5, "gfn 5 was written, then removed by the guest");
+    log.get_and_clear(&mut g, &mut words).expect("bitmap mode").flush(&mut NoTlb);
+    assert_eq!(words[0], 0, "reported once");
+    log.stop(&mut g);
+    // No log: the C bit of a removed entry goes to the page's word again.
+    assert_eq!(call(&mut g, H_ENTER, &[H_EXACT, 66, 3 << 7, 0x6000 | HPTE_R_M | 2]).status, 0);
+    g.table().hardware_access(66, true);
+    assert_eq!(call(&mut g, H_REMOVE, &[0, 66, 0]).status, 0);
+    assert!(g.take_folded_dirty().is_empty(), "nothing queued without a log");
+    assert_eq!(g.rmap_word(Gfn(6)).map(|w| w & RMAP_CHANGED), Some(RMAP_CHANGED));
+    g.check_invariants().expect("invariants");
+}

@@ -925,17 +925,18 @@ impl DirtyTracker for DbitLog {
     fn note_writable(&mut self, _: SlotId, gfn: Gfn, h: PteHandle) -> bool {
         self.0.note_writable(gfn, h, None).is_ok()
     }
+    fn mark(&mut self, _: SlotId, gfn: Gfn) -> bool {
+        self.0.mark(gfn, None).is_ok()
+    }
 }
 
-/// One dirty-bit round as an embedder runs it: the D bits the MMU's own changes took
-/// from leaves folded in, then get-and-clear. The guest frames reported.
+/// One dirty-bit round as an embedder runs it: get-and-clear, which also takes the D
+/// bits the MMU's own changes took from leaves (the log's start turned their recording
+/// on, the round drains it). The guest frames reported.
 fn dbit_round(mmu: &mut Mmu, log: &mut DbitLog) -> Vec<u64> {
-    for (_, leaf) in mmu.take_zapped_dirty() {
-        log.0.note_zapped(&leaf);
-    }
     let mut words = Vec::new();
-    let _ = log.0.get_and_clear(mmu, &mut words).unwrap();
-    let _ = mmu.take_flush();
+    log.0.get_and_clear(mmu, &mut words).unwrap().flush(&mut NoTlb);
+    mmu.take_flush().flush(&mut NoTlb);
     let mut out = Vec::new();
     for (w, word) in words.iter().enumerate() {
         for b in 0..64 {
@@ -968,7 +969,6 @@ fn a_dirty_page_that_becomes_a_guest_table_is_still_reported_under_dirty_bits() 
     )
     .unwrap();
     let mut log = DbitLog(log);
-    mmu.set_track_zapped_dirty(true);
     let w = AccessKind::supervisor(AccessOp::Write);
     let r = AccessKind::supervisor(AccessOp::Read);
     let write = |mmu: &mut Mmu, log: &mut DbitLog, gva: u64| {
@@ -1021,7 +1021,6 @@ fn a_resync_that_makes_a_dirty_leaf_read_only_keeps_its_write_in_the_dirty_log()
     )
     .unwrap();
     let mut log = DbitLog(log);
-    mmu.set_track_zapped_dirty(true);
     let w = AccessKind::user(AccessOp::Write);
     let write = |mmu: &mut Mmu, log: &mut DbitLog, gva: u64| {
         for _ in 0..4 {
@@ -1050,6 +1049,75 @@ fn a_resync_that_makes_a_dirty_leaf_read_only_keeps_its_write_in_the_dirty_log()
     assert!(!writable, "the resync took write away");
     let got = dbit_round(&mut mmu, &mut log);
     assert!(got.contains(&0x80), "the write before the resync was lost: {got:x?}");
+}
+
+/// The MMU's own zap: the guest unmaps a written page in an unsync page table and
+/// invalidates it; the resync zaps the dirty leaf, whose D bit leaves the hardware
+/// without the drivers. The log's start turned the recording of such leaves on
+/// (`MmuBackend::track_lost_dirty`) and the round drains it, with no call by the
+/// embedder; the log's stop turns the recording off again.
+#[test]
+fn a_dirty_leaf_the_resync_zaps_is_reported_without_the_embedder_asking() {
+    let mut mmu = new_mmu(4096, 2);
+    let g = mmu.guest();
+    g.write(Gpa(0x1000), 8, 0x2000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x2000), 8, 0x3000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x4000 + 8 * 4), 8, 0x4000 | P | RW | US | A | D).unwrap();
+    g.write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | RW | US | A | D).unwrap();
+    let cpu = four_level(&mmu, 1);
+    mmu.load_cr3(&cpu).unwrap();
+    let slot = *mmu.memslots().get(SlotId(0)).unwrap();
+    let mut flush = FlushToken::new();
+    let log = mmu_generic::dirty_log::SlotDirtyLog::start(
+        &slot,
+        Tracking::HardwareDirty,
+        LogMode::Bitmap,
+        &mut mmu,
+        &mut flush,
+    )
+    .unwrap();
+    flush.flush(&mut NoTlb);
+    let mut log = DbitLog(log);
+    let w = AccessKind::user(AccessOp::Write);
+    let write = |mmu: &mut Mmu, log: &mut DbitLog, gva: u64| {
+        for _ in 0..4 {
+            if mmu.hw_access(&cpu, Gva(gva), w).is_ok() {
+                return;
+            }
+            assert_eq!(mmu.page_fault(&cpu, Gva(gva), w, log), Ok(ShadowFault::Fixed));
+        }
+        panic!("the write to {gva:#x} never completed");
+    };
+    write(&mut mmu, &mut log, 0x4000 + 8 * 16);
+    assert_eq!(mmu.unsync_pages(), 1);
+    write(&mut mmu, &mut log, 0x10_000);
+    dbit_round(&mut mmu, &mut log);
+    write(&mut mmu, &mut log, 0x10_000);
+    // The guest unmaps the page and invalidates it: the resync zaps the dirty leaf.
+    mmu.guest().write(Gpa(0x4000 + 8 * 16), 8, 0).unwrap();
+    mmu.invlpg(&cpu, Gva(0x10_000));
+    let mut mapped = false;
+    mmu.for_each_mapping(|gfn, _, _| mapped |= gfn == Gfn(0x80));
+    assert!(!mapped, "the resync zapped the leaf");
+    let got = dbit_round(&mut mmu, &mut log);
+    assert!(got.contains(&0x80), "the write before the zap was lost: {got:x?}");
+    assert!(dbit_round(&mut mmu, &mut log).is_empty(), "reported once");
+    log.0.stop(&mut mmu);
+    // With no log left, nothing is recorded any more.
+    let mut unlogged = arch_x86::shadow::NoDirtyLog;
+    mmu.guest().write(Gpa(0x4000 + 8 * 18), 8, 0x81_000 | P | RW | US | A | D).unwrap();
+    mmu.invlpg(&cpu, Gva(0x12_000));
+    for _ in 0..4 {
+        if mmu.hw_access(&cpu, Gva(0x12_000), w).is_ok() {
+            break;
+        }
+        assert_eq!(mmu.page_fault(&cpu, Gva(0x12_000), w, &mut unlogged), Ok(ShadowFault::Fixed));
+    }
+    mmu.guest().write(Gpa(0x4000 + 8 * 18), 8, 0).unwrap();
+    mmu.invlpg(&cpu, Gva(0x12_000));
+    assert!(mmu.take_zapped_dirty().is_empty(), "recording stopped with the last log");
+    mmu.take_flush().flush(&mut NoTlb);
 }
 
 /// PML4 at gfn 1, PDPT 2, PD 3, PT 4: the first 2 MiB mapped one to one,
@@ -1116,7 +1184,7 @@ fn pae_root_must_be_below_4g_and_bad_pdptrs_are_refused() {
         slots(),
     );
     let mut cpu = GuestCpu::new(GuestMode::Bits32, 0x1000);
-    assert!(matches!(mmu.load_cr3(&cpu), Err(ShadowError::PaeRootAbove4G(_))));
+    assert_eq!(mmu.load_cr3(&cpu), Err(ShadowError::NoFrameBelow4G));
     cpu.mode = GuestMode::Pae;
     cpu.pdptrs = [P | RW, 0, 0, 0];
     assert_eq!(mmu.load_cr3(&cpu), Err(ShadowError::BadPdptrs));

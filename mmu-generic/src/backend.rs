@@ -284,6 +284,19 @@ pub trait MmuBackend {
     fn drain_lost_dirty(&mut self, gfns: GfnRange, f: &mut dyn FnMut(GfnRange)) {
         let _ = (gfns, f);
     }
+
+    /// A dirty-bit log starts (`on`) or stops on one slot: what
+    /// [`MmuBackend::drain_lost_dirty`] reports must be kept from the first
+    /// call on, and need not be once the last log has stopped (nobody drains
+    /// it any more). [`crate::dirty_log::SlotDirtyLog::start`] and
+    /// [`crate::dirty_log::SlotDirtyLog::stop`] call it under dirty-bit
+    /// tracking, so an embedder never has to switch this on by hand; back ends
+    /// count the calls, since several slots may be logged at once. The
+    /// default keeps nothing, for back ends whose leaves only leave through
+    /// [`MmuBackend::zap`].
+    fn track_lost_dirty(&mut self, on: bool) {
+        let _ = on;
+    }
 }
 
 /// Pages per window of [`for_each_leaf_batched`].

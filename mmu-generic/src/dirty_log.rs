@@ -212,11 +212,23 @@ impl SlotDirtyLog {
             false
         });
         if tracking == Tracking::HardwareDirty {
-            // Dirty bits lost before logging started predate it, as do the
-            // D bits just cleared.
+            // From now on the back end keeps the dirty bits that leave the
+            // hardware without the drivers; those lost before logging started
+            // predate it, as do the D bits just cleared.
+            backend.track_lost_dirty(true);
             backend.drain_lost_dirty(gfns, &mut |_| {});
         }
         Ok(log)
+    }
+
+    /// Stops logging: under dirty-bit tracking the back end may stop keeping
+    /// lost dirty bits for this log ([`MmuBackend::track_lost_dirty`]). Leaves
+    /// keep the permissions they have; the next fault maps as the slot's
+    /// flags then say.
+    pub fn stop<B: MmuBackend + ?Sized>(self, backend: &mut B) {
+        if self.tracking == Tracking::HardwareDirty {
+            backend.track_lost_dirty(false);
+        }
     }
 
     /// The slot logged.

@@ -53,6 +53,21 @@ pub trait FrameMemory {
     /// Allocates a frame whose 512 entries are zero.
     fn alloc_zeroed(&mut self) -> Result<FrameId, OutOfFrames>;
 
+    /// Allocates a zeroed frame whose host frame number is below `limit`: a
+    /// PAE shadow root must sit where a 32-bit CR3 can point. The default
+    /// takes what [`alloc_zeroed`](Self::alloc_zeroed) gives and refuses it
+    /// if it lies too high; memories that can choose where a frame lands
+    /// override it.
+    fn alloc_zeroed_below(&mut self, limit: Pfn) -> Result<FrameId, OutOfFrames> {
+        let frame = self.alloc_zeroed()?;
+        if self.pfn(frame) < limit {
+            Ok(frame)
+        } else {
+            self.free(frame);
+            Err(OutOfFrames)
+        }
+    }
+
     /// Returns a frame for reuse.
     fn free(&mut self, frame: FrameId);
 

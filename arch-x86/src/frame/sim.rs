@@ -59,6 +59,23 @@ impl FrameMemory for SimMemory {
         Ok(FrameId((self.frames.len() - 1) as u32))
     }
 
+    fn alloc_zeroed_below(&mut self, limit: Pfn) -> Result<FrameId, OutOfFrames> {
+        // A freed frame low enough, else the next new one if it is.
+        if let Some(k) = self.free.iter().rposition(|&id| self.base + id as u64 * self.stride < limit.0) {
+            let id = self.free.swap_remove(k);
+            for e in self.frames[id as usize].iter() {
+                e.store(0, Ordering::Relaxed);
+            }
+            return Ok(FrameId(id));
+        }
+        let next = self.frames.len() as u64;
+        if self.frames.len() >= self.limit || self.base + next * self.stride >= limit.0 {
+            return Err(OutOfFrames);
+        }
+        self.frames.push(Box::new(core::array::from_fn(|_| AtomicU64::new(0))));
+        Ok(FrameId(next as u32))
+    }
+
     fn free(&mut self, frame: FrameId) {
         debug_assert!((frame.0 as usize) < self.frames.len());
         debug_assert!(!self.free.contains(&frame.0), "frame {frame:?} freed twice");
@@ -103,6 +120,28 @@ impl FrameMemory for SimMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_below_a_limit_come_from_the_free_list_or_fresh_and_never_above() {
+        // Frames at 4 GiB - 2 pages, 4 GiB - 1 page, 4 GiB, 4 GiB + 1 page.
+        let limit = Pfn(1 << 20);
+        let mut m = SimMemory::new(Pfn((1 << 20) - 2), 4);
+        let low = m.alloc_zeroed_below(limit).unwrap();
+        let low2 = m.alloc_zeroed_below(limit).unwrap();
+        assert!(m.pfn(low) < limit && m.pfn(low2) < limit);
+        assert_eq!(m.alloc_zeroed_below(limit), Err(OutOfFrames), "the next frame is at 4 GiB");
+        let high = m.alloc_zeroed().unwrap();
+        assert!(m.pfn(high) >= limit);
+        m.table(low)[5].store(7, Ordering::Relaxed);
+        m.free(high);
+        m.free(low);
+        // The freed high frame is skipped; the freed low one comes back zeroed.
+        let again = m.alloc_zeroed_below(limit).unwrap();
+        assert_eq!(again, low);
+        assert_eq!(m.table(again)[5].load(Ordering::Relaxed), 0);
+        assert_eq!(m.alloc_zeroed_below(limit), Err(OutOfFrames));
+        assert_eq!(m.frames_in_use(), 2);
+    }
 
     #[test]
     fn freed_frames_come_back_zeroed_and_pfns_map_both_ways() {

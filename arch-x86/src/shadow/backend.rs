@@ -88,4 +88,12 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> MmuBackend for ShadowMmu<M, G
         flush.add_range(leaf.gfns());
         Some(leaf)
     }
+
+    fn drain_lost_dirty(&mut self, gfns: GfnRange, f: &mut dyn FnMut(GfnRange)) {
+        self.drain_zapped_dirty(gfns, f);
+    }
+
+    fn track_lost_dirty(&mut self, on: bool) {
+        self.count_lost_dirty_log(on);
+    }
 }

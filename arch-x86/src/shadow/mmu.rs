@@ -70,9 +70,9 @@ pub enum ShadowError {
     HostFault(Gfn),
     /// An emulated write to guest-physical memory outside every memslot.
     NotGuestMemory(Gpa),
-    /// The frame for a PAE root lies above 4 GiB, where a 32-bit CR3 cannot
-    /// point (give the MMU frame memory below 4 GiB for PAE guests).
-    PaeRootAbove4G(Pfn),
+    /// No frame below 4 GiB for a PAE root, the only place a 32-bit CR3 can
+    /// point ([`FrameMemory::alloc_zeroed_below`] found none).
+    NoFrameBelow4G,
     /// The CPU state names a PAE root whose PDPTE registers were not loaded
     /// with [`super::guest_walk::load_pdptrs`] (a present one has reserved bits).
     BadPdptrs,
@@ -88,7 +88,7 @@ impl fmt::Display for ShadowError {
             Self::Rmap(e) => write!(f, "reverse map: {e}"),
             Self::HostFault(g) => write!(f, "no host page behind guest frame {g}"),
             Self::NotGuestMemory(a) => write!(f, "guest-physical address {a} is outside every memslot"),
-            Self::PaeRootAbove4G(p) => write!(f, "PAE root frame {p} is above 4 GiB"),
+            Self::NoFrameBelow4G => f.write_str("no frame below 4 GiB for a PAE root"),
             Self::BadPdptrs => f.write_str("PDPTE registers with reserved bits"),
             Self::DirtyRingFull(a) => write!(f, "dirty ring full: the write to {a} was not logged"),
         }
@@ -294,6 +294,8 @@ pub struct ShadowMmu<M: FrameMemory, G: PhysMemory, H: HostMemory> {
     /// Dirty leaves dropped by internal zaps, for the embedder's dirty log.
     zapped_dirty: Vec<(SlotId, Leaf)>,
     track_zapped_dirty: bool,
+    /// Dirty-bit logs running ([`mmu_generic::backend::MmuBackend::track_lost_dirty`]).
+    lost_dirty_logs: u32,
     stats: ShadowStats,
 }
 
@@ -360,6 +362,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             flush: FlushToken::new(),
             zapped_dirty: Vec::new(),
             track_zapped_dirty: false,
+            lost_dirty_logs: 0,
             stats: ShadowStats::default(),
         }
     }
@@ -410,7 +413,9 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     }
 
     /// Starts or stops recording the dirty leaves the MMU's own zaps drop
-    /// (off by default; turn it on while a slot is logged by dirty bits).
+    /// (off by default). mmu-generic's `SlotDirtyLog::start` under dirty-bit
+    /// tracking turns it on through [`mmu_generic::backend::MmuBackend::track_lost_dirty`], and its
+    /// drivers drain the record every round ([`mmu_generic::backend::MmuBackend::drain_lost_dirty`]).
     pub fn set_track_zapped_dirty(&mut self, on: bool) {
         self.track_zapped_dirty = on;
         if !on {
@@ -423,6 +428,35 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     /// into the log ([`mmu_generic::dirty_log::SlotDirtyLog::note_zapped`]).
     pub fn take_zapped_dirty(&mut self) -> Vec<(SlotId, Leaf)> {
         core::mem::take(&mut self.zapped_dirty)
+    }
+
+    /// The core's side of [`ShadowMmu::take_zapped_dirty`]
+    /// ([`mmu_generic::backend::MmuBackend::drain_lost_dirty`]): reports the recorded dirty leaves
+    /// that overlap `gfns` and keeps the others, and what lies outside `gfns`,
+    /// for the log that covers them.
+    pub(crate) fn drain_zapped_dirty(&mut self, gfns: GfnRange, f: &mut dyn FnMut(GfnRange)) {
+        self.zapped_dirty.retain(|(_, leaf)| match leaf.gfns().intersect(&gfns) {
+            Some(mine) => {
+                f(mine);
+                leaf.gfn < gfns.start || leaf.gfns().end > gfns.end
+            }
+            None => true,
+        });
+    }
+
+    /// Counts the dirty-bit logs ([`mmu_generic::backend::MmuBackend::track_lost_dirty`]): the
+    /// first turns recording of zapped dirty leaves on, the last one's stop
+    /// turns it off.
+    pub(crate) fn count_lost_dirty_log(&mut self, on: bool) {
+        if on {
+            self.lost_dirty_logs += 1;
+            self.set_track_zapped_dirty(true);
+        } else if self.lost_dirty_logs > 0 {
+            self.lost_dirty_logs -= 1;
+            if self.lost_dirty_logs == 0 {
+                self.set_track_zapped_dirty(false);
+            }
+        }
     }
 
     /// Memory the shadow tables take, parent lists included.
@@ -607,11 +641,12 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
                 {
                     return Err(ShadowError::BadPdptrs);
                 }
-                let frame = self.alloc_frame()?;
-                let pfn = self.mem.pfn(frame);
-                if pfn.0 >> 20 != 0 {
+                // A 32-bit CR3 holds a physical address below 4 GiB.
+                let frame =
+                    self.mem.alloc_zeroed_below(Pfn(1 << 20)).map_err(|_| ShadowError::NoFrameBelow4G)?;
+                if frame.0 >= MAX_FRAMES {
                     self.mem.free(frame);
-                    return Err(ShadowError::PaeRootAbove4G(pfn));
+                    return Err(ShadowError::OutOfFrames);
                 }
                 let mut pds = [None; 4];
                 for q in 0..4 {
