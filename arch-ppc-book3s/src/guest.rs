@@ -25,6 +25,29 @@
 //!
 //! Every hypercall argument is checked; a guest can never obtain a mapping
 //! of memory outside its memslots.
+//!
+//! **Dirty bits that leave the table.** Under dirty-bit logging the C bits the
+//! guest takes away go to a queue of whole-page ranges instead of the per-gfn
+//! word ([`GuestHpt::queue_folded_dirty`]), which the core's harvest drains
+//! every round through `MmuBackend::drain_lost_dirty`. The core's
+//! `SlotDirtyLog::start` turns the queue on (`MmuBackend::track_lost_dirty`),
+//! so an embedder never has to.
+//!
+//! **Limits of the handle space.** Leaves are named by mmu-generic's 32-bit
+//! `PteHandle`: an HPTE index, or bit 31 ([`RMAP_HANDLE_BIT`]) plus a page index
+//! for the per-gfn pseudo-leaves. That caps a table at 2^31 HPTEs (a 32 GiB
+//! table, which PAPR sizes at about 1/128 of RAM, so guests of several TiB) and a
+//! guest at 2^31 pages; [`GuestHpt::new`] refuses more with a typed error
+//! ([`GuestHptError::TableTooLarge`], [`GuestHptError::GuestTooLarge`]). A wider handle
+//! would cost every x86 reverse-map entry 4 more bytes for a limit no guest here
+//! reaches, so the core keeps 32 bits.
+//!
+//! **TLB flushes.** The [`FlushToken`] the hypercalls fill names guest-frame
+//! ranges, as for every back end, not the virtual address a `tlbie` wants. A
+//! bare-metal embedder flushes the partition (`tlbiel` with IS = 2 over every
+//! set, as the powernv boot image does) or maps the range back to HPTEs through
+//! [`GuestHpt::chain`]. A per-entry flush kind in the core token would serve only
+//! this back end; the partition flush is what the boot image measures today.
 
 use alloc::vec;
 use alloc::vec::Vec;

@@ -9,6 +9,13 @@
 //! dirty bit in the leaf (SDM §29.3.5; APM §5.4.2), each with a
 //! compare-exchange that restarts the walk if the entry changed under it, as
 //! the processor's locked update does. A faulting walk sets no bit.
+//!
+//! Every access is a user access, which is right for nested paging (EPT and
+//! NPT have no supervisor/user distinction of their own). It therefore cannot
+//! play the CPU on shadow tables for supervisor accesses, CR0.WP, SMEP or SMAP:
+//! shadow paging walks with its own walker (`shadow::guest_walk`, generic over
+//! the paging mode), and the shadow differential test checks the two agree on
+//! every user access of 4- and 5-level shadow tables walked as `Npt` tables.
 
 use core::sync::atomic::Ordering;
 

@@ -16,6 +16,31 @@
 //!
 //! A leaf is named by the [`PteHandle`] `frame id × 512 + index`; the reverse
 //! map files it under its slot, its first guest frame and its level.
+//!
+//! ## Decisions an embedder should know
+//!
+//! - **Freeing detached tables.** A table unlinked by a range zap can stay in
+//!   the processor's paging-structure caches until the TLB flush, so it may
+//!   only be freed after it. The range zaps (`zap_range`, `unmap_range`,
+//!   `set_memslots`, `zap_all`) therefore take `&mut impl TlbFlush` and flush
+//!   before they free, instead of handing back a token and a receipt: the
+//!   engine frees nothing the caller could still reach through a stale
+//!   translation, and no caller can free early. Faults never free tables.
+//! - **Reverse-map descriptors.** Faults and splits take descriptors only
+//!   from the reserve and answer `ReserveEmpty` when it runs dry; they never
+//!   allocate. Topping up ([`TdpMmu::reserve`], [`TdpMmu::FAULT_RESERVE`] for
+//!   any one fault) is the only allocation, and it needs `&mut self`: an
+//!   embedder whose engine sits behind its MMU lock tops up at the start of
+//!   the vCPU's fault path, where the lock is held for nothing else, and
+//!   retries a fault that came back `ReserveEmpty`. A reserve fillable from
+//!   outside the lock (a per-vCPU cache of descriptors handed to the fault, as
+//!   KVM's memory caches are) would need the descriptor pool to grow in chunks
+//!   that are allocated outside the lock; it is not built.
+//! - **Writes to read-only slots** come back as
+//!   `FaultOutcome::Denied(Denied::ReadOnlySlot { .. })`, the same "denied"
+//!   the core's harness and the other back ends use for
+//!   `SlotFlags::READONLY`; the VMM emulates such a write as MMIO, as KVM
+//!   reports it.
 
 mod backend;
 mod fault;
