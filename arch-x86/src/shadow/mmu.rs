@@ -47,6 +47,7 @@ use crate::frame::{FrameId, FrameMemory};
 use crate::tdp::HostMemory;
 
 mod fault;
+mod roots;
 mod sync;
 mod zap;
 
@@ -236,7 +237,7 @@ pub struct ShadowMemory {
     pub parent_list_bytes: usize,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 struct RootKey {
     /// The root table's address (not PAE).
     cr3: u64,
@@ -271,8 +272,10 @@ pub struct ShadowMmu<M: FrameMemory, G: PhysMemory, H: HostMemory> {
     generation: MmuGeneration,
     invalidation: InvalidationSeq,
     config: ShadowConfig,
-    /// The current root first, then cached roots, most recent first.
-    roots: Vec<Root>,
+    /// The current root first, then the cached roots.
+    roots: roots::RootCache,
+    /// A page held by a root went invalid since the roots were last checked.
+    stale_roots: bool,
     /// Pages that are (or were) unsync; stale indices are skipped.
     unsync: Vec<PageIdx>,
     flush: FlushToken,
@@ -339,7 +342,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             generation: MmuGeneration::new(),
             invalidation: InvalidationSeq::new(),
             config: ShadowConfig { max_pages: config.max_pages.max(16), ..config },
-            roots: Vec::new(),
+            roots: roots::RootCache::default(),
+            stale_roots: false,
             unsync: Vec::new(),
             flush: FlushToken::new(),
             zapped_dirty: Vec::new(),
@@ -550,27 +554,28 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
 
     fn switch_root(&mut self, cpu: &GuestCpu) -> Result<(), ShadowError> {
         let key = self.root_key(cpu);
-        // Drop roots that went obsolete or invalid.
-        let mut k = 0;
-        while k < self.roots.len() {
-            if self.root_valid(&self.roots[k]) {
-                k += 1;
-            } else {
-                let r = self.roots.remove(k);
+        // Drop roots that went obsolete or invalid, most recent first. Roots
+        // only go invalid when a page they hold does (zap-all takes them
+        // all), so without such a zap there is nothing to look for.
+        if self.stale_roots {
+            self.stale_roots = false;
+            for gone in self.roots.rejected(|r| self.root_valid(r)) {
+                let pos = self.roots.find(&gone).expect("a held root");
+                let r = self.roots.remove(pos);
                 self.release_root(r);
             }
         }
-        if let Some(pos) = self.roots.iter().position(|r| r.key == key) {
-            let r = self.roots.remove(pos);
-            self.roots.insert(0, r);
+        if let Some(pos) = self.roots.find(&key) {
+            self.roots.promote(pos);
             self.stats.root_hits += 1;
             return Ok(());
         }
         self.make_room();
         let root = self.build_root(cpu, key)?;
-        self.roots.insert(0, root);
+        self.roots.push_current(root);
         while self.roots.len() > self.config.cached_roots + 1 {
-            let r = self.roots.pop().expect("more roots than the cache holds");
+            let pos = self.roots.least_recent().expect("more roots than the cache holds");
+            let r = self.roots.remove(pos);
             self.release_root(r);
         }
         Ok(())
@@ -811,6 +816,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if self.cache.get(i).root_count > 0 {
             // Still a root: keep the (empty) table until the root goes.
             self.cache.get_mut(i).invalid = true;
+            self.stale_roots = true;
         } else {
             self.free_page(i);
         }
