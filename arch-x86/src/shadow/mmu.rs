@@ -32,7 +32,7 @@ use mmu_generic::addr::{Gfn, GfnRange, Gpa, Gva, HvaRange, Pfn};
 use mmu_generic::backend::{FlushToken, Leaf};
 use mmu_generic::generation::{reclaim_obsolete, MmuGeneration, ReclaimReport, ZapReason};
 use mmu_generic::invalidate::InvalidationSeq;
-use mmu_generic::memslot::{Memslots, SlotFlags, SlotId};
+use mmu_generic::memslot::{Memslot, Memslots, SlotFlags, SlotHint, SlotId};
 use mmu_generic::pte_list::{PteHandle, PteList, RmapError};
 use mmu_generic::rmap::{Rmap, X86_LEVEL_SHIFTS};
 
@@ -180,6 +180,45 @@ impl<G: PhysMemory> PhysMemory for SlotMemory<'_, G> {
     }
 }
 
+/// [`SlotMemory`] for one fault: the walk reads each level's table and
+/// nearly always finds it in the slot of the level before, so the last
+/// slot found is tried first (the same answers, without a lookup a level).
+struct HintedSlotMemory<'a, G: PhysMemory> {
+    slots: &'a Memslots,
+    mem: &'a G,
+    hint: core::cell::Cell<SlotHint>,
+}
+
+impl<'a, G: PhysMemory> HintedSlotMemory<'a, G> {
+    fn new(slots: &'a Memslots, mem: &'a G) -> Self {
+        Self { slots, mem, hint: core::cell::Cell::new(SlotHint::default()) }
+    }
+
+    #[inline]
+    fn lookup(&self, gfn: Gfn) -> Option<&'a Memslot> {
+        let mut hint = self.hint.get();
+        let slot = self.slots.lookup_hinted(gfn, &mut hint);
+        self.hint.set(hint);
+        slot
+    }
+}
+
+impl<G: PhysMemory> PhysMemory for HintedSlotMemory<'_, G> {
+    fn read(&self, addr: Gpa, bytes: u64) -> Result<u64, NotMemory> {
+        self.lookup(addr.gfn()).ok_or(NotMemory(addr))?;
+        self.mem.read(addr, bytes)
+    }
+
+    fn compare_exchange(&self, addr: Gpa, bytes: u64, old: u64, new: u64) -> Result<bool, NotMemory> {
+        let slot = self.lookup(addr.gfn()).ok_or(NotMemory(addr))?;
+        if slot.flags().contains(SlotFlags::READONLY) {
+            // As in SlotMemory: no A/D update in a read-only slot.
+            return Ok(true);
+        }
+        self.mem.compare_exchange(addr, bytes, old, new)
+    }
+}
+
 /// Sizing of a shadow MMU.
 #[derive(Clone, Copy, Debug)]
 pub struct ShadowConfig {
@@ -237,7 +276,7 @@ pub struct ShadowMemory {
     pub parent_list_bytes: usize,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct RootKey {
     /// The root table's address (not PAE).
     cr3: u64,

@@ -12,42 +12,27 @@
 //! root and is far costlier, scans the stamps for the oldest.
 
 use alloc::vec::Vec;
-use core::hash::{Hash, Hasher};
 
 use super::{Root, RootKey};
 
-/// A multiply-rotate hasher over the few words of a [`RootKey`].
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        // Fold the high bits down: the index takes the low ones.
-        self.0 ^ (self.0 >> 29)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u8(&mut self, n: u8) {
-        self.write_u64(u64::from(n));
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-}
-
+/// The index hash of a root key: its words folded, one multiply. Roots that
+/// differ only in role bits left out here share a probe run, which the key
+/// comparison sorts out.
+#[inline]
 fn hash_of(key: &RootKey) -> u64 {
-    let mut h = KeyHasher(0);
-    key.hash(&mut h);
-    h.finish()
+    let p = &key.pdptrs;
+    let r = &key.role;
+    let role = u64::from(r.level)
+        | u64::from(r.quadrant) << 8
+        | u64::from(r.access.bits()) << 16
+        | (r.mode as u64) << 24;
+    let h = (key.cr3 >> 12)
+        ^ p[0].rotate_left(9)
+        ^ p[1].rotate_left(21)
+        ^ p[2].rotate_left(33)
+        ^ p[3].rotate_left(45);
+    let h = (h ^ role.rotate_left(52)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 32)
 }
 
 /// The current root first, then the cached roots in no order.
@@ -56,6 +41,8 @@ pub(super) struct RootCache {
     roots: Vec<Root>,
     /// Use stamp of each root, parallel to `roots`: larger is more recent.
     used: Vec<u64>,
+    /// Index hash of each root's key, parallel to `roots`.
+    hashes: Vec<u64>,
     /// Open addressing with linear probing: position + 1, 0 for empty. Its
     /// length is a power of two at least twice the number of roots.
     index: Vec<u32>,
@@ -81,9 +68,9 @@ impl RootCache {
     }
 
     /// The index slot holding position `pos`, whose key is `key`.
-    fn slot_of(&self, key: &RootKey, pos: usize) -> usize {
+    fn slot_of(&self, pos: usize) -> usize {
         let mask = self.mask();
-        let mut s = hash_of(key) as usize & mask;
+        let mut s = self.hashes[pos] as usize & mask;
         loop {
             if self.index[s] as usize == pos + 1 {
                 return s;
@@ -109,9 +96,9 @@ impl RootCache {
         }
     }
 
-    fn index_insert(&mut self, key: &RootKey, pos: usize) {
+    fn index_insert(&mut self, pos: usize) {
         let mask = self.mask();
-        let mut s = hash_of(key) as usize & mask;
+        let mut s = self.hashes[pos] as usize & mask;
         while self.index[s] != 0 {
             s = (s + 1) & mask;
         }
@@ -128,7 +115,7 @@ impl RootCache {
             loop {
                 j = (j + 1) & mask;
                 let Some(p) = (self.index[j] as usize).checked_sub(1) else { return };
-                let home = hash_of(&self.roots[p].key) as usize & mask;
+                let home = self.hashes[p] as usize & mask;
                 // The entry at j may move to s unless its home lies
                 // cyclically in (s, j].
                 let stays = if s <= j { s < home && home <= j } else { s < home || home <= j };
@@ -143,7 +130,7 @@ impl RootCache {
 
     /// Re-points the index entry of the root at `from` to `to`.
     fn index_move(&mut self, from: usize, to: usize) {
-        let s = self.slot_of(&self.roots[from].key, from);
+        let s = self.slot_of(from);
         self.index[s] = to as u32 + 1;
     }
 
@@ -155,8 +142,7 @@ impl RootCache {
         }
         self.index = alloc::vec![0; want];
         for p in 0..self.roots.len() {
-            let key = self.roots[p].key;
-            self.index_insert(&key, p);
+            self.index_insert(p);
         }
     }
 
@@ -170,12 +156,13 @@ impl RootCache {
         if a == b {
             return;
         }
-        let sa = self.slot_of(&self.roots[a].key, a);
-        let sb = self.slot_of(&self.roots[b].key, b);
+        let sa = self.slot_of(a);
+        let sb = self.slot_of(b);
         self.index[sa] = b as u32 + 1;
         self.index[sb] = a as u32 + 1;
         self.roots.swap(a, b);
         self.used.swap(a, b);
+        self.hashes.swap(a, b);
     }
 
     /// Makes the root at `pos` current (the most recently used).
@@ -191,15 +178,16 @@ impl RootCache {
         self.grow_index(self.roots.len() + 1);
         self.roots.push(root);
         self.used.push(t);
+        self.hashes.push(hash_of(&root.key));
         let pos = self.roots.len() - 1;
-        self.index_insert(&root.key, pos);
+        self.index_insert(pos);
         self.swap(0, pos);
     }
 
     /// Takes the root at `pos` out. The others keep their stamps; if `pos`
     /// was the current root, the most recent remaining one becomes current.
     pub fn remove(&mut self, pos: usize) -> Root {
-        let s = self.slot_of(&self.roots[pos].key, pos);
+        let s = self.slot_of(pos);
         self.index_remove(s);
         let last = self.roots.len() - 1;
         if pos != last {
@@ -207,6 +195,7 @@ impl RootCache {
         }
         let root = self.roots.swap_remove(pos);
         self.used.swap_remove(pos);
+        self.hashes.swap_remove(pos);
         if pos == 0 {
             if let Some(m) = self.most_recent() {
                 self.swap(0, m);
@@ -238,6 +227,7 @@ impl RootCache {
         let roots = order.iter().map(|&p| self.roots[p]).collect();
         self.roots.clear();
         self.used.clear();
+        self.hashes.clear();
         self.index.iter_mut().for_each(|s| *s = 0);
         roots
     }
