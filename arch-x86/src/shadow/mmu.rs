@@ -32,7 +32,7 @@ use mmu_generic::addr::{Gfn, GfnRange, Gpa, Gva, HvaRange, Pfn};
 use mmu_generic::backend::{FlushToken, Leaf};
 use mmu_generic::generation::{reclaim_obsolete, MmuGeneration, ReclaimReport, ZapReason};
 use mmu_generic::invalidate::InvalidationSeq;
-use mmu_generic::memslot::{Memslots, SlotFlags, SlotId};
+use mmu_generic::memslot::{Memslot, Memslots, SlotFlags, SlotHint, SlotId};
 use mmu_generic::pte_list::{PteHandle, PteList, RmapError};
 use mmu_generic::rmap::{Rmap, X86_LEVEL_SHIFTS};
 
@@ -47,6 +47,7 @@ use crate::frame::{FrameId, FrameMemory};
 use crate::tdp::HostMemory;
 
 mod fault;
+mod roots;
 mod sync;
 mod zap;
 
@@ -191,6 +192,45 @@ impl<G: PhysMemory> PhysMemory for SlotMemory<'_, G> {
     }
 }
 
+/// [`SlotMemory`] for one fault: the walk reads each level's table and
+/// nearly always finds it in the slot of the level before, so the last
+/// slot found is tried first (the same answers, without a lookup a level).
+struct HintedSlotMemory<'a, G: PhysMemory> {
+    slots: &'a Memslots,
+    mem: &'a G,
+    hint: core::cell::Cell<SlotHint>,
+}
+
+impl<'a, G: PhysMemory> HintedSlotMemory<'a, G> {
+    fn new(slots: &'a Memslots, mem: &'a G) -> Self {
+        Self { slots, mem, hint: core::cell::Cell::new(SlotHint::default()) }
+    }
+
+    #[inline]
+    fn lookup(&self, gfn: Gfn) -> Option<&'a Memslot> {
+        let mut hint = self.hint.get();
+        let slot = self.slots.lookup_hinted(gfn, &mut hint);
+        self.hint.set(hint);
+        slot
+    }
+}
+
+impl<G: PhysMemory> PhysMemory for HintedSlotMemory<'_, G> {
+    fn read(&self, addr: Gpa, bytes: u64) -> Result<u64, NotMemory> {
+        self.lookup(addr.gfn()).ok_or(NotMemory(addr))?;
+        self.mem.read(addr, bytes)
+    }
+
+    fn compare_exchange(&self, addr: Gpa, bytes: u64, old: u64, new: u64) -> Result<bool, NotMemory> {
+        let slot = self.lookup(addr.gfn()).ok_or(NotMemory(addr))?;
+        if slot.flags().contains(SlotFlags::READONLY) {
+            // As in SlotMemory: no A/D update in a read-only slot.
+            return Ok(true);
+        }
+        self.mem.compare_exchange(addr, bytes, old, new)
+    }
+}
+
 /// Sizing of a shadow MMU.
 #[derive(Clone, Copy, Debug)]
 pub struct ShadowConfig {
@@ -283,8 +323,10 @@ pub struct ShadowMmu<M: FrameMemory, G: PhysMemory, H: HostMemory> {
     generation: MmuGeneration,
     invalidation: InvalidationSeq,
     config: ShadowConfig,
-    /// The current root first, then cached roots, most recent first.
-    roots: Vec<Root>,
+    /// The current root first, then the cached roots.
+    roots: roots::RootCache,
+    /// A page held by a root went invalid since the roots were last checked.
+    stale_roots: bool,
     /// Pages that are (or were) unsync; stale indices are skipped.
     unsync: Vec<PageIdx>,
     /// Guest table pages a walk's A/D update wrote whose mark the dirty
@@ -356,7 +398,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             generation: MmuGeneration::new(),
             invalidation: InvalidationSeq::new(),
             config: ShadowConfig { max_pages: config.max_pages.max(16), ..config },
-            roots: Vec::new(),
+            roots: roots::RootCache::default(),
+            stale_roots: false,
             unsync: Vec::new(),
             pending_marks: [None; 5],
             flush: FlushToken::new(),
@@ -600,27 +643,28 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
 
     fn switch_root(&mut self, cpu: &GuestCpu) -> Result<(), ShadowError> {
         let key = self.root_key(cpu);
-        // Drop roots that went obsolete or invalid.
-        let mut k = 0;
-        while k < self.roots.len() {
-            if self.root_valid(&self.roots[k]) {
-                k += 1;
-            } else {
-                let r = self.roots.remove(k);
+        // Drop roots that went obsolete or invalid, most recent first. Roots
+        // only go invalid when a page they hold does (zap-all takes them
+        // all), so without such a zap there is nothing to look for.
+        if self.stale_roots {
+            self.stale_roots = false;
+            for gone in self.roots.rejected(|r| self.root_valid(r)) {
+                let pos = self.roots.find(&gone).expect("a held root");
+                let r = self.roots.remove(pos);
                 self.release_root(r);
             }
         }
-        if let Some(pos) = self.roots.iter().position(|r| r.key == key) {
-            let r = self.roots.remove(pos);
-            self.roots.insert(0, r);
+        if let Some(pos) = self.roots.find(&key) {
+            self.roots.promote(pos);
             self.stats.root_hits += 1;
             return Ok(());
         }
         self.make_room();
         let root = self.build_root(cpu, key)?;
-        self.roots.insert(0, root);
+        self.roots.push_current(root);
         while self.roots.len() > self.config.cached_roots + 1 {
-            let r = self.roots.pop().expect("more roots than the cache holds");
+            let pos = self.roots.least_recent().expect("more roots than the cache holds");
+            let r = self.roots.remove(pos);
             self.release_root(r);
         }
         Ok(())
@@ -878,6 +922,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if self.cache.get(i).root_count > 0 {
             // Still a root: keep the (empty) table until the root goes.
             self.cache.get_mut(i).invalid = true;
+            self.stale_roots = true;
         } else {
             self.free_page(i);
         }

@@ -207,12 +207,14 @@ bitflags::bitflags! {
 
 impl PteAccess {
     /// What one entry grants.
+    #[inline]
     pub fn of_entry(e: u64, has_xd: bool) -> Self {
-        let mut a = PteAccess::empty();
-        a.set(PteAccess::WRITE, e & RW != 0);
-        a.set(PteAccess::USER, e & US != 0);
-        a.set(PteAccess::EXEC, !(has_xd && e & XD != 0));
-        a
+        // Without branches (a walk asks once a level): R/W (bit 1) and U/S
+        // (bit 2) shift down onto WRITE and USER; EXEC unless XD counts.
+        const _: () =
+            assert!(RW >> 1 == PteAccess::WRITE.bits() as u64 && US >> 1 == PteAccess::USER.bits() as u64);
+        let no_exec = u8::from(has_xd & (e & XD != 0));
+        PteAccess::from_bits_retain(((e & (RW | US)) >> 1) as u8 | ((no_exec ^ 1) << 2))
     }
 }
 

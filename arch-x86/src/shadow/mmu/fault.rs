@@ -40,11 +40,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         } else {
             gva
         };
-        let walked = {
-            let mem = SlotMemory { slots: &self.slots, mem: &self.guest };
-            walk_any(&mem, cpu, &self.config.features, gva, access, true)
-        };
-        let w = match walked {
+        let mem = HintedSlotMemory::new(&self.slots, &self.guest);
+        let w = match walk_any(&mem, cpu, &self.config.features, gva, access, true) {
             Ok(w) => w,
             Err(WalkFault::BadAddress(_)) => return Ok(ShadowFault::InjectGp),
             Err(WalkFault::Contended) => return Ok(ShadowFault::Retry),
@@ -69,7 +66,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         }
         let gpa = w.gpa;
         let gfn = gpa.gfn();
-        let Some(slot) = self.slots.lookup(gfn).copied() else { return Ok(ShadowFault::Mmio { gpa }) };
+        let Some(slot) = mem.lookup(gfn).copied() else { return Ok(ShadowFault::Mmio { gpa }) };
         let write = access.op == AccessOp::Write;
         let readonly = slot.flags().contains(SlotFlags::READONLY);
         if write && readonly {
@@ -146,17 +143,20 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     /// unsync instead (KVM's `mmu_try_to_unsync_pages`).
     pub(super) fn allow_write(&mut self, gfn: Gfn) -> bool {
         let gen = self.generation.current();
-        let pages: Vec<PageIdx> = self
-            .cache
-            .of_gfn(gfn)
-            .filter(|&i| {
-                let p = self.cache.get(i);
-                !p.role.direct && p.generation == gen && !p.invalid
-            })
-            .collect();
-        if pages.iter().any(|&i| self.cache.get(i).role.level > 1) {
+        // Two passes over the hash bucket, without collecting: most frames
+        // written are no guest table, and their bucket holds no page of them.
+        let shadows = |i: &PageIdx| {
+            let p = self.cache.get(*i);
+            !p.role.direct && p.generation == gen && !p.invalid
+        };
+        let mut pages = self.cache.of_gfn(gfn).filter(shadows).peekable();
+        if pages.peek().is_none() {
+            return true;
+        }
+        if pages.any(|i| self.cache.get(i).role.level > 1) {
             return false;
         }
+        let pages: Vec<PageIdx> = self.cache.of_gfn(gfn).filter(shadows).collect();
         for i in pages {
             let p = self.cache.get_mut(i);
             if !p.unsync {
@@ -191,11 +191,13 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
                 (pds[q].ok_or(ShadowError::BadPdptrs)?, 2)
             }
         };
+        let gen = self.generation.current();
         loop {
             let p = self.cache.get_mut(page);
             if Some(p.gfn) != written {
                 p.write_flood = 0;
             }
+            let frame = p.frame;
             let j = hw_index(gva.0, level);
             if level == 1 {
                 return Ok((page, j));
@@ -218,7 +220,6 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
                 let quadrant = if cpu.mode == GuestMode::Bits32 { ((gva.0 >> 21) & 1) as u8 } else { 0 };
                 (step.table_gfn, Role::for_cpu(cpu, child_level, false, step.access_above, quadrant))
             };
-            let frame = self.cache.get(page).frame;
             let e = self.mem.table(frame)[j].load(Ordering::Acquire);
             let existing = (e & P != 0)
                 .then(|| self.mem.frame_of(Pfn((e & SPTE_ADDR) >> 12)))
@@ -226,7 +227,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
                 .and_then(|f| self.cache.of_frame(f))
                 .filter(|&c| {
                     let p = self.cache.get(c);
-                    p.gfn == gfn && p.role == role && !p.invalid && p.generation == self.generation.current()
+                    p.gfn == gfn && p.role == role && !p.invalid && p.generation == gen
                 });
             let child = match existing {
                 Some(c) => c,

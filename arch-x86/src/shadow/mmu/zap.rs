@@ -44,7 +44,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     /// [`ShadowMmu::reclaim_obsolete`] frees the old pages in batches.
     pub fn invalidate_all(&mut self) -> u64 {
         let gen = self.generation.invalidate_all();
-        let roots = core::mem::take(&mut self.roots);
+        let roots = self.roots.take_all();
         for r in roots {
             self.release_root(r);
         }
@@ -79,7 +79,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     /// The memslots changed: every shadow page goes (tables and leaves may
     /// point into slots that moved or vanished) and the reverse map follows.
     pub fn set_memslots(&mut self, slots: Memslots) {
-        let roots = core::mem::take(&mut self.roots);
+        let roots = self.roots.take_all();
         for r in roots {
             self.release_root(r);
         }
