@@ -383,7 +383,7 @@ mod tests {
             let read = AccessKind::user(AccessOp::Read);
             assert_eq!(m.page_fault(&cpus[0], Gva(0x123), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
             assert!(m.hw_access(&cpus[0], Gva(0x123), read).is_ok());
-            let _ = m.take_flush();
+            m.take_flush().flush(&mut mmu_generic::backend::NoTlb);
         }
 
         #[test]
@@ -401,7 +401,7 @@ mod tests {
             let hits = m.stats().root_hits;
             m.load_cr3(&cpus[0]).expect("root");
             assert_eq!(m.stats().root_hits, hits + 1, "root 0 is still cached");
-            let _ = m.take_flush();
+            m.take_flush().flush(&mut mmu_generic::backend::NoTlb);
         }
     }
 }
