@@ -434,3 +434,84 @@ fn shadow_guest_ad_updates_and_emulated_writes_are_marked() {
     assert_eq!(t.marked, [3]);
     mmu.take_flush().flush(&mut mmu_generic::backend::NoTlb);
 }
+
+mod shadow {
+    use super::*;
+    use arch_x86::shadow::GuestMode;
+    use vmmu_tests::harness::{self as h};
+    use vmmu_tests::x86::ShadowGuest;
+
+    #[test]
+    fn scenario_demand_faults_map_each_page_once() {
+        let mut g = ShadowGuest::new(GuestMode::Four);
+        assert_eq!(h::demand_faults(&mut g).unwrap(), 1024 + 300 + 16 + 2);
+    }
+
+    #[test]
+    fn scenario_outside_slots_is_mmio() {
+        let mut g = ShadowGuest::new(GuestMode::Four);
+        h::outside_slots_is_mmio(&mut g, Gfn(5000)).unwrap();
+        h::outside_slots_is_mmio(&mut g, Gfn(0x4_0000)).unwrap();
+    }
+
+    #[test]
+    fn scenario_dirty_rounds_in_every_mode() {
+        for (tracking, mode) in [
+            (Tracking::WriteProtect, LogMode::Bitmap),
+            (Tracking::WriteProtect, LogMode::ManualProtect),
+            (Tracking::WriteProtect, LogMode::Ring),
+            (Tracking::HardwareDirty, LogMode::Bitmap),
+            (Tracking::HardwareDirty, LogMode::ManualProtect),
+        ] {
+            for seed in 1..4 {
+                let mut g = ShadowGuest::new(GuestMode::Four);
+                g.mmu.set_track_zapped_dirty(tracking == Tracking::HardwareDirty);
+                let r = h::dirty_rounds(&mut g, SlotId(0), tracking, mode, 12, seed)
+                    .unwrap_or_else(|e| panic!("{tracking:?}/{mode:?} seed {seed}: {e}"));
+                assert_eq!(r.rounds, 12);
+                assert_eq!(r.written, r.reported);
+            }
+        }
+    }
+
+    #[test]
+    fn scenario_ageing_reports_exactly_the_touched_pages() {
+        for seed in 1..4 {
+            let mut g = ShadowGuest::new(GuestMode::Four);
+            let young =
+                h::ageing(&mut g, SlotId(1), mmu_generic::age::NoAccessedBit::ReportOld, seed).unwrap();
+            assert!(young > 0);
+        }
+    }
+
+    #[test]
+    fn scenario_invalidation_zaps_the_range_only() {
+        let mut g = ShadowGuest::new(GuestMode::Four);
+        assert_eq!(h::invalidation(&mut g, SlotId(0), 100, 50, false).unwrap(), 50);
+        // Slots 1 and 2 alias: invalidating slot 1's first pages zaps both.
+        let mut g = ShadowGuest::new(GuestMode::Four);
+        h::demand_faults(&mut g).unwrap();
+        let n = h::invalidation(&mut g, SlotId(1), 0, 20, false).unwrap();
+        assert_eq!(n, 20 + 16);
+    }
+
+    #[test]
+    fn memslot_changes_drop_every_shadow_page_and_deleted_memory_becomes_mmio() {
+        let mut g = ShadowGuest::new(GuestMode::Four);
+        h::demand_faults(&mut g).unwrap();
+        assert!(g.mmu.pages() > 0);
+        let mut b = ShadowGuest::scenario_slots(GuestMode::Four).to_builder();
+        b.delete(SlotId(1)).unwrap();
+        g.mmu.set_memslots(b.build().unwrap());
+        assert_eq!(g.mmu.pages(), 0);
+        assert_eq!(g.mmu.rmap().pool().bytes_in_use(), 0);
+        let cpu = g.cpu;
+        g.mmu.load_cr3(&cpu).unwrap();
+        let mut logs = h::DirtyLogs::default();
+        assert_eq!(touch(&mut g, Gfn(0x10005), false, &mut logs), Ok(h::Touch::Mmio));
+        assert_eq!(touch(&mut g, Gfn(5), true, &mut logs), Ok(h::Touch::Done(1)));
+        let mut outside = 0;
+        g.mmu.for_each_mapping(|gfn, _, _| outside += u32::from(g.mmu.memslots().lookup(gfn).is_none()));
+        assert_eq!(outside, 0);
+    }
+}
