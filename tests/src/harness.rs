@@ -6,6 +6,36 @@
 //! hardware would, or faults) and the hypervisor's fault handler. Scenarios
 //! play the guest and the migration or reclaim thread, and compare what the
 //! core's drivers report with what the guest really did.
+//!
+//! ## Decisions
+//!
+//! - **Starting a log changes no memslot.** [`dirty_rounds_with`] starts a
+//!   [`SlotDirtyLog`] and puts it in [`DirtyLogs`]; it does not install a
+//!   memslot set with [`SlotFlags::DIRTY_LOG`](mmu_generic::memslot::SlotFlags)
+//!   and [`GuestMmu`] has no "log started" hook. An engine that reads the
+//!   flag (arch-x86's TDP engine, as KVM reads `KVM_MEM_LOG_DIRTY_PAGES`)
+//!   gets it from its adapter, which derives the flags from the
+//!   [`DirtyLogs`] it is handed at every fault (`TdpGuest`: a flag-only
+//!   memslot change, which keeps every mapping). A hook would miss the logs
+//!   that tests start and insert by hand; deriving them at the fault cannot.
+//! - **An engine error is [`FaultOutcome::Failed`]**, not `Retry`: [`touch`]
+//!   fails the access at once and the adapter keeps the error's text
+//!   (`TdpGuest::errors`, checked by `TdpGuest::check_clean`). A walk that
+//!   meets a reserved bit is a fault to the guest, not an engine error, so
+//!   [`HwFault`] stays two-valued and the TDP adapter counts such walks
+//!   (`GuestStats::misconfigs`, also checked by `check_clean`).
+//! - **Messages are built with `alloc::format!`.** Building them with
+//!   `core::fmt::Write` into a `String` instead (tried, also through a
+//!   `fmt::Write` buffer of the harness's own) removes the reference to
+//!   `alloc::fmt::format::format_inner`, but the ppc64 boot image then fails
+//!   to link: the prebuilt `alloc` object refers to `rust_eh_personality`,
+//!   which the link with `format!` defines (`nm` shows it) and the link
+//!   without it leaves undefined. So `format!` and the boot image's
+//!   `_Unwind_Resume` stand-in both stay, until the kernel provides the
+//!   personality routine's stand-in too.
+//! - **A missing TLB flush is caught by the adapters' TLBs**, not here: the
+//!   sim and the TDP adapter cache translations and audit them at every
+//!   flush; the ppc adapter's CPU reads the hashed table directly (`NoTlb`).
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
@@ -40,6 +70,9 @@ pub enum FaultOutcome {
     Mmio,
     /// The access is not allowed (a write to a read-only slot).
     Denied,
+    /// The engine returned an error (the adapter keeps its text): the
+    /// access fails at once instead of being retried.
+    Failed,
 }
 
 /// The dirty-log state of a guest: one log per logged slot, and the vCPU's
@@ -95,6 +128,9 @@ pub fn touch<M: GuestMmu>(mmu: &mut M, gfn: Gfn, write: bool, logs: &mut DirtyLo
                 FaultOutcome::Mapped | FaultOutcome::Retry => {}
                 FaultOutcome::Mmio => return Ok(Touch::Mmio),
                 FaultOutcome::Denied => return Ok(Touch::Denied),
+                FaultOutcome::Failed => {
+                    return Err(format!("access to {gfn:?} (write {write}): the fault handler failed"))
+                }
             },
         }
     }

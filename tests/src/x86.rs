@@ -221,7 +221,7 @@ impl<F: TdpFormat> TdpGuest<F> {
         GuestStats { flushes: self.tlb.range_flushes + self.tlb.full_flushes, ..self.stats }
     }
 
-    /// Errors the engine returned from faults (each answered `Retry`), and
+    /// Errors the engine returned from faults (each answered `Failed`), and
     /// faults the adapter could not complete.
     pub fn errors(&self) -> &[String] {
         &self.errors
@@ -405,7 +405,7 @@ impl<F: TdpFormat> GuestMmu for TdpGuest<F> {
             Ok(tdp::FaultOutcome::Denied(_)) => FaultOutcome::Denied,
             Err(e) => {
                 self.errors.push(format!("{gfn:?}: {e}"));
-                FaultOutcome::Retry
+                FaultOutcome::Failed
             }
         }
     }
@@ -648,9 +648,11 @@ impl GuestMmu for ShadowGuest {
             Ok(ShadowFault::Fixed) => FaultOutcome::Mapped,
             Ok(ShadowFault::Mmio { .. }) => FaultOutcome::Mmio,
             Ok(ShadowFault::Denied { .. }) => FaultOutcome::Denied,
-            // The identity-mapped guest never writes its tables: anything
-            // else is a failure the harness reports after its retries.
-            _ => FaultOutcome::Retry,
+            // An engine error fails the access at once.
+            Err(_) => FaultOutcome::Failed,
+            // The identity-mapped guest never writes its tables: any other
+            // answer is a failure the harness reports after its retries.
+            Ok(_) => FaultOutcome::Retry,
         }
     }
 

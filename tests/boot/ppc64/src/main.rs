@@ -209,7 +209,7 @@ pub extern "C" fn rust_eh_personality() {}
 /// `alloc::fmt::format` (behind `format!`, which `vmmu-tests`' harness uses for its error
 /// strings) has a landing pad that resumes unwinding through `_Unwind_Resume`, which no
 /// library here provides (`undefined reference to '_Unwind_Resume'` at link time; see
-/// `tests/NEEDS-FOR-PPC-KERNEL.md`). This kernel is `panic = "abort"` and its panic
+/// the decisions in `vmmu-tests`' `harness` module docs). This kernel is `panic = "abort"` and its panic
 /// handler never unwinds, so no landing pad is ever entered: reaching this is a bug, and
 /// it ends the run with a FAIL line instead of linking a whole unwinder.
 #[no_mangle]
