@@ -930,8 +930,8 @@ fn dbit_round(mmu: &mut Mmu, log: &mut DbitLog) -> Vec<u64> {
         log.0.note_zapped(&leaf);
     }
     let mut words = Vec::new();
-    let _ = log.0.get_and_clear(mmu, &mut words).unwrap();
-    let _ = mmu.take_flush();
+    log.0.get_and_clear(mmu, &mut words).unwrap().flush(&mut NoTlb);
+    mmu.take_flush().flush(&mut NoTlb);
     let mut out = Vec::new();
     for (w, word) in words.iter().enumerate() {
         for b in 0..64 {
@@ -963,6 +963,7 @@ fn a_dirty_page_that_becomes_a_guest_table_is_still_reported_under_dirty_bits() 
         &mut flush,
     )
     .unwrap();
+    flush.flush(&mut NoTlb);
     let mut log = DbitLog(log);
     mmu.set_track_zapped_dirty(true);
     let w = AccessKind::supervisor(AccessOp::Write);
@@ -1016,6 +1017,7 @@ fn a_resync_that_makes_a_dirty_leaf_read_only_keeps_its_write_in_the_dirty_log()
         &mut flush,
     )
     .unwrap();
+    flush.flush(&mut NoTlb);
     let mut log = DbitLog(log);
     mmu.set_track_zapped_dirty(true);
     let w = AccessKind::user(AccessOp::Write);
