@@ -886,3 +886,44 @@ mod hpt_only {
         }
     }
 }
+
+/// An engine error ends the access at once with the error, instead of being
+/// retried until the harness gives up.
+#[test]
+fn an_engine_error_fails_the_access_at_once() {
+    use mmu_generic::backend::FlushToken as Token;
+    use vmmu_tests::harness::{FaultOutcome, HwFault};
+
+    /// The sim, with a fault handler that fails.
+    struct Failing(SimMmu, u32);
+    impl GuestMmu for Failing {
+        type Backend = <SimMmu as GuestMmu>::Backend;
+        fn memslots(&self) -> &Memslots {
+            self.0.memslots()
+        }
+        fn backend(&self) -> &Self::Backend {
+            self.0.backend()
+        }
+        fn backend_mut(&mut self) -> &mut Self::Backend {
+            self.0.backend_mut()
+        }
+        fn hw_access(&mut self, gfn: Gfn, write: bool) -> Result<(), HwFault> {
+            self.0.hw_access(gfn, write)
+        }
+        fn handle_fault(&mut self, _: Gfn, _: bool, _: &mut DirtyLogs) -> FaultOutcome {
+            self.1 += 1;
+            FaultOutcome::Failed
+        }
+        fn flush(&mut self, token: Token) {
+            self.0.flush(token)
+        }
+        fn zap_hva_range(&mut self, range: HvaRange, logs: &DirtyLogs) -> usize {
+            self.0.zap_hva_range(range, logs)
+        }
+    }
+    let mut g = Failing(sim(AD, false), 0);
+    let e = touch(&mut g, Gfn(3), true, &mut DirtyLogs::default()).unwrap_err();
+    assert!(e.contains("the fault handler failed"), "{e}");
+    assert_eq!(g.1, 1, "no retry after the failure");
+    assert!(demand_faults(&mut g).is_err());
+}
