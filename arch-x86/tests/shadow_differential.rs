@@ -14,14 +14,8 @@
 //! host address, or the same page-fault error code, MMIO exit or denial;
 //! and the guest's A/D bits must be set as the processor would set them.
 //!
-//! The second half plugs shadow paging into the cross-arch scenario suite
-//! (`tests/src/harness.rs`, included by path).
-
-extern crate alloc;
-
-#[allow(dead_code)]
-#[path = "../../tests/src/harness.rs"]
-mod harness;
+//! The cross-arch scenario suite runs shadow paging too, through
+//! `vmmu_tests::x86::ShadowGuest` (`tests/tests/scenarios.rs`).
 
 use arch_x86::exit::Origin;
 use arch_x86::format::npt::Npt;
@@ -33,12 +27,11 @@ use arch_x86::shadow::{
     AccessKind, AccessOp, CpuFeatures, DirtyTracker, GuestCpu, GuestMode, NoDirtyLog, PfErrorCode, Privilege,
     ShadowConfig, ShadowError, ShadowFault, ShadowMmu, SimGuestRam, SlotMemory,
 };
-use arch_x86::testing::{FlushRecorder, LinearHost};
+use arch_x86::testing::LinearHost;
 use arch_x86::walk::translate;
 use mmu_generic::addr::{Gfn, Gpa, Gva, Hva, HvaRange, Pfn};
 use mmu_generic::backend::{FlushToken, NoTlb};
 use mmu_generic::dirty_log::{LogMode, Tracking};
-use mmu_generic::dirty_ring::RingPush;
 use mmu_generic::memslot::{Memslot, Memslots, MemslotsBuilder, SlotFlags, SlotId};
 use mmu_generic::pte_list::PteHandle;
 use rand::rngs::SmallRng;
@@ -968,6 +961,7 @@ fn a_dirty_page_that_becomes_a_guest_table_is_still_reported_under_dirty_bits() 
         &mut flush,
     )
     .unwrap();
+    flush.flush(&mut NoTlb);
     let mut log = DbitLog(log);
     let w = AccessKind::supervisor(AccessOp::Write);
     let r = AccessKind::supervisor(AccessOp::Read);
@@ -1020,6 +1014,7 @@ fn a_resync_that_makes_a_dirty_leaf_read_only_keeps_its_write_in_the_dirty_log()
         &mut flush,
     )
     .unwrap();
+    flush.flush(&mut NoTlb);
     let mut log = DbitLog(log);
     let w = AccessKind::user(AccessOp::Write);
     let write = |mmu: &mut Mmu, log: &mut DbitLog, gva: u64| {
@@ -1188,220 +1183,4 @@ fn pae_root_must_be_below_4g_and_bad_pdptrs_are_refused() {
     cpu.mode = GuestMode::Pae;
     cpu.pdptrs = [P | RW, 0, 0, 0];
     assert_eq!(mmu.load_cr3(&cpu), Err(ShadowError::BadPdptrs));
-}
-
-// ----- the scenario suite -----
-
-/// Shadow paging under the scenario harness: a 4-level guest that maps its
-/// first 5 GiB one to one with 1 GiB pages, its two tables in a slot of
-/// their own; the harness's guest frame `g` is the linear address `g << 12`.
-struct ShadowGuest {
-    mmu: Mmu,
-    cpu: GuestCpu,
-    tlb: FlushRecorder,
-}
-
-const TABLES: u64 = 0x10_0000;
-
-fn scenario_slots() -> Memslots {
-    let mut b = MemslotsBuilder::new();
-    b.create(Memslot::new(SlotId(0), Gfn(0), 1024, Hva(0x1000_0000), SlotFlags::empty())).unwrap();
-    b.create(Memslot::new(SlotId(1), Gfn(0x10000), 300, Hva(0x2000_0000), SlotFlags::empty())).unwrap();
-    b.create(Memslot::new(SlotId(2), Gfn(0x20000), 16, Hva(0x2000_0000), SlotFlags::READONLY)).unwrap();
-    b.create(Memslot::new(SlotId(3), Gfn(TABLES), 2, Hva(0x3000_0000), SlotFlags::empty())).unwrap();
-    b.build().unwrap()
-}
-
-impl ShadowGuest {
-    fn new() -> Self {
-        let ram = SimGuestRam::new(&[(Gfn(TABLES), 2)]);
-        ram.write(Gpa(TABLES << 12), 8, ((TABLES + 1) << 12) | P | RW | US | A).unwrap();
-        for i in 0..5u64 {
-            ram.write(Gpa(((TABLES + 1) << 12) + 8 * i), 8, (i << 30) | P | RW | US | A | D | PS).unwrap();
-        }
-        let mmu = ShadowMmu::new(
-            ShadowConfig::new(CpuFeatures::typical()),
-            SimMemory::new(Pfn(0x8_0000), 1 << 16),
-            ram,
-            LinearHost::new(PFN_OFFSET, PageSize::Size4K),
-            scenario_slots(),
-        );
-        let cpu = GuestCpu::new(GuestMode::Four, TABLES << 12);
-        let mut g = ShadowGuest { mmu, cpu, tlb: FlushRecorder::default() };
-        g.mmu.load_cr3(&g.cpu).unwrap();
-        let t = g.mmu.take_flush();
-        t.flush(&mut g.tlb);
-        g
-    }
-
-    fn kind(write: bool) -> AccessKind {
-        AccessKind::user(if write { AccessOp::Write } else { AccessOp::Read })
-    }
-}
-
-/// The harness's dirty logs, as the fault path consults them.
-struct HarnessDirty<'a>(&'a mut harness::DirtyLogs);
-
-impl DirtyTracker for HarnessDirty<'_> {
-    fn write_protected(&self, slot: SlotId) -> bool {
-        self.0.logs.get(&slot).is_some_and(|l| l.tracking() == Tracking::WriteProtect)
-    }
-
-    fn mark(&mut self, slot: SlotId, gfn: Gfn) -> bool {
-        let logs = &mut *self.0;
-        let Some(log) = logs.logs.get(&slot) else { return true };
-        log.mark(gfn, logs.ring.as_ref()).is_ok()
-    }
-
-    fn note_writable(&mut self, slot: SlotId, gfn: Gfn, h: PteHandle) -> bool {
-        let logs = &mut *self.0;
-        let Some(log) = logs.logs.get_mut(&slot) else { return true };
-        match log.note_writable(gfn, h, logs.ring.as_ref()) {
-            Ok(RingPush::SoftFull) => {
-                logs.soft_full_exits += 1;
-                true
-            }
-            Ok(RingPush::Ok) => true,
-            Err(_) => false,
-        }
-    }
-}
-
-impl harness::GuestMmu for ShadowGuest {
-    type Backend = Mmu;
-
-    fn memslots(&self) -> &Memslots {
-        self.mmu.memslots()
-    }
-
-    fn backend(&self) -> &Mmu {
-        &self.mmu
-    }
-
-    fn backend_mut(&mut self) -> &mut Mmu {
-        &mut self.mmu
-    }
-
-    fn hw_access(&mut self, gfn: Gfn, write: bool) -> Result<(), harness::HwFault> {
-        match self.mmu.hw_access(&self.cpu, Gva(gfn.0 << 12), Self::kind(write)) {
-            Ok(_) => Ok(()),
-            Err(f) if f.error_code().is_some_and(|c| c.contains(PfErrorCode::PRESENT)) => {
-                Err(harness::HwFault::WriteProtected)
-            }
-            Err(_) => Err(harness::HwFault::NotPresent),
-        }
-    }
-
-    fn handle_fault(
-        &mut self,
-        gfn: Gfn,
-        write: bool,
-        logs: &mut harness::DirtyLogs,
-    ) -> harness::FaultOutcome {
-        let r = self.mmu.page_fault(&self.cpu, Gva(gfn.0 << 12), Self::kind(write), &mut HarnessDirty(logs));
-        for (slot, leaf) in self.mmu.take_zapped_dirty() {
-            if let Some(log) = logs.logs.get(&slot) {
-                log.note_zapped(&leaf);
-            }
-        }
-        let t = self.mmu.take_flush();
-        t.flush(&mut self.tlb);
-        match r {
-            Ok(ShadowFault::Fixed) => harness::FaultOutcome::Mapped,
-            Ok(ShadowFault::Mmio { .. }) => harness::FaultOutcome::Mmio,
-            Ok(ShadowFault::Denied { .. }) => harness::FaultOutcome::Denied,
-            // The identity-mapped guest never writes its tables: anything
-            // else is a failure the harness reports after its retries.
-            _ => harness::FaultOutcome::Retry,
-        }
-    }
-
-    fn flush(&mut self, token: FlushToken) {
-        token.flush(&mut self.tlb);
-    }
-
-    fn zap_hva_range(&mut self, range: HvaRange, logs: &harness::DirtyLogs) -> usize {
-        let n = self.mmu.zap_hva_range(range, |slot, leaf| {
-            if let Some(log) = logs.logs.get(&slot) {
-                log.note_zapped(&leaf);
-            }
-        });
-        let t = self.mmu.take_flush();
-        t.flush(&mut self.tlb);
-        n
-    }
-}
-
-#[test]
-fn scenario_demand_faults_map_each_page_once() {
-    let mut g = ShadowGuest::new();
-    assert_eq!(harness::demand_faults(&mut g).unwrap(), 1024 + 300 + 16 + 2);
-}
-
-#[test]
-fn scenario_outside_slots_is_mmio() {
-    let mut g = ShadowGuest::new();
-    harness::outside_slots_is_mmio(&mut g, Gfn(5000)).unwrap();
-    harness::outside_slots_is_mmio(&mut g, Gfn(0x4_0000)).unwrap();
-}
-
-#[test]
-fn scenario_dirty_rounds_in_every_mode() {
-    for (tracking, mode) in [
-        (Tracking::WriteProtect, LogMode::Bitmap),
-        (Tracking::WriteProtect, LogMode::ManualProtect),
-        (Tracking::WriteProtect, LogMode::Ring),
-        (Tracking::HardwareDirty, LogMode::Bitmap),
-        (Tracking::HardwareDirty, LogMode::ManualProtect),
-    ] {
-        for seed in 1..4 {
-            let mut g = ShadowGuest::new();
-            g.mmu.set_track_zapped_dirty(tracking == Tracking::HardwareDirty);
-            let r = harness::dirty_rounds(&mut g, SlotId(0), tracking, mode, 12, seed)
-                .unwrap_or_else(|e| panic!("{tracking:?}/{mode:?} seed {seed}: {e}"));
-            assert_eq!(r.rounds, 12);
-            assert_eq!(r.written, r.reported);
-        }
-    }
-}
-
-#[test]
-fn scenario_ageing_reports_exactly_the_touched_pages() {
-    for seed in 1..4 {
-        let mut g = ShadowGuest::new();
-        let young =
-            harness::ageing(&mut g, SlotId(1), mmu_generic::age::NoAccessedBit::ReportOld, seed).unwrap();
-        assert!(young > 0);
-    }
-}
-
-#[test]
-fn scenario_invalidation_zaps_the_range_only() {
-    let mut g = ShadowGuest::new();
-    assert_eq!(harness::invalidation(&mut g, SlotId(0), 100, 50, false).unwrap(), 50);
-    // Slots 1 and 2 alias: invalidating slot 1's first pages zaps both.
-    let mut g = ShadowGuest::new();
-    harness::demand_faults(&mut g).unwrap();
-    let n = harness::invalidation(&mut g, SlotId(1), 0, 20, false).unwrap();
-    assert_eq!(n, 20 + 16);
-}
-
-#[test]
-fn memslot_changes_drop_every_shadow_page_and_deleted_memory_becomes_mmio() {
-    let mut g = ShadowGuest::new();
-    harness::demand_faults(&mut g).unwrap();
-    assert!(g.mmu.pages() > 0);
-    let mut b = scenario_slots().to_builder();
-    b.delete(SlotId(1)).unwrap();
-    g.mmu.set_memslots(b.build().unwrap());
-    assert_eq!(g.mmu.pages(), 0);
-    assert_eq!(g.mmu.rmap().pool().bytes_in_use(), 0);
-    let cpu = g.cpu;
-    g.mmu.load_cr3(&cpu).unwrap();
-    let mut logs = harness::DirtyLogs::default();
-    assert_eq!(harness::touch(&mut g, Gfn(0x10005), false, &mut logs), Ok(harness::Touch::Mmio));
-    assert_eq!(harness::touch(&mut g, Gfn(5), true, &mut logs), Ok(harness::Touch::Done(1)));
-    let mut outside = 0;
-    g.mmu.for_each_mapping(|gfn, _, _| outside += u32::from(g.mmu.memslots().lookup(gfn).is_none()));
-    assert_eq!(outside, 0);
 }

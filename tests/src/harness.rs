@@ -6,10 +6,35 @@
 //! hardware would, or faults) and the hypervisor's fault handler. Scenarios
 //! play the guest and the migration or reclaim thread, and compare what the
 //! core's drivers report with what the guest really did.
+//!
+//! ## Decisions
+//!
+//! - **Starting a log changes no memslot.** [`dirty_rounds_with`] starts a
+//!   [`SlotDirtyLog`] and puts it in [`DirtyLogs`]; it does not install a
+//!   memslot set with [`SlotFlags::DIRTY_LOG`](mmu_generic::memslot::SlotFlags)
+//!   and [`GuestMmu`] has no "log started" hook. An engine that reads the
+//!   flag (arch-x86's TDP engine, as KVM reads `KVM_MEM_LOG_DIRTY_PAGES`)
+//!   gets it from its adapter, which derives the flags from the
+//!   [`DirtyLogs`] it is handed at every fault (`TdpGuest`: a flag-only
+//!   memslot change, which keeps every mapping). A hook would miss the logs
+//!   that tests start and insert by hand; deriving them at the fault cannot.
+//! - **An engine error is [`FaultOutcome::Failed`]**, not `Retry`: [`touch`]
+//!   fails the access at once and the adapter keeps the error's text
+//!   (`TdpGuest::errors`, checked by `TdpGuest::check_clean`). A walk that
+//!   meets a reserved bit is a fault to the guest, not an engine error, so
+//!   [`HwFault`] stays two-valued and the TDP adapter counts such walks
+//!   (`GuestStats::misconfigs`, also checked by `check_clean`).
+//! - **Messages are built without `alloc::format!`** (the `msg!` macro
+//!   writes through `core::fmt::Write` into a `String`), so a
+//!   `panic = "abort"` boot image running the harness needs no
+//!   `_Unwind_Resume` for `alloc::fmt::format`'s landing pad on the harness's
+//!   account.
+//! - **A missing TLB flush is caught by the adapters' TLBs**, not here: the
+//!   sim and the TDP adapter cache translations and audit them at every
+//!   flush; the ppc adapter's CPU reads the hashed table directly (`NoTlb`).
 
 use alloc::collections::{BTreeMap, BTreeSet};
-use alloc::format;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use mmu_generic::addr::{Gfn, Hva, HvaRange, PAGE_SIZE};
@@ -18,6 +43,19 @@ use mmu_generic::backend::{FlushToken, MmuBackend};
 use mmu_generic::dirty_log::{LogMode, SlotDirtyLog, Tracking};
 use mmu_generic::dirty_ring::DirtyRing;
 use mmu_generic::memslot::{Memslot, Memslots, SlotId};
+
+/// Builds a message with `core::fmt::Write` into a `String`, not
+/// `alloc::format!`: the prebuilt `alloc` of the ppc64 boot image's target
+/// is compiled with `panic = "unwind"`, and `alloc::fmt::format`'s landing
+/// pad needs `_Unwind_Resume`, which a `panic = "abort"` kernel lacks.
+/// Writing into a `String` cannot fail, so the result is ignored.
+macro_rules! msg {
+    ($($arg:tt)*) => {{
+        let mut s = String::new();
+        let _ = core::fmt::Write::write_fmt(&mut s, format_args!($($arg)*));
+        s
+    }};
+}
 
 /// Why the CPU's access did not complete.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -40,6 +78,9 @@ pub enum FaultOutcome {
     Mmio,
     /// The access is not allowed (a write to a read-only slot).
     Denied,
+    /// The engine returned an error (the adapter keeps its text): the
+    /// access fails at once instead of being retried.
+    Failed,
 }
 
 /// The dirty-log state of a guest: one log per logged slot, and the vCPU's
@@ -95,16 +136,19 @@ pub fn touch<M: GuestMmu>(mmu: &mut M, gfn: Gfn, write: bool, logs: &mut DirtyLo
                 FaultOutcome::Mapped | FaultOutcome::Retry => {}
                 FaultOutcome::Mmio => return Ok(Touch::Mmio),
                 FaultOutcome::Denied => return Ok(Touch::Denied),
+                FaultOutcome::Failed => {
+                    return Err(msg!("access to {gfn:?} (write {write}): the fault handler failed"))
+                }
             },
         }
     }
-    Err(format!("access to {gfn:?} (write {write}) still faults after 8 faults"))
+    Err(msg!("access to {gfn:?} (write {write}) still faults after 8 faults"))
 }
 
 fn touch_ok<M: GuestMmu>(mmu: &mut M, gfn: Gfn, write: bool, logs: &mut DirtyLogs) -> Result<u32, String> {
     match touch(mmu, gfn, write, logs)? {
         Touch::Done(n) => Ok(n),
-        other => Err(format!("access to {gfn:?} ended in {other:?}")),
+        other => Err(msg!("access to {gfn:?} ended in {other:?}")),
     }
 }
 
@@ -135,13 +179,13 @@ pub fn demand_faults<M: GuestMmu>(mmu: &mut M) -> Result<u64, String> {
     for &g in &gfns {
         let n = touch_ok(mmu, g, false, &mut logs)?;
         if n > 1 {
-            return Err(format!("{g:?} took {n} faults to map"));
+            return Err(msg!("{g:?} took {n} faults to map"));
         }
         faults += n as u64;
     }
     for &g in &gfns {
         if touch_ok(mmu, g, false, &mut logs)? != 0 {
-            return Err(format!("{g:?} faulted again after it was mapped"));
+            return Err(msg!("{g:?} faulted again after it was mapped"));
         }
     }
     Ok(faults)
@@ -150,16 +194,16 @@ pub fn demand_faults<M: GuestMmu>(mmu: &mut M) -> Result<u64, String> {
 /// A gfn outside every slot is an MMIO exit and maps nothing.
 pub fn outside_slots_is_mmio<M: GuestMmu>(mmu: &mut M, gfn: Gfn) -> Result<(), String> {
     if mmu.memslots().lookup(gfn).is_some() {
-        return Err(format!("{gfn:?} is inside a slot"));
+        return Err(msg!("{gfn:?} is inside a slot"));
     }
     let mut logs = DirtyLogs::default();
     for write in [false, true] {
         match touch(mmu, gfn, write, &mut logs)? {
             Touch::Mmio => {}
-            other => return Err(format!("{gfn:?} ended in {other:?}, not an MMIO exit")),
+            other => return Err(msg!("{gfn:?} ended in {other:?}, not an MMIO exit")),
         }
         if mmu.hw_access(gfn, write).is_ok() {
-            return Err(format!("{gfn:?} became accessible"));
+            return Err(msg!("{gfn:?} became accessible"));
         }
     }
     Ok(())
@@ -265,13 +309,13 @@ fn ring_exit<M: GuestMmu>(
         }
     });
     if let Some(off) = twice {
-        return Err(format!("page {off} was reported twice in one harvest"));
+        return Err(msg!("page {off} was reported twice in one harvest"));
     }
     if let Some(missed) = since.difference(&reported).next() {
-        return Err(format!("page {missed} was written but not in the ring"));
+        return Err(msg!("page {missed} was written but not in the ring"));
     }
     if let Some(extra) = reported.difference(since).next() {
-        return Err(format!("page {extra} is in the ring but was not written"));
+        return Err(msg!("page {extra} is in the ring but was not written"));
     }
     let mut flush = FlushToken::new();
     let backend = mmu.backend_mut();
@@ -283,7 +327,7 @@ fn ring_exit<M: GuestMmu>(
     });
     if let Some(e) = err {
         flush.discard();
-        return Err(format!("ring reset: {e}"));
+        return Err(msg!("ring reset: {e}"));
     }
     mmu.flush(flush);
     mig.copy(&reported);
@@ -322,7 +366,7 @@ pub fn dirty_rounds_with<M: GuestMmu>(
     let n = s.npages();
     let mut logs = DirtyLogs::default();
     if mode == LogMode::Ring {
-        logs.ring = Some(DirtyRing::new(ring.size, ring.reserve).map_err(|e| format!("{e:?}"))?);
+        logs.ring = Some(DirtyRing::new(ring.size, ring.reserve).map_err(|e| msg!("{e:?}"))?);
     }
     let mut mig = Migration::default();
     // Before logging: writes and reads that must not show up in round 1.
@@ -337,7 +381,7 @@ pub fn dirty_rounds_with<M: GuestMmu>(
     }
     let mut flush = FlushToken::new();
     let log = SlotDirtyLog::start(&s, tracking, mode, mmu.backend_mut(), &mut flush)
-        .map_err(|e| format!("start: {e}"))?;
+        .map_err(|e| msg!("start: {e}"))?;
     mmu.flush(flush);
     logs.logs.insert(slot, log);
     // The first pass copies everything, after logging started.
@@ -363,7 +407,7 @@ pub fn dirty_rounds_with<M: GuestMmu>(
             loop {
                 tries += 1;
                 if tries > 16 {
-                    return Err(format!("round {round}: write to page {off} never completed"));
+                    return Err(msg!("round {round}: write to page {off} never completed"));
                 }
                 if mmu.hw_access(gfn, true).is_ok() {
                     break;
@@ -374,7 +418,7 @@ pub fn dirty_rounds_with<M: GuestMmu>(
                 let soft = logs.soft_full_exits != soft_before;
                 match outcome {
                     FaultOutcome::Mapped | FaultOutcome::Retry => {}
-                    other => return Err(format!("round {round}: write to page {off} ended in {other:?}")),
+                    other => return Err(msg!("round {round}: write to page {off} ended in {other:?}")),
                 }
                 if mode == LogMode::Ring && soft && outcome == FaultOutcome::Mapped {
                     // Soft-full: the write completes, then the vCPU exits.
@@ -407,12 +451,12 @@ pub fn dirty_rounds_with<M: GuestMmu>(
         // writes.
         let pending = match mode {
             LogMode::Bitmap => {
-                let f = log.get_and_clear(mmu.backend_mut(), &mut words).map_err(|e| e.to_string())?;
+                let f = log.get_and_clear(mmu.backend_mut(), &mut words).map_err(|e| msg!("{e}"))?;
                 collect_bits(&words, 0, &mut reported);
                 f
             }
             LogMode::ManualProtect => {
-                let f = log.get(mmu.backend_mut(), &mut words).map_err(|e| e.to_string())?;
+                let f = log.get(mmu.backend_mut(), &mut words).map_err(|e| msg!("{e}"))?;
                 mmu.flush(f);
                 let mut got = BTreeSet::new();
                 collect_bits(&words, 0, &mut got);
@@ -430,7 +474,7 @@ pub fn dirty_rounds_with<M: GuestMmu>(
                         new_in_flight.insert(off);
                     }
                     let log = logs.logs.get_mut(&slot).expect("inserted above");
-                    let f = log.clear(mmu.backend_mut(), &s, i as u64 * 64, w).map_err(|e| e.to_string())?;
+                    let f = log.clear(mmu.backend_mut(), &s, i as u64 * 64, w).map_err(|e| msg!("{e}"))?;
                     flush.merge(f);
                 }
                 reported.extend(got);
@@ -461,10 +505,10 @@ pub fn dirty_rounds_with<M: GuestMmu>(
             mig.copy(&reported);
         }
         if let Some(missed) = written.difference(&reported).next() {
-            return Err(format!("round {round}: page {missed} was written but not reported"));
+            return Err(msg!("round {round}: page {missed} was written but not reported"));
         }
         if let Some(extra) = reported.difference(&written).find(|p| !in_flight.contains(*p)) {
-            return Err(format!("round {round}: page {extra} was reported but not written"));
+            return Err(msg!("round {round}: page {extra} was reported but not written"));
         }
         if !last {
             report.rounds += 1;
@@ -479,7 +523,7 @@ pub fn dirty_rounds_with<M: GuestMmu>(
         in_flight = new_in_flight;
     }
     if let Some((off, want, got)) = mig.first_difference() {
-        return Err(format!(
+        return Err(msg!(
             "after the final round page {off} holds write {want} in the guest but {got:?} at the destination"
         ));
     }
@@ -535,7 +579,7 @@ pub fn ageing<M: GuestMmu>(
         let r = test_age(&slots, mmu.backend(), page_hvas(mmu, slot, off), policy);
         let want = !reports && touched.contains(&off);
         if r.young != want {
-            return Err(format!("page {off}: test_age says young={}, touched={}", r.young, want));
+            return Err(msg!("page {off}: test_age says young={}, touched={}", r.young, want));
         }
         young += u64::from(r.young);
     }
@@ -543,7 +587,7 @@ pub fn ageing<M: GuestMmu>(
     let aged = age(&slots, mmu.backend_mut(), all, policy, &mut flush);
     mmu.flush(flush);
     if aged.young_leaves != young {
-        return Err(format!("age found {} young leaves, test_age {}", aged.young_leaves, young));
+        return Err(msg!("age found {} young leaves, test_age {}", aged.young_leaves, young));
     }
     if test_age(&slots, mmu.backend(), all, policy).young {
         return Err("a page is still young after age".into());
@@ -573,7 +617,7 @@ pub fn invalidation<M: GuestMmu>(
     }
     for off in first..first + pages {
         if mmu.hw_access(Gfn(s.base_gfn().0 + off), false).is_ok() {
-            return Err(format!("page {off} is still mapped after its invalidation"));
+            return Err(msg!("page {off} is still mapped after its invalidation"));
         }
     }
     for off in 0..s.npages() {
@@ -582,7 +626,7 @@ pub fn invalidation<M: GuestMmu>(
         // A huge leaf that straddles the range goes whole; only then may a
         // page outside it refault.
         if !inside && faults != 0 && !huge_leaves {
-            return Err(format!("page {off} outside the range refaulted"));
+            return Err(msg!("page {off} outside the range refaulted"));
         }
     }
     Ok(zapped)

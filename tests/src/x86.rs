@@ -47,16 +47,22 @@ use arch_x86::format::ept::Ept;
 use arch_x86::format::npt::Npt;
 use arch_x86::format::{Access, PageSize, PhysAddrWidth, TdpFormat, WalkFault, WalkLength};
 use arch_x86::frame::SimMemory;
+use arch_x86::shadow::guest_walk::load_pdptrs;
+use arch_x86::shadow::mode::{A, D, P, PS, RW, US};
+use arch_x86::shadow::{
+    AccessKind, AccessOp, CpuFeatures, DirtyTracker, GuestCpu, GuestMode, PfErrorCode, ShadowConfig,
+    ShadowError, ShadowFault, ShadowMmu, SimGuestRam,
+};
 use arch_x86::tdp::{self, MapKind, TdpError, TdpMmu};
-use arch_x86::testing::LinearHost;
+use arch_x86::testing::{FlushRecorder, LinearHost};
 use arch_x86::walk::{translate, WalkError};
-use mmu_generic::addr::{Gfn, GfnRange, HvaRange, Pfn};
+use mmu_generic::addr::{Gfn, GfnRange, Gpa, Gva, Hva, HvaRange, Pfn, PAGE_SIZE};
 use mmu_generic::backend::{FlushToken, TlbFlush};
-use mmu_generic::dirty_log::{FaultCtx, WriteGrant};
+use mmu_generic::dirty_log::{FaultCtx, Tracking, WriteGrant};
 use mmu_generic::dirty_ring::RingPush;
 use mmu_generic::invalidate::InvalidationSeq;
-use mmu_generic::memslot::{Memslots, SlotFlags, SlotId};
-use mmu_generic::pte_list::RmapError;
+use mmu_generic::memslot::{Memslot, Memslots, MemslotsBuilder, SlotFlags, SlotId};
+use mmu_generic::pte_list::{PteHandle, RmapError};
 
 use crate::harness::{DirtyLogs, FaultOutcome, GuestMmu, HwFault};
 
@@ -215,7 +221,7 @@ impl<F: TdpFormat> TdpGuest<F> {
         GuestStats { flushes: self.tlb.range_flushes + self.tlb.full_flushes, ..self.stats }
     }
 
-    /// Errors the engine returned from faults (each answered `Retry`), and
+    /// Errors the engine returned from faults (each answered `Failed`), and
     /// faults the adapter could not complete.
     pub fn errors(&self) -> &[String] {
         &self.errors
@@ -399,7 +405,7 @@ impl<F: TdpFormat> GuestMmu for TdpGuest<F> {
             Ok(tdp::FaultOutcome::Denied(_)) => FaultOutcome::Denied,
             Err(e) => {
                 self.errors.push(format!("{gfn:?}: {e}"));
-                FaultOutcome::Retry
+                FaultOutcome::Failed
             }
         }
     }
@@ -428,5 +434,240 @@ impl<F: TdpFormat> GuestMmu for TdpGuest<F> {
         self.inv.end();
         self.audit_tlb();
         zapped
+    }
+}
+
+/// The shadow-paging MMU a [`ShadowGuest`] drives.
+pub type ShadowEngine = ShadowMmu<SimMemory, SimGuestRam, LinearHost>;
+
+/// The host frame offset of a [`ShadowGuest`]'s guest memory.
+pub const SHADOW_PFN_OFFSET: u64 = 0x10_0000;
+
+/// Shadow paging under the scenario harness: a guest in `mode` whose own
+/// tables map its linear addresses one to one with its largest pages (1 GiB
+/// in 4- and 5-level paging, 2 MiB in PAE, 4 MiB in 32-bit paging), the
+/// tables in a slot of their own ([`ShadowGuest::table_slot`]); the
+/// harness's guest frame `g` is the linear address `g << 12`. The first
+/// 5 GiB are mapped in 4- and 5-level paging, all 4 GiB in the others.
+///
+/// Faults go through [`ShadowMmu::page_fault`] with the harness's dirty logs
+/// behind [`HarnessDirty`]; the CPU is [`ShadowMmu::hw_access`] (the
+/// software walker over the shadow tables); hypervisor writes to guest
+/// memory go through [`ShadowMmu::emulated_write_logged`], so they reach
+/// the dirty log as the CPU's writes do.
+pub struct ShadowGuest {
+    /// The engine.
+    pub mmu: ShadowEngine,
+    /// The vCPU.
+    pub cpu: GuestCpu,
+    tlb: FlushRecorder,
+}
+
+impl core::fmt::Debug for ShadowGuest {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ShadowGuest").field("mode", &self.cpu.mode).field("pages", &self.mmu.pages()).finish()
+    }
+}
+
+impl ShadowGuest {
+    /// The scenario slots: the sim suite's three (slot 2, read-only, aliases
+    /// slot 1's first 16 host pages) and slot 3, the guest's page tables.
+    pub fn scenario_slots(mode: GuestMode) -> Memslots {
+        let (base, pages) = Self::tables(mode);
+        let mut b = MemslotsBuilder::new();
+        let slots = [
+            Memslot::new(SlotId(0), Gfn(0), 1024, Hva(0x1000_0000), SlotFlags::empty()),
+            Memslot::new(SlotId(1), Gfn(0x10000), 300, Hva(0x2000_0000), SlotFlags::empty()),
+            Memslot::new(SlotId(2), Gfn(0x20000), 16, Hva(0x2000_0000), SlotFlags::READONLY),
+            Memslot::new(SlotId(3), Gfn(base), pages, Hva(0x3000_0000), SlotFlags::empty()),
+        ];
+        for s in slots {
+            b.create(s).expect("the scenario slots do not overlap");
+        }
+        b.build().expect("the scenario slots do not overlap")
+    }
+
+    /// The first gfn and the number of pages of the guest's table slot.
+    pub fn tables(mode: GuestMode) -> (u64, u64) {
+        match mode {
+            // Root, PDPT with five 1 GiB entries (a PML5 above in 5-level).
+            GuestMode::Four => (0x10_0000, 2),
+            GuestMode::Five => (0x10_0000, 3),
+            // PDPT and four page directories of 2 MiB pages.
+            GuestMode::Pae => (0x3_0000, 5),
+            // One page directory of 4 MiB pages.
+            GuestMode::Bits32 => (0x3_0000, 1),
+        }
+    }
+
+    /// The guest's table slot.
+    pub const fn table_slot() -> SlotId {
+        SlotId(3)
+    }
+
+    /// A guest in `mode`, its tables built and CR3 loaded.
+    pub fn new(mode: GuestMode) -> Self {
+        let (base, pages) = Self::tables(mode);
+        let ram = SimGuestRam::new(&[(Gfn(base), pages)]);
+        let page = |i: u64| (base + i) << 12;
+        let put = |addr: u64, bytes: u64, value: u64| {
+            ram.write(Gpa(addr), bytes, value).expect("the table slot is guest memory");
+        };
+        let big = P | RW | US | A | D | PS;
+        match mode {
+            GuestMode::Four | GuestMode::Five => {
+                let (pml4, pdpt) = if mode == GuestMode::Five { (1, 2) } else { (0, 1) };
+                if mode == GuestMode::Five {
+                    put(page(0), 8, page(pml4) | P | RW | US | A);
+                }
+                put(page(pml4), 8, page(pdpt) | P | RW | US | A);
+                for i in 0..5u64 {
+                    put(page(pdpt) + 8 * i, 8, (i << 30) | big);
+                }
+            }
+            GuestMode::Pae => {
+                for d in 0..4u64 {
+                    put(page(0) + 8 * d, 8, page(1 + d) | P);
+                    for i in 0..512u64 {
+                        put(page(1 + d) + 8 * i, 8, (d << 30) | (i << 21) | big);
+                    }
+                }
+            }
+            GuestMode::Bits32 => {
+                for i in 0..1024u64 {
+                    put(page(0) + 4 * i, 4, (i << 22) | big);
+                }
+            }
+        }
+        let mmu = ShadowMmu::new(
+            ShadowConfig::new(CpuFeatures::typical()),
+            // Below 4 GiB: PAE roots need it.
+            SimMemory::new(Pfn(0x8_0000), 1 << 16),
+            ram,
+            LinearHost::new(SHADOW_PFN_OFFSET, PageSize::Size4K),
+            Self::scenario_slots(mode),
+        );
+        let mut cpu = GuestCpu::new(mode, page(0));
+        if mode == GuestMode::Pae {
+            cpu.pdptrs = load_pdptrs(mmu.guest(), cpu.cr3, mmu.features()).expect("the PDPTEs are valid");
+        }
+        let mut g = ShadowGuest { mmu, cpu, tlb: FlushRecorder::default() };
+        g.mmu.load_cr3(&g.cpu).expect("the guest's root is in memory");
+        let t = g.mmu.take_flush();
+        t.flush(&mut g.tlb);
+        g
+    }
+
+    fn kind(write: bool) -> AccessKind {
+        AccessKind::user(if write { AccessOp::Write } else { AccessOp::Read })
+    }
+
+    /// A hypervisor write of `bytes` bytes of `value` at `gpa` (an emulated
+    /// instruction's store), logged in `logs` as the CPU's writes are: a
+    /// refused mark (a full ring) writes nothing.
+    pub fn emulated_write(
+        &mut self,
+        gpa: Gpa,
+        bytes: u64,
+        value: u64,
+        logs: &mut DirtyLogs,
+    ) -> Result<(), ShadowError> {
+        let r = self.mmu.emulated_write_logged(gpa, bytes, value, &mut HarnessDirty(logs));
+        let t = self.mmu.take_flush();
+        t.flush(&mut self.tlb);
+        r
+    }
+}
+
+/// The harness's dirty logs, as shadow paging's fault path and emulated
+/// writes consult them.
+pub struct HarnessDirty<'a>(pub &'a mut DirtyLogs);
+
+impl DirtyTracker for HarnessDirty<'_> {
+    fn write_protected(&self, slot: SlotId) -> bool {
+        self.0.logs.get(&slot).is_some_and(|l| l.tracking() == Tracking::WriteProtect)
+    }
+
+    fn mark(&mut self, slot: SlotId, gfn: Gfn) -> bool {
+        let logs = &mut *self.0;
+        let Some(log) = logs.logs.get(&slot) else { return true };
+        log.mark(gfn, logs.ring.as_ref()).is_ok()
+    }
+
+    fn note_writable(&mut self, slot: SlotId, gfn: Gfn, h: PteHandle) -> bool {
+        let logs = &mut *self.0;
+        let Some(log) = logs.logs.get_mut(&slot) else { return true };
+        match log.note_writable(gfn, h, logs.ring.as_ref()) {
+            Ok(RingPush::SoftFull) => {
+                logs.soft_full_exits += 1;
+                true
+            }
+            Ok(RingPush::Ok) => true,
+            Err(_) => false,
+        }
+    }
+}
+
+impl GuestMmu for ShadowGuest {
+    type Backend = ShadowEngine;
+
+    fn memslots(&self) -> &Memslots {
+        self.mmu.memslots()
+    }
+
+    fn backend(&self) -> &ShadowEngine {
+        &self.mmu
+    }
+
+    fn backend_mut(&mut self) -> &mut ShadowEngine {
+        &mut self.mmu
+    }
+
+    fn hw_access(&mut self, gfn: Gfn, write: bool) -> Result<(), HwFault> {
+        let Some(gva) = gfn.0.checked_mul(PAGE_SIZE) else { return Err(HwFault::NotPresent) };
+        match self.mmu.hw_access(&self.cpu, Gva(gva), Self::kind(write)) {
+            Ok(_) => Ok(()),
+            Err(f) if f.error_code().is_some_and(|c| c.contains(PfErrorCode::PRESENT)) => {
+                Err(HwFault::WriteProtected)
+            }
+            Err(_) => Err(HwFault::NotPresent),
+        }
+    }
+
+    fn handle_fault(&mut self, gfn: Gfn, write: bool, logs: &mut DirtyLogs) -> FaultOutcome {
+        let Some(gva) = gfn.0.checked_mul(PAGE_SIZE) else { return FaultOutcome::Mmio };
+        let r = self.mmu.page_fault(&self.cpu, Gva(gva), Self::kind(write), &mut HarnessDirty(logs));
+        for (slot, leaf) in self.mmu.take_zapped_dirty() {
+            if let Some(log) = logs.logs.get(&slot) {
+                log.note_zapped(&leaf);
+            }
+        }
+        let t = self.mmu.take_flush();
+        t.flush(&mut self.tlb);
+        match r {
+            Ok(ShadowFault::Fixed) => FaultOutcome::Mapped,
+            Ok(ShadowFault::Mmio { .. }) => FaultOutcome::Mmio,
+            Ok(ShadowFault::Denied { .. }) => FaultOutcome::Denied,
+            // An engine error fails the access at once.
+            Err(_) => FaultOutcome::Failed,
+            // The identity-mapped guest never writes its tables: any other
+            // answer is a failure the harness reports after its retries.
+            Ok(_) => FaultOutcome::Retry,
+        }
+    }
+
+    fn flush(&mut self, token: FlushToken) {
+        token.flush(&mut self.tlb);
+    }
+
+    fn zap_hva_range(&mut self, range: HvaRange, logs: &DirtyLogs) -> usize {
+        let n = self.mmu.zap_hva_range(range, |slot, leaf| {
+            if let Some(log) = logs.logs.get(&slot) {
+                log.note_zapped(&leaf);
+            }
+        });
+        let t = self.mmu.take_flush();
+        t.flush(&mut self.tlb);
+        n
     }
 }
