@@ -204,17 +204,3 @@ fn panic(info: &PanicInfo) -> ! {
 /// `panic = "abort"` it is never called.
 #[no_mangle]
 pub extern "C" fn rust_eh_personality() {}
-
-/// The prebuilt `alloc` of this target is compiled with `panic = "unwind"`: its
-/// `alloc::fmt::format` (behind `format!`) has a landing pad that resumes unwinding
-/// through `_Unwind_Resume`, which no library here provides (`undefined reference to
-/// '_Unwind_Resume'` at link time). `vmmu-tests`' harness builds its messages without
-/// `format!`; this kernel's own `scen_harness.rs` still calls it (with those calls
-/// written through `core::fmt::Write` too, the kernel links without this stand-in).
-/// This kernel is `panic = "abort"` and its panic handler never unwinds, so no landing
-/// pad is ever entered: reaching this is a bug, and it ends the run with a FAIL line
-/// instead of linking a whole unwinder.
-#[no_mangle]
-pub extern "C" fn _Unwind_Resume(_exception: *mut u8) -> ! {
-    report::fatal("_Unwind_Resume reached (unwinding in a panic=abort kernel)")
-}

@@ -1,12 +1,11 @@
 //! The generic scenario suite of `vmmu-tests` (`tests/src/harness.rs`, the very code the
-//! host runs in `tests/tests/scenarios_ppc.rs`) against the crate's in-memory HPT:
+//! host runs in `tests/tests/scenarios.rs`, the `hpt_*` back ends) against the crate's in-memory HPT:
 //! `vmmu_tests::ppc::PpcGuest`, a guest whose `GuestHpt` (over the big-endian
 //! `InMemoryHpt`, in the layout this CPU's hypervisor would use) serves its H_ENTERs, the
 //! CPU played by the crate's software MMU, which sets R and C in the table. Here it runs
 //! on a big-endian CPU. One line per harness scenario.
 
 use crate::report::scenario;
-use alloc::format;
 use alloc::string::String;
 use arch_ppc_book3s::hpte::HpteFormat;
 use arch_ppc_book3s::pagesize::PageSizes;
@@ -16,6 +15,17 @@ use mmu_generic::dirty_log::{LogMode, Tracking};
 use mmu_generic::memslot::{Memslot, Memslots, MemslotsBuilder, SlotFlags, SlotId};
 use vmmu_tests::harness::{ageing, demand_faults, dirty_rounds, invalidation, outside_slots_is_mmio};
 use vmmu_tests::ppc::PpcGuest;
+
+/// `format!` without `alloc::fmt::format`, whose landing pad would need an
+/// unwinder in this panic=abort kernel: the message is written through
+/// `core::fmt::Write` into a `String`.
+macro_rules! msg {
+    ($($arg:tt)*) => {{
+        let mut s = String::new();
+        let _ = core::fmt::Write::write_fmt(&mut s, format_args!($($arg)*));
+        s
+    }};
+}
 
 /// The host suite's layout: slot 2 aliases the first 16 pages of slot 1's host memory,
 /// read-only. (Host addresses are never dereferenced: the software MMU only sets bits.)
@@ -80,17 +90,17 @@ struct Ctx {
 impl Ctx {
     fn guest(&self, slots: Memslots, pft_shift: u32, page_shift: u32) -> Result<PpcGuest, String> {
         PpcGuest::new(slots, pft_shift, self.format, self.sizes, page_shift)
-            .map_err(|e| format!("PpcGuest::new: {e:?}"))
+            .map_err(|e| msg!("PpcGuest::new: {e:?}"))
     }
 }
 
 fn invariants(g: &PpcGuest) -> Result<(), String> {
-    g.hpt().check_invariants().map_err(|v| format!("table invariant broken: {v:?}"))
+    g.hpt().check_invariants().map_err(|v| msg!("table invariant broken: {v:?}"))
 }
 
 fn figures(g: &PpcGuest) -> String {
     let c = g.counters;
-    format!(
+    msg!(
         "{} H_ENTER ({} secondary), {} fault_in, {} unprotect; invariants hold",
         c.entered, c.secondary, c.faulted_in, c.unprotected
     )
@@ -109,9 +119,9 @@ fn demand(ctx: &Ctx, page_shift: u32, want_entered: u64) -> Result<String, Strin
     invariants(&g)?;
     // One fault, one H_ENTER per page: 4 KiB pages, or 64 KiB ones where a slot allows.
     if faults != want_entered || g.counters.entered != want_entered {
-        return Err(format!("{faults} faults, {} H_ENTER; want {want_entered}", g.counters.entered));
+        return Err(msg!("{faults} faults, {} H_ENTER; want {want_entered}", g.counters.entered));
     }
-    Ok(format!("1340 frames in 3 slots, {faults} faults, each page once; {}", figures(&g)))
+    Ok(msg!("1340 frames in 3 slots, {faults} faults, each page once; {}", figures(&g)))
 }
 
 fn mmio(ctx: &Ctx) -> Result<String, String> {
@@ -120,7 +130,7 @@ fn mmio(ctx: &Ctx) -> Result<String, String> {
     outside_slots_is_mmio(&mut g, Gfn(u64::MAX))?;
     invariants(&g)?;
     if g.counters.entered != 0 {
-        return Err(format!("{} entries entered outside memory", g.counters.entered));
+        return Err(msg!("{} entries entered outside memory", g.counters.entered));
     }
     Ok(String::from("gfn 5000 and u64::MAX: H_ENTER refused with H_PARAMETER, MMIO exits, nothing mapped"))
 }
@@ -130,9 +140,9 @@ fn dirty(ctx: &Ctx, tracking: Tracking, mode: LogMode) -> Result<String, String>
     let r = dirty_rounds(&mut g, SlotId(0), tracking, mode, 12, 1)?;
     invariants(&g)?;
     if r.written != r.reported || (tracking == Tracking::WriteProtect && g.counters.unprotected == 0) {
-        return Err(format!("{r:?}, {}", figures(&g)));
+        return Err(msg!("{r:?}, {}", figures(&g)));
     }
-    Ok(format!(
+    Ok(msg!(
         "{} rounds, {} page writes, {} reported, none missed or extra; {}",
         r.rounds,
         r.written,
@@ -149,7 +159,7 @@ fn age(ctx: &Ctx) -> Result<String, String> {
     if y0 == 0 || y1 == 0 {
         return Err(String::from("no page found young"));
     }
-    Ok(format!(
+    Ok(msg!(
         "slot 1: {y1} young pages, slot 0: {y0}, exactly the touched ones, none after age; {}",
         figures(&g)
     ))
@@ -162,9 +172,9 @@ fn inval(ctx: &Ctx) -> Result<String, String> {
     demand_faults(&mut g)?;
     invariants(&g)?;
     if z != 32 || g.counters.faulted_in != 32 || g.counters.entered != 1340 {
-        return Err(format!("{z} zapped (want 20 + 12 aliases); {}", figures(&g)));
+        return Err(msg!("{z} zapped (want 20 + 12 aliases); {}", figures(&g)));
     }
-    Ok(format!(
+    Ok(msg!(
         "{z} entries zapped (20 + 12 read-only aliases), left absent, back by fault_in; {}",
         figures(&g)
     ))
@@ -176,9 +186,9 @@ fn inval_16m(ctx: &Ctx) -> Result<String, String> {
     let z = invalidation(&mut g, SlotId(0), 600, 3, true)?;
     invariants(&g)?;
     if g.counters.entered != 2 || z != 1 || g.counters.faulted_in != 1 {
-        return Err(format!("{z} zapped; {}", figures(&g)));
+        return Err(msg!("{z} zapped; {}", figures(&g)));
     }
-    Ok(format!("8192 frames in two 16 MiB pages; 3 frames invalidated zap 1 entry; {}", figures(&g)))
+    Ok(msg!("8192 frames in two 16 MiB pages; 3 frames invalidated zap 1 entry; {}", figures(&g)))
 }
 
 fn crowded(ctx: &Ctx) -> Result<String, String> {
@@ -188,9 +198,9 @@ fn crowded(ctx: &Ctx) -> Result<String, String> {
     let z = invalidation(&mut g, SlotId(8), 10, 30, false)?;
     invariants(&g)?;
     if faults != 9 * 256 || g.counters.secondary != 256 || r.written != r.reported || z != 30 {
-        return Err(format!("{faults} faults, {r:?}, {z} zapped; {}", figures(&g)));
+        return Err(msg!("{faults} faults, {r:?}, {z} zapped; {}", figures(&g)));
     }
-    Ok(format!(
+    Ok(msg!(
         "2304 pages, 9 per primary group: 256 placed in the secondary by mapping::insert; then {} C-bit rounds ({} writes, all reported) and 30 zapped/faulted in; {}",
         r.rounds,
         r.written,
@@ -205,9 +215,9 @@ fn evictions(ctx: &Ctx, tracking: Tracking) -> Result<String, String> {
     let c = g.counters;
     let lost = g.hpt().lost_dirty_pages();
     if r.written != r.reported || c.evicted == 0 || (tracking == Tracking::HardwareDirty && lost == 0) {
-        return Err(format!("{r:?}, {c:?}"));
+        return Err(msg!("{r:?}, {c:?}"));
     }
-    Ok(format!(
+    Ok(msg!(
         "34816 pages for 16384 slots: {} guest evictions, {} C bits of evicted entries queued by GuestHpt and drained by the core's harvest; {} rounds, {} writes, all reported; {}",
         c.evicted,
         lost,
