@@ -989,17 +989,16 @@ fn a_dirty_page_that_becomes_a_guest_table_is_still_reported_under_dirty_bits() 
     assert!(got.contains(&0x50), "the write before the page became a table was lost: {got:x?}");
 }
 
-/// The same loss through a resync: the guest cleans the D bit of a PTE in an unsync
-/// page table (Linux's `pte_mkclean`) after writing the page; the INVLPG's resync makes
-/// the leaf read-only, and its D bit must still reach the log.
-#[test]
-fn a_resync_that_makes_a_dirty_leaf_read_only_keeps_its_write_in_the_dirty_log() {
+/// A 4-level guest whose page table at gfn 4 maps itself at gva 0x4000 and data gfn
+/// 0x80 at 0x10000, dirty-logged by D bits; the table has gone unsync (written through
+/// its own mapping) and the data page has been written in one round and again in the
+/// next. The two tests below then take the leaf's write away in two ways.
+fn unsync_table_with_a_dirty_page() -> (Mmu, GuestCpu, DbitLog) {
     let mut mmu = new_mmu(4096, 2);
     let g = mmu.guest();
     g.write(Gpa(0x1000), 8, 0x2000 | P | RW | US | A).unwrap();
     g.write(Gpa(0x2000), 8, 0x3000 | P | RW | US | A).unwrap();
     g.write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
-    // The PT maps itself at gva 0x4000 and data gfn 0x80 at 0x10000.
     g.write(Gpa(0x4000 + 8 * 4), 8, 0x4000 | P | RW | US | A | D).unwrap();
     g.write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | RW | US | A | D).unwrap();
     let cpu = four_level(&mmu, 1);
@@ -1016,22 +1015,32 @@ fn a_resync_that_makes_a_dirty_leaf_read_only_keeps_its_write_in_the_dirty_log()
     .unwrap();
     flush.flush(&mut NoTlb);
     let mut log = DbitLog(log);
-    let w = AccessKind::user(AccessOp::Write);
-    let write = |mmu: &mut Mmu, log: &mut DbitLog, gva: u64| {
-        for _ in 0..4 {
-            if mmu.hw_access(&cpu, Gva(gva), w).is_ok() {
-                return;
-            }
-            assert_eq!(mmu.page_fault(&cpu, Gva(gva), w, log), Ok(ShadowFault::Fixed));
-        }
-        panic!("the write to {gva:#x} never completed");
-    };
-    // The PT goes unsync (written through its own mapping), the data page is written.
-    write(&mut mmu, &mut log, 0x4000 + 8 * 16);
+    user_write(&mut mmu, &cpu, &mut log, 0x4000 + 8 * 16);
     assert_eq!(mmu.unsync_pages(), 1);
-    write(&mut mmu, &mut log, 0x10_000);
+    user_write(&mut mmu, &cpu, &mut log, 0x10_000);
     dbit_round(&mut mmu, &mut log);
-    write(&mut mmu, &mut log, 0x10_000);
+    user_write(&mut mmu, &cpu, &mut log, 0x10_000);
+    (mmu, cpu, log)
+}
+
+/// A user write that completes, faulting (and fixing) as often as the MMU needs.
+fn user_write(mmu: &mut Mmu, cpu: &GuestCpu, log: &mut impl DirtyTracker, gva: u64) {
+    let w = AccessKind::user(AccessOp::Write);
+    for _ in 0..4 {
+        if mmu.hw_access(cpu, Gva(gva), w).is_ok() {
+            return;
+        }
+        assert_eq!(mmu.page_fault(cpu, Gva(gva), w, log), Ok(ShadowFault::Fixed));
+    }
+    panic!("the write to {gva:#x} never completed");
+}
+
+/// The same loss through a resync: the guest cleans the D bit of a PTE in an unsync
+/// page table (Linux's `pte_mkclean`) after writing the page; the INVLPG's resync makes
+/// the leaf read-only, and its D bit must still reach the log.
+#[test]
+fn a_resync_that_makes_a_dirty_leaf_read_only_keeps_its_write_in_the_dirty_log() {
+    let (mut mmu, cpu, mut log) = unsync_table_with_a_dirty_page();
     // The guest cleans its PTE (same frame, D clear) and invalidates it.
     mmu.guest().write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | RW | US | A).unwrap();
     mmu.invlpg(&cpu, Gva(0x10_000));
@@ -1053,42 +1062,7 @@ fn a_resync_that_makes_a_dirty_leaf_read_only_keeps_its_write_in_the_dirty_log()
 /// embedder; the log's stop turns the recording off again.
 #[test]
 fn a_dirty_leaf_the_resync_zaps_is_reported_without_the_embedder_asking() {
-    let mut mmu = new_mmu(4096, 2);
-    let g = mmu.guest();
-    g.write(Gpa(0x1000), 8, 0x2000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x2000), 8, 0x3000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x4000 + 8 * 4), 8, 0x4000 | P | RW | US | A | D).unwrap();
-    g.write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | RW | US | A | D).unwrap();
-    let cpu = four_level(&mmu, 1);
-    mmu.load_cr3(&cpu).unwrap();
-    let slot = *mmu.memslots().get(SlotId(0)).unwrap();
-    let mut flush = FlushToken::new();
-    let log = mmu_generic::dirty_log::SlotDirtyLog::start(
-        &slot,
-        Tracking::HardwareDirty,
-        LogMode::Bitmap,
-        &mut mmu,
-        &mut flush,
-    )
-    .unwrap();
-    flush.flush(&mut NoTlb);
-    let mut log = DbitLog(log);
-    let w = AccessKind::user(AccessOp::Write);
-    let write = |mmu: &mut Mmu, log: &mut DbitLog, gva: u64| {
-        for _ in 0..4 {
-            if mmu.hw_access(&cpu, Gva(gva), w).is_ok() {
-                return;
-            }
-            assert_eq!(mmu.page_fault(&cpu, Gva(gva), w, log), Ok(ShadowFault::Fixed));
-        }
-        panic!("the write to {gva:#x} never completed");
-    };
-    write(&mut mmu, &mut log, 0x4000 + 8 * 16);
-    assert_eq!(mmu.unsync_pages(), 1);
-    write(&mut mmu, &mut log, 0x10_000);
-    dbit_round(&mut mmu, &mut log);
-    write(&mut mmu, &mut log, 0x10_000);
+    let (mut mmu, cpu, mut log) = unsync_table_with_a_dirty_page();
     // The guest unmaps the page and invalidates it: the resync zaps the dirty leaf.
     mmu.guest().write(Gpa(0x4000 + 8 * 16), 8, 0).unwrap();
     mmu.invlpg(&cpu, Gva(0x10_000));
@@ -1100,15 +1074,9 @@ fn a_dirty_leaf_the_resync_zaps_is_reported_without_the_embedder_asking() {
     assert!(dbit_round(&mut mmu, &mut log).is_empty(), "reported once");
     log.0.stop(&mut mmu);
     // With no log left, nothing is recorded any more.
-    let mut unlogged = arch_x86::shadow::NoDirtyLog;
     mmu.guest().write(Gpa(0x4000 + 8 * 18), 8, 0x81_000 | P | RW | US | A | D).unwrap();
     mmu.invlpg(&cpu, Gva(0x12_000));
-    for _ in 0..4 {
-        if mmu.hw_access(&cpu, Gva(0x12_000), w).is_ok() {
-            break;
-        }
-        assert_eq!(mmu.page_fault(&cpu, Gva(0x12_000), w, &mut unlogged), Ok(ShadowFault::Fixed));
-    }
+    user_write(&mut mmu, &cpu, &mut arch_x86::shadow::NoDirtyLog, 0x12_000);
     mmu.guest().write(Gpa(0x4000 + 8 * 18), 8, 0).unwrap();
     mmu.invlpg(&cpu, Gva(0x12_000));
     assert!(mmu.take_zapped_dirty().is_empty(), "recording stopped with the last log");
