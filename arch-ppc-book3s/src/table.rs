@@ -22,9 +22,9 @@ use crate::hpte::{
     pp_allows, ConvertError, Hpte, HpteFormat, HPTE_R_C, HPTE_R_KEY, HPTE_R_KEY_HI, HPTE_R_KEY_LO, HPTE_R_N,
     HPTE_R_PP, HPTE_R_PP0, HPTE_R_PPP, HPTE_R_R, HPTE_V_ABSENT, HPTE_V_HVLOCK, HPTE_V_VALID,
 };
-use crate::mapping::{self, Found};
 use crate::pagesize::{PageSizePair, PageSizes};
 use crate::papr::{BulkOutcome, BulkRequest, HptError, RemoveCond, BULK_MAX, H_AVPN};
+use crate::search::{self, Found};
 
 /// New page protection for H_PROTECT.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Hash)]
@@ -362,10 +362,10 @@ impl InMemoryHpt {
     }
 
     /// The MMU's hashed search of this table for `va` in a segment of base
-    /// page size `1 << base_shift` (see [`mapping::search`]): the
+    /// page size `1 << base_shift` (see [`search::search`]): the
     /// hardware-valid entry that translates it, if any.
     pub fn lookup(&self, va: &VirtAddr, base_shift: u32, sizes: &PageSizes) -> Option<Found> {
-        mapping::search(self.geom.pteg_mask(), sizes, va, base_shift, |p| self.load(p))
+        search::search(self.geom.pteg_mask(), sizes, va, base_shift, |p| self.load(p))
     }
 
     /// What the MMU does on a load or store at `va` (privileged or problem
