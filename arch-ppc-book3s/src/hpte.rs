@@ -261,6 +261,7 @@ impl Hpte {
 
     /// Converts to the ISA 3.0 layout: B moves to dword 1; the AVPN and RPN
     /// must fit the narrower 3.0 fields.
+    #[inline]
     pub fn to_isa300(self) -> Result<Hpte300, ConvertError> {
         if self.b() > 1 {
             return Err(ConvertError::ReservedSegmentSize(self.b()));
@@ -280,6 +281,7 @@ impl Hpte {
 
 impl Hpte300 {
     /// Converts to the pre-3.0 layout (always possible: the old fields are wider).
+    #[inline]
     pub const fn to_pre300(self) -> Hpte {
         let b = (self.r & HPTE_R_3_0_B) >> HPTE_R_3_0_B_SHIFT;
         Hpte { v: (self.v & HPTE_V_COMMON_BITS) | (b << HPTE_V_B_SHIFT), r: self.r & !HPTE_R_3_0_B }
@@ -310,6 +312,7 @@ pub enum HpteFormat {
 
 impl HpteFormat {
     /// Converts a pre-3.0 entry into this layout (identity for pre-3.0).
+    #[inline]
     pub fn encode(self, h: Hpte) -> Result<(u64, u64), ConvertError> {
         match self {
             Self::PreIsa300 => Ok((h.v, h.r)),
@@ -318,6 +321,7 @@ impl HpteFormat {
     }
 
     /// Converts an entry in this layout to pre-3.0.
+    #[inline]
     pub const fn decode(self, v: u64, r: u64) -> Hpte {
         match self {
             Self::PreIsa300 => Hpte { v, r },

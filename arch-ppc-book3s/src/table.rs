@@ -179,11 +179,13 @@ impl InMemoryHpt {
     }
 
     /// The table's size.
+    #[inline]
     pub fn geometry(&self) -> HptGeometry {
         self.geom
     }
 
     /// The layout the table holds.
+    #[inline]
     pub fn format(&self) -> HpteFormat {
         self.format
     }
@@ -206,12 +208,14 @@ impl InMemoryHpt {
         false
     }
 
+    #[inline]
     fn dw(&self, ptex: u64) -> Option<(&AtomicU64, &AtomicU64)> {
         let i = usize::try_from(ptex).ok()?.checked_mul(2)?;
         Some((self.words.get(i)?, self.words.get(i + 1)?))
     }
 
     /// The two doublewords as the table holds them (its layout), CPU order.
+    #[inline]
     pub fn load_raw(&self, ptex: u64) -> Option<(u64, u64)> {
         let (v, r) = self.dw(ptex)?;
         Some((u64::from_be(v.load(Ordering::Acquire)), u64::from_be(r.load(Ordering::Acquire))))
@@ -236,6 +240,7 @@ impl InMemoryHpt {
     }
 
     /// The entry in the pre-3.0 layout, software bits included.
+    #[inline]
     pub fn load(&self, ptex: u64) -> Option<Hpte> {
         self.load_raw(ptex).map(|(v, r)| self.format.decode(v, r))
     }
@@ -271,6 +276,7 @@ impl InMemoryHpt {
     }
 
     /// Empties the entry, dword 0 (V) first.
+    #[inline]
     pub fn clear(&self, ptex: u64) {
         if let Some((dv, dr)) = self.dw(ptex) {
             dv.store(0, Ordering::Release);
@@ -295,6 +301,7 @@ impl InMemoryHpt {
 
     /// Atomically ANDs dword 1 with `!bits`; returns the old dword 1.
     /// R, C, PP, N, WIMG and the key sit at the same place in both layouts.
+    #[inline]
     pub fn clear_r_bits(&self, ptex: u64, bits: u64) -> u64 {
         match self.dw(ptex) {
             Some((_, dr)) => u64::from_be(dr.fetch_and((!bits).to_be(), Ordering::AcqRel)),

@@ -19,8 +19,25 @@ impl<R: PageResolver> GuestHpt<R> {
 
     /// [`GuestHpt::fold`] for an entry whose dword 0 (pre-3.0 layout) was
     /// `v` before the caller emptied it; `None`: read it from the table.
+    #[inline]
     pub(super) fn fold_from(&mut self, ptex: u64, v: Option<u64>, r: u64, lost: bool) {
-        let idx = self.rev[ptex as usize].rmap;
+        let e = &self.rev[ptex as usize];
+        let (idx, guest_r) = (e.rmap, e.guest_r.load(Ordering::Acquire));
+        self.fold_entry(ptex, idx, v, guest_r, r, lost);
+    }
+
+    /// [`GuestHpt::fold_from`] for an entry of chain `idx` whose guest dword 1
+    /// is `guest_r` (its reverse-map entry already taken by the caller).
+    #[inline]
+    pub(super) fn fold_entry(
+        &mut self,
+        ptex: u64,
+        idx: u32,
+        v: Option<u64>,
+        guest_r: u64,
+        r: u64,
+        lost: bool,
+    ) {
         let mut bits = 0;
         if r & HPTE_R_R != 0 {
             bits |= RMAP_REFERENCED;
@@ -29,7 +46,7 @@ impl<R: PageResolver> GuestHpt<R> {
             if let Some(q) = self.folded_dirty.as_mut() {
                 if lost {
                     let v = v.unwrap_or_else(|| self.hpt.load(ptex).unwrap_or_default().v);
-                    let view = Hpte::new(v, self.rev[ptex as usize].guest_r.load(Ordering::Acquire));
+                    let view = Hpte::new(v, guest_r);
                     if let Some(ps) = self.sizes.decode(view.v, view.r) {
                         let gfn = Gfn(view.real_address(ps.actual_shift) >> 12);
                         q.push(GfnRange { start: gfn, end: Gfn(gfn.0 + ps.npages()) });
@@ -41,7 +58,9 @@ impl<R: PageResolver> GuestHpt<R> {
             }
         }
         if bits != 0 && idx != NO_RMAP {
-            self.rmap[idx as usize].fetch_or(bits, Ordering::AcqRel);
+            if let Some(w) = self.rmap.get(idx as usize) {
+                w.fetch_or(bits, Ordering::AcqRel);
+            }
         }
     }
 

@@ -138,6 +138,9 @@ pub struct GuestHpt<R: PageResolver = HvaIdentity> {
     rev: Vec<RevEntry>,
     slots: Memslots,
     index: Vec<SlotIndex>,
+    /// The entry of `index` that held the last page H_ENTER mapped: tried
+    /// first, since a guest's pages are mostly in one slot.
+    last_slot: usize,
     rmap: Vec<AtomicU64>,
     sizes: PageSizes,
     wimg: WimgPolicy,
@@ -162,7 +165,7 @@ impl<R: PageResolver> GuestHpt<R> {
         let mut index = Vec::with_capacity(slots.len());
         let mut total = 0u64;
         for s in slots.iter() {
-            index.push(SlotIndex { base: s.base_gfn().0, npages: s.npages(), first: total as u32 });
+            index.push(SlotIndex { base: s.base_gfn().0, npages: s.npages(), first: total as u32, slot: *s });
             total += s.npages();
             if total >= u64::from(RMAP_HANDLE_BIT) {
                 return Err(GuestHptError::GuestTooLarge(total));
@@ -179,6 +182,7 @@ impl<R: PageResolver> GuestHpt<R> {
             rev,
             slots,
             index,
+            last_slot: 0,
             rmap,
             sizes: config.sizes,
             wimg: config.wimg,

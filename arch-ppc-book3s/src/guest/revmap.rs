@@ -5,6 +5,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use mmu_generic::addr::Gfn;
+use mmu_generic::memslot::Memslot;
 
 use super::{GuestHpt, PageResolver};
 
@@ -53,6 +54,9 @@ pub(super) struct SlotIndex {
     pub(super) base: u64,
     pub(super) npages: u64,
     pub(super) first: u32,
+    /// The slot itself, so that H_ENTER finds slot and per-gfn words in one
+    /// search.
+    pub(super) slot: Memslot,
 }
 
 impl<R: PageResolver> GuestHpt<R> {
@@ -72,6 +76,7 @@ impl<R: PageResolver> GuestHpt<R> {
         *w = (*w & (RMAP_REFERENCED | RMAP_CHANGED)) | set;
     }
 
+    #[inline]
     pub(super) fn link(&mut self, idx: u32, ptex: u32) {
         let w = *self.rmap[idx as usize].get_mut();
         let me = ptex as usize;
@@ -92,6 +97,50 @@ impl<R: PageResolver> GuestHpt<R> {
         }
     }
 
+    /// Writes the reverse-map entry `e` of a new entry at `ptex` and links
+    /// it on chain `idx` (`e`'s links and chain are set here): one write of
+    /// the entry, where [`GuestHpt::link`] edits an entry already written.
+    #[inline]
+    pub(super) fn link_new(&mut self, idx: u32, ptex: u32, mut e: RevEntry) {
+        let w = self.rmap[idx as usize].get_mut();
+        e.rmap = idx;
+        if *w & RMAP_PRESENT != 0 {
+            // Append at the tail of the circular list; the head stays.
+            let head = (*w & RMAP_INDEX) as u32;
+            let tail = self.rev[head as usize].back;
+            (e.forw, e.back) = (head, tail);
+            self.rev[tail as usize].forw = ptex;
+            self.rev[head as usize].back = ptex;
+        } else {
+            *w = (*w & (RMAP_REFERENCED | RMAP_CHANGED)) | RMAP_PRESENT | u64::from(ptex);
+            (e.forw, e.back) = (ptex, ptex);
+        }
+        self.rev[ptex as usize] = e;
+    }
+
+    /// Unlinks the entry at `ptex` whose reverse-map entry `e` the caller
+    /// has already taken out of the table (and reset).
+    #[inline]
+    pub(super) fn unlink_taken(&mut self, ptex: u32, e: &RevEntry) {
+        let idx = e.rmap;
+        if idx == NO_RMAP {
+            return;
+        }
+        let (next, prev) = (e.forw, e.back);
+        if next == ptex {
+            // The only entry of its chain.
+            self.set_head(idx, None);
+            return;
+        }
+        self.rev[next as usize].back = prev;
+        self.rev[prev as usize].forw = next;
+        let head = (*self.rmap[idx as usize].get_mut() & RMAP_INDEX) as u32;
+        if head == ptex {
+            self.set_head(idx, Some(next));
+        }
+    }
+
+    #[inline]
     pub(super) fn unlink(&mut self, ptex: u32) {
         let me = ptex as usize;
         let idx = self.rev[me].rmap;

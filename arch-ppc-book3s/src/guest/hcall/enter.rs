@@ -100,13 +100,13 @@ impl<R: PageResolver> GuestHpt<R> {
             }
             (ptex & !7) + u64::from(taken.trailing_ones())
         };
-        self.rev[slot as usize] = RevEntry {
+        let entry = RevEntry {
             guest_r: AtomicU64::new(ptel),
             hv_ro: ro,
             shift: ps.actual_shift as u8,
             ..RevEntry::default()
         };
-        self.link(idx, slot as u32);
+        self.link_new(idx, slot as u32, entry);
         self.hpt.store_encoded(slot, hw);
         self.busy[g as usize] |= 1 << (slot & 7);
         self.max_npages = self.max_npages.max(ps.npages());

@@ -4,7 +4,6 @@
 use mmu_generic::addr::{Gfn, GfnRange};
 use mmu_generic::backend::FlushToken;
 
-use crate::guest::revmap::RevEntry;
 use crate::guest::{GuestHpt, PageResolver};
 use crate::hpte::{Hpte, HPTE_R_C, HPTE_R_R};
 use crate::papr::{
@@ -26,28 +25,31 @@ impl<R: PageResolver> GuestHpt<R> {
     /// valid for the guest, both read by the caller); returns it as the
     /// guest saw it, with its final R and C.
     fn remove_viewed(&mut self, ptex: u64, hw: Hpte, view: Hpte, flush: &mut FlushToken) -> Hpte {
-        let gr = self.gr(ptex as usize);
+        // The reverse-map entry is read once and left reset.
+        let mut e = core::mem::take(&mut self.rev[ptex as usize]);
+        let gr = *e.guest_r.get_mut();
         let rc = if hw.valid() {
             // V off first; R/C can still change until the invalidation
             // completes, so dword 1 is taken afterwards (and the entry is
             // empty once it is).
             let r = self.hpt.invalidate_take_r(ptex);
-            let shift = u32::from(self.rev[ptex as usize].shift);
+            let shift = u32::from(e.shift);
             let page = Hpte::new(view.v, gr);
             debug_assert_eq!(self.sizes.decode(page.v, page.r).map(|ps| ps.actual_shift), Some(shift));
             if let Some(range) = GfnRange::from_len(Gfn(page.real_address(shift) >> 12), 1 << (shift - 12)) {
                 flush.add_range(range);
             }
-            self.fold_from(ptex, Some(hw.v), r, true);
-            self.unlink(ptex as u32);
+            self.fold_entry(ptex, e.rmap, Some(hw.v), gr, r, true);
+            self.unlink_taken(ptex as u32, &e);
             r
         } else {
             // Absent: already invalid and unlinked, its R/C already taken.
             self.hpt.clear(ptex);
             hw.r
         };
-        self.rev[ptex as usize] = RevEntry::default();
-        self.busy[(ptex >> 3) as usize] &= !(1 << (ptex & 7));
+        if let Some(b) = self.busy.get_mut((ptex >> 3) as usize) {
+            *b &= !(1 << (ptex & 7));
+        }
         Hpte::new(view.v, gr | (rc & (HPTE_R_R | HPTE_R_C)))
     }
 
