@@ -100,7 +100,8 @@ impl<R: PageResolver> GuestHpt<R> {
     /// Writes the reverse-map entry `e` of a new entry at `ptex` and links
     /// it on chain `idx` (`e`'s links and chain are set here): one write of
     /// the entry, where [`GuestHpt::link`] edits an entry already written.
-    #[inline]
+    // Always inlined: H_ENTER is its hot caller, and the entry is then built in place.
+    #[inline(always)]
     pub(super) fn link_new(&mut self, idx: u32, ptex: u32, mut e: RevEntry) {
         let w = self.rmap[idx as usize].get_mut();
         e.rmap = idx;
