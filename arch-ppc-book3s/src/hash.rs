@@ -12,6 +12,8 @@
 //! The AVPN kept in dword 0 is VA bits 0:54 (`VA >> 23`), with the bits that
 //! fall inside a page of 16 MB or more ignored by the compare.
 
+// The segment size is the B field of the HPTE format; kept there, named here too.
+pub use crate::hpte::SegmentSize;
 use crate::hpte::{HPTE_V_AVPN, HPTE_V_AVPN_SHIFT, HPTE_V_B_SHIFT};
 
 /// The hash keeps 39 bits.
@@ -21,48 +23,6 @@ pub const HASH_MASK: u64 = (1 << 39) - 1;
 pub const MIN_HTAB_SHIFT: u32 = 18;
 /// See [`MIN_HTAB_SHIFT`].
 pub const MAX_HTAB_SHIFT: u32 = 46;
-
-/// A segment size (the B field of SLB entries and HPTEs).
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
-pub enum SegmentSize {
-    /// 256 MB, B = 0b00.
-    S256M,
-    /// 1 TB, B = 0b01.
-    S1T,
-}
-
-impl SegmentSize {
-    /// Decodes a B field; 0b10 and 0b11 are reserved.
-    pub const fn from_b(b: u64) -> Option<Self> {
-        match b {
-            0 => Some(Self::S256M),
-            1 => Some(Self::S1T),
-            _ => None,
-        }
-    }
-
-    /// The B field value.
-    pub const fn b(self) -> u64 {
-        match self {
-            Self::S256M => 0,
-            Self::S1T => 1,
-        }
-    }
-
-    /// log2 of the segment size (28 or 40).
-    pub const fn shift(self) -> u32 {
-        match self {
-            Self::S256M => 28,
-            Self::S1T => 40,
-        }
-    }
-
-    /// Bits of VSID in a 78-bit virtual address (50 or 38).
-    pub const fn vsid_bits(self) -> u32 {
-        78 - self.shift()
-    }
-}
 
 /// A virtual address: a VSID and the offset inside its segment.
 ///

@@ -10,7 +10,47 @@
 //! as in Power ISA v2.07B Book III-S 5.7.7.1 "Page Table Entry" and v3.0B
 //! Book III 5.7.7.1; the constants are plain masks.
 
-use crate::hash::SegmentSize;
+/// A segment size (the B field of SLB entries and HPTEs).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum SegmentSize {
+    /// 256 MB, B = 0b00.
+    S256M,
+    /// 1 TB, B = 0b01.
+    S1T,
+}
+
+impl SegmentSize {
+    /// Decodes a B field; 0b10 and 0b11 are reserved.
+    pub const fn from_b(b: u64) -> Option<Self> {
+        match b {
+            0 => Some(Self::S256M),
+            1 => Some(Self::S1T),
+            _ => None,
+        }
+    }
+
+    /// The B field value.
+    pub const fn b(self) -> u64 {
+        match self {
+            Self::S256M => 0,
+            Self::S1T => 1,
+        }
+    }
+
+    /// log2 of the segment size (28 or 40).
+    pub const fn shift(self) -> u32 {
+        match self {
+            Self::S256M => 28,
+            Self::S1T => 40,
+        }
+    }
+
+    /// Bits of VSID in a 78-bit virtual address (50 or 38).
+    pub const fn vsid_bits(self) -> u32 {
+        78 - self.shift()
+    }
+}
 
 /// Dword 0, bits 0:1 (pre-3.0): segment size B (0b00 256 MB, 0b01 1 TB).
 pub const HPTE_V_B: u64 = 0xc000_0000_0000_0000;
@@ -221,6 +261,7 @@ impl Hpte {
 
     /// Converts to the ISA 3.0 layout: B moves to dword 1; the AVPN and RPN
     /// must fit the narrower 3.0 fields.
+    #[inline]
     pub fn to_isa300(self) -> Result<Hpte300, ConvertError> {
         if self.b() > 1 {
             return Err(ConvertError::ReservedSegmentSize(self.b()));
@@ -240,6 +281,7 @@ impl Hpte {
 
 impl Hpte300 {
     /// Converts to the pre-3.0 layout (always possible: the old fields are wider).
+    #[inline]
     pub const fn to_pre300(self) -> Hpte {
         let b = (self.r & HPTE_R_3_0_B) >> HPTE_R_3_0_B_SHIFT;
         Hpte { v: (self.v & HPTE_V_COMMON_BITS) | (b << HPTE_V_B_SHIFT), r: self.r & !HPTE_R_3_0_B }
@@ -270,6 +312,7 @@ pub enum HpteFormat {
 
 impl HpteFormat {
     /// Converts a pre-3.0 entry into this layout (identity for pre-3.0).
+    #[inline]
     pub fn encode(self, h: Hpte) -> Result<(u64, u64), ConvertError> {
         match self {
             Self::PreIsa300 => Ok((h.v, h.r)),
@@ -278,6 +321,7 @@ impl HpteFormat {
     }
 
     /// Converts an entry in this layout to pre-3.0.
+    #[inline]
     pub const fn decode(self, v: u64, r: u64) -> Hpte {
         match self {
             Self::PreIsa300 => Hpte { v, r },

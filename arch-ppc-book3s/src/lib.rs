@@ -21,10 +21,11 @@
 //! | [`slb`] | SLB entries (`slbmte` words) and effective-address lookup |
 //! | [`papr`] | hypercall numbers, flags, return codes, the [`Hcall`](papr::Hcall) trait |
 //! | [`table`] | the [`HashTable`](table::HashTable) trait, the in-memory table and its software MMU |
-//! | [`mapping`] | the RAM HPTE builder, insertion with the secondary-hash fallback, the MMU's hashed search |
+//! | [`search`] | the MMU's hashed search of a PTEG pair |
+//! | [`mapping`] | the RAM HPTE builder, insertion with the secondary-hash fallback |
 //! | [`passthrough`] | [`PaprHpt`](passthrough::PaprHpt): a table reached by hypercall, with QEMU's quirks |
 //! | [`papr_backend`] | [`PaprBackend`](papr_backend::PaprBackend): `MmuBackend` over a `PaprHpt`, with its own reverse map |
-//! | [`guest`] | [`GuestHpt`](guest::GuestHpt): hypercall handlers, reverse map, `MmuBackend` |
+//! | [`guest`] | [`GuestHpt`](guest::GuestHpt): a module per mechanism: hypercalls (`hcall/`), reverse map, R/C fold, `MmuBackend` |
 //! | [`model`] | a plain model of the hypercall surface, for tests and fuzzing |
 //! | [`pr_cache`] | the PR shadow-HPTE cache indexed by EA, VPN, long VPN and 64K VPN |
 //!
@@ -59,5 +60,6 @@ pub mod papr;
 pub mod papr_backend;
 pub mod passthrough;
 pub mod pr_cache;
+pub mod search;
 pub mod slb;
 pub mod table;

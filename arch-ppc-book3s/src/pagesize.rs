@@ -115,6 +115,10 @@ pub enum PageSizeError {
 pub struct PageSizes {
     segs: [SegmentPageSize; MAX_SEGMENT_SIZES],
     n: usize,
+    /// What [`PageSizes::decode`] answers for every entry with L = 0 (a
+    /// 4 KiB page, or nothing if the machine lacks it): the answer depends
+    /// on the table alone, so it is worked out once, when the table is built.
+    small: Option<PageSizePair>,
 }
 
 impl PageSizes {
@@ -152,6 +156,7 @@ impl PageSizes {
             out.segs[out.n] = seg;
             out.n += 1;
         }
+        out.small = out.decode_scan(0, 0);
         Ok(out)
     }
 
@@ -202,7 +207,16 @@ impl PageSizes {
     /// The base and actual page size of an HPTE (pre-3.0 dword 0, dword 1),
     /// or `None` for an encoding the machine does not have. The first
     /// segment whose encoding matches wins, as on QEMU.
+    #[inline]
     pub fn decode(&self, v: u64, r: u64) -> Option<PageSizePair> {
+        if v & HPTE_V_LARGE == 0 {
+            return self.small;
+        }
+        self.decode_scan(v, r)
+    }
+
+    /// [`PageSizes::decode`] by a scan of every segment's encodings.
+    fn decode_scan(&self, v: u64, r: u64) -> Option<PageSizePair> {
         self.segments().iter().find_map(|s| {
             s.decode(v, r).map(|actual_shift| PageSizePair { base_shift: s.base_shift, actual_shift })
         })
@@ -259,6 +273,31 @@ mod tests {
         assert_eq!(ps.decode(HPTE_V_LARGE, 0x0100_0000 | (0x3 << 12)), None);
         // Without the 16M cap, a 16M encoding is refused.
         assert_eq!(PageSizes::qemu_pseries_default().decode(HPTE_V_LARGE, 0x0100_0000), None);
+    }
+
+    #[test]
+    fn small_page_decode_answers_what_the_scan_does() {
+        let tables = [
+            PageSizes::qemu_pseries_default(),
+            PageSizes::qemu_pseries_16m(),
+            // No 4 KiB segment: an L = 0 entry names no page.
+            PageSizes::from_cells(&[16, 0x110, 1, 16, 1]).expect("well-formed"),
+            // A 4 KiB segment that holds only 16 MiB pages.
+            PageSizes::from_cells(&[12, 0, 1, 24, 0x38]).expect("well-formed"),
+            // The 4 KiB segment listed after the 64 KiB one.
+            PageSizes::from_cells(&[16, 0x110, 1, 16, 1, 12, 0, 1, 12, 0]).expect("well-formed"),
+            PageSizes::default(),
+        ];
+        let expect = [Some(12), Some(12), None, None, Some(12), None];
+        for (t, want) in tables.iter().zip(expect) {
+            let mut r = 0x9e37_79b9_7f4a_7c15u64;
+            for _ in 0..64 {
+                r = r.rotate_left(17).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                let v = r & !HPTE_V_LARGE;
+                assert_eq!(t.decode(v, r), t.decode_scan(v, r), "{t:?} v {v:#x} r {r:#x}");
+                assert_eq!(t.decode(v, r).map(|p| p.actual_shift), want, "{t:?}");
+            }
+        }
     }
 
     #[test]

@@ -22,9 +22,9 @@ use crate::hpte::{
     pp_allows, ConvertError, Hpte, HpteFormat, HPTE_R_C, HPTE_R_KEY, HPTE_R_KEY_HI, HPTE_R_KEY_LO, HPTE_R_N,
     HPTE_R_PP, HPTE_R_PP0, HPTE_R_PPP, HPTE_R_R, HPTE_V_ABSENT, HPTE_V_HVLOCK, HPTE_V_VALID,
 };
-use crate::mapping::{self, Found};
 use crate::pagesize::{PageSizePair, PageSizes};
 use crate::papr::{BulkOutcome, BulkRequest, HptError, RemoveCond, BULK_MAX, H_AVPN};
+use crate::search::{self, Found};
 
 /// New page protection for H_PROTECT.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Hash)]
@@ -179,11 +179,13 @@ impl InMemoryHpt {
     }
 
     /// The table's size.
+    #[inline]
     pub fn geometry(&self) -> HptGeometry {
         self.geom
     }
 
     /// The layout the table holds.
+    #[inline]
     pub fn format(&self) -> HpteFormat {
         self.format
     }
@@ -206,12 +208,14 @@ impl InMemoryHpt {
         false
     }
 
+    #[inline]
     fn dw(&self, ptex: u64) -> Option<(&AtomicU64, &AtomicU64)> {
         let i = usize::try_from(ptex).ok()?.checked_mul(2)?;
         Some((self.words.get(i)?, self.words.get(i + 1)?))
     }
 
     /// The two doublewords as the table holds them (its layout), CPU order.
+    #[inline]
     pub fn load_raw(&self, ptex: u64) -> Option<(u64, u64)> {
         let (v, r) = self.dw(ptex)?;
         Some((u64::from_be(v.load(Ordering::Acquire)), u64::from_be(r.load(Ordering::Acquire))))
@@ -236,6 +240,7 @@ impl InMemoryHpt {
     }
 
     /// The entry in the pre-3.0 layout, software bits included.
+    #[inline]
     pub fn load(&self, ptex: u64) -> Option<Hpte> {
         self.load_raw(ptex).map(|(v, r)| self.format.decode(v, r))
     }
@@ -271,6 +276,7 @@ impl InMemoryHpt {
     }
 
     /// Empties the entry, dword 0 (V) first.
+    #[inline]
     pub fn clear(&self, ptex: u64) {
         if let Some((dv, dr)) = self.dw(ptex) {
             dv.store(0, Ordering::Release);
@@ -295,6 +301,7 @@ impl InMemoryHpt {
 
     /// Atomically ANDs dword 1 with `!bits`; returns the old dword 1.
     /// R, C, PP, N, WIMG and the key sit at the same place in both layouts.
+    #[inline]
     pub fn clear_r_bits(&self, ptex: u64, bits: u64) -> u64 {
         match self.dw(ptex) {
             Some((_, dr)) => u64::from_be(dr.fetch_and((!bits).to_be(), Ordering::AcqRel)),
@@ -362,10 +369,10 @@ impl InMemoryHpt {
     }
 
     /// The MMU's hashed search of this table for `va` in a segment of base
-    /// page size `1 << base_shift` (see [`mapping::search`]): the
+    /// page size `1 << base_shift` (see [`search::search`]): the
     /// hardware-valid entry that translates it, if any.
     pub fn lookup(&self, va: &VirtAddr, base_shift: u32, sizes: &PageSizes) -> Option<Found> {
-        mapping::search(self.geom.pteg_mask(), sizes, va, base_shift, |p| self.load(p))
+        search::search(self.geom.pteg_mask(), sizes, va, base_shift, |p| self.load(p))
     }
 
     /// What the MMU does on a load or store at `va` (privileged or problem

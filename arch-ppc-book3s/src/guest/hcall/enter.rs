@@ -1,0 +1,115 @@
+//! H_ENTER: every argument checked, no second translation of a virtual page
+//! in the PTEG pair, the first free slot (or H_EXACT's).
+
+use core::sync::atomic::AtomicU64;
+
+use crate::guest::revmap::RevEntry;
+use crate::guest::translate::HwEntry;
+use crate::guest::{GuestHpt, PageResolver};
+use crate::hash::avpn_ignored;
+use crate::hpte::{
+    Hpte, HpteFormat, HPTE_R_TS, HPTE_V_ABSENT, HPTE_V_AVPN, HPTE_V_B, HPTE_V_COMMON_BITS, HPTE_V_HVLOCK,
+    HPTE_V_SECONDARY, HPTE_V_VALID,
+};
+use crate::pagesize::PageSizePair;
+use crate::papr::{HptError, H_COALESCE_CAND, H_EXACT, H_ICACHE_INVALIDATE, H_ICACHE_SYNCHRONIZE};
+
+/// H_ENTER flags accepted: H_EXACT and the hints the table need not act on.
+pub const H_ENTER_FLAGS: u64 = H_EXACT | H_ICACHE_INVALIDATE | H_ICACHE_SYNCHRONIZE | H_COALESCE_CAND;
+
+/// The group index of the primary hash of the entry at `ptex`.
+const fn primary_group(ptex: u64, v: u64, mask: u64) -> u64 {
+    let g = ptex >> 3;
+    if v & HPTE_V_SECONDARY != 0 {
+        g ^ mask
+    } else {
+        g
+    }
+}
+
+/// Whether two valid entries of one PTEG pair translate the same virtual
+/// page: same base page size, same primary hash group, and the same B and
+/// AVPN once the bits inside the larger page are ignored. (With at least 2^11
+/// PTEGs, the group fixes every VA bit the AVPN omits.)
+pub fn same_virtual_page(mask: u64, a: (u64, Hpte, PageSizePair), b: (u64, Hpte, PageSizePair)) -> bool {
+    if a.2.base_shift != b.2.base_shift || primary_group(a.0, a.1.v, mask) != primary_group(b.0, b.1.v, mask)
+    {
+        return false;
+    }
+    let ign = avpn_ignored(a.2.actual_shift.max(b.2.actual_shift)) << 7;
+    (a.1.v ^ b.1.v) & (HPTE_V_B | HPTE_V_AVPN) & !ign == 0
+}
+
+impl<R: PageResolver> GuestHpt<R> {
+    // ---- the hypercalls -----------------------------------------------------------------------
+
+    /// H_ENTER(flags, ptex, pteh, ptel): returns the slot used.
+    ///
+    /// H_PARAMETER: unknown flags, `ptex` outside the table, a reserved B,
+    /// dword-1 bit 1 set, an AVPN wider than an ISA 3.0 table holds, a
+    /// page-size encoding the machine lacks, a page not wholly inside one
+    /// memslot, WIMG other than M (under [`WimgPolicy::RequireM`](crate::guest::WimgPolicy::RequireM)), or a
+    /// second translation of a virtual page already in the PTEG pair.
+    /// H_PTEG_FULL: no free slot in the group, or H_EXACT's slot is in use.
+    pub fn h_enter(&mut self, flags: u64, ptex: u64, pteh: u64, ptel: u64) -> Result<u64, HptError> {
+        if flags & !H_ENTER_FLAGS != 0 {
+            return Err(HptError::Parameter);
+        }
+        self.in_range(ptex)?;
+        if pteh >> 62 > 1 || ptel & HPTE_R_TS != 0 {
+            return Err(HptError::Parameter);
+        }
+        if self.hpt.format() == HpteFormat::Isa300 && pteh & HPTE_V_AVPN & !HPTE_V_COMMON_BITS != 0 {
+            return Err(HptError::Parameter);
+        }
+        let v = (pteh & !(HPTE_V_HVLOCK | HPTE_V_ABSENT)) | HPTE_V_VALID;
+        let HwEntry { idx, ro, ps, table: hw, .. } = self.hardware_r(v, ptel)?;
+
+        // No second translation of the same virtual page in the PTEG pair:
+        // the MMU would find two matches (a machine check on real hardware).
+        // Only the entries the guest sees as valid (valid or absent) are
+        // read and decoded; the primary group's occupancy also picks the slot.
+        let mask = self.hpt.geometry().pteg_mask();
+        let new = (ptex, Hpte::new(v, ptel), ps);
+        let g = ptex >> 3;
+        // In range (checked above), so are both groups.
+        let taken = self.busy[g as usize];
+        for (grp, busy) in [(g, taken), (g ^ mask, self.busy[(g ^ mask) as usize])] {
+            let mut busy = busy;
+            while busy != 0 {
+                let i = grp * 8 + u64::from(busy.trailing_zeros());
+                busy &= busy - 1;
+                let e = self.guest_view(i);
+                if let Some(eps) = self.sizes.decode(e.v, e.r) {
+                    if same_virtual_page(mask, new, (i, e, eps)) {
+                        return Err(HptError::Parameter);
+                    }
+                }
+            }
+        }
+
+        let slot = if flags & H_EXACT != 0 {
+            if taken & (1 << (ptex & 7)) != 0 {
+                return Err(HptError::PtegFull);
+            }
+            ptex
+        } else {
+            // The first free slot of the group.
+            if taken == 0xff {
+                return Err(HptError::PtegFull);
+            }
+            (ptex & !7) + u64::from(taken.trailing_ones())
+        };
+        let entry = RevEntry {
+            guest_r: AtomicU64::new(ptel),
+            hv_ro: ro,
+            shift: ps.actual_shift as u8,
+            ..RevEntry::default()
+        };
+        self.link_new(idx, slot as u32, entry);
+        self.hpt.store_encoded(slot, hw);
+        self.busy[g as usize] |= 1 << (slot & 7);
+        self.max_npages = self.max_npages.max(ps.npages());
+        Ok(slot)
+    }
+}

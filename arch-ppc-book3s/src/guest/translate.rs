@@ -1,0 +1,205 @@
+//! From the guest's entry to the hardware's: the memslot that holds the page,
+//! the host frames behind it ([`PageResolver`]), WIMG and protection.
+
+use mmu_generic::addr::{Gfn, Pfn};
+use mmu_generic::memslot::{Memslot, SlotFlags};
+
+use super::revmap::SlotIndex;
+use super::{GuestHpt, WimgPolicy};
+use crate::hpte::{make_readonly, Hpte, HPTE_R_M, HPTE_R_RPN, HPTE_R_WIMG};
+use crate::pagesize::PageSizePair;
+use crate::papr::HptError;
+
+/// The host frames behind guest memory.
+pub trait PageResolver {
+    /// The first host frame of `npages` host-contiguous frames backing guest
+    /// frames `gfn..gfn + npages` of `slot` (the whole range is in the slot),
+    /// or `None` if they are not resident or not contiguous.
+    fn resolve(&mut self, slot: &Memslot, gfn: Gfn, npages: u64) -> Option<Pfn>;
+}
+
+/// A resolver for a hypervisor whose host-virtual addresses equal host-real
+/// addresses (a bare-metal hypervisor with an identity map; host tests).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HvaIdentity;
+
+impl PageResolver for HvaIdentity {
+    fn resolve(&mut self, slot: &Memslot, gfn: Gfn, _npages: u64) -> Option<Pfn> {
+        slot.gfn_to_hva(gfn).map(|h| Pfn(h.page()))
+    }
+}
+
+/// What [`GuestHpt::hardware_r`] makes of a guest entry.
+pub(super) struct HwEntry {
+    /// The hardware dword 1 (host-real RPN, WIMG and protection applied).
+    pub(super) r: u64,
+    /// The per-gfn word of the page's first frame.
+    pub(super) idx: u32,
+    /// The slot is read-only, so the hardware entry is.
+    pub(super) ro: bool,
+    pub(super) ps: PageSizePair,
+    /// The hardware entry in the table's layout.
+    pub(super) table: (u64, u64),
+}
+
+/// [`Memslot::allows_page`] for a slot known to hold `gfn`, made of the
+/// slot's inline accessors (the core's `allows_page` is not inlined into
+/// this crate): the page of `1 << shift` bytes holding `gfn` lies wholly in
+/// the slot, and its host-virtual address is aligned to its size.
+#[inline]
+pub(super) fn page_fits(slot: &Memslot, gfn: Gfn, shift: u32) -> bool {
+    if !(12..64).contains(&shift) {
+        return false;
+    }
+    let pages = 1u64 << (shift - 12);
+    let head = Gfn(gfn.0 & !(pages - 1));
+    match (slot.page_index(head), slot.gfn_to_hva(head)) {
+        (Some(idx), Some(hva)) => {
+            idx.checked_add(pages).is_some_and(|end| end <= slot.npages())
+                && hva.0 & ((1u64 << shift) - 1) == 0
+        }
+        _ => false,
+    }
+}
+
+impl<R: PageResolver> GuestHpt<R> {
+    /// The entry of the slot index that holds `gfn`: the last one found
+    /// first, then a binary search (which updates it).
+    #[inline]
+    fn slot_position(&mut self, gfn: Gfn) -> Option<usize> {
+        if let Some(s) = self.index.get(self.last_slot) {
+            if gfn.0.wrapping_sub(s.base) < s.npages {
+                return Some(self.last_slot);
+            }
+        }
+        let pos = self.index.partition_point(|s| s.base <= gfn.0).checked_sub(1)?;
+        let s = self.index.get(pos)?;
+        if gfn.0 - s.base >= s.npages {
+            return None;
+        }
+        self.last_slot = pos;
+        Some(pos)
+    }
+
+    /// Computes the hardware dword 1 for the guest's `guest_r`, and the
+    /// per-gfn index; `None` if the page is not wholly inside guest memory.
+    #[inline]
+    pub(super) fn hardware_r(&mut self, v: u64, guest_r: u64) -> Result<HwEntry, HptError> {
+        let ps = self.sizes.decode(v, guest_r).ok_or(HptError::Parameter)?;
+        let gpa = Hpte::new(v, guest_r).real_address(ps.actual_shift);
+        let gfn = Gfn(gpa >> 12);
+        let pos = self.slot_position(gfn).ok_or(HptError::Parameter)?;
+        let SlotIndex { base, first, slot, .. } = &self.index[pos];
+        if !page_fits(slot, gfn, ps.actual_shift) {
+            return Err(HptError::Parameter);
+        }
+        let mut r = guest_r;
+        match self.wimg {
+            WimgPolicy::RequireM if guest_r & HPTE_R_WIMG != HPTE_R_M => return Err(HptError::Parameter),
+            WimgPolicy::RequireM => {}
+            WimgPolicy::ForceM => r = (r & !HPTE_R_WIMG) | HPTE_R_M,
+        }
+        let size = 1u64 << ps.actual_shift;
+        let pfn = self.resolver.resolve(slot, gfn, ps.npages()).ok_or(HptError::Parameter)?;
+        let hpa = pfn.hpa().ok_or(HptError::Parameter)?;
+        if hpa & (size - 1) != 0 || hpa & !HPTE_R_RPN != 0 {
+            return Err(HptError::Parameter);
+        }
+        r = (r & !(HPTE_R_RPN & !(size - 1))) | hpa;
+        let ro = slot.flags().contains(SlotFlags::READONLY);
+        if ro {
+            r = make_readonly(r);
+        }
+        // Inside the slot (checked above), so the word exists.
+        let idx = first + (gfn.0 - base) as u32;
+        // The hardware layout must be able to hold it (ISA 3.0's narrower RPN).
+        let table = self.hpt.format().encode(Hpte::new(v, r)).map_err(|_| HptError::Parameter)?;
+        Ok(HwEntry { r, idx, ro, ps, table })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::{GuestConfig, HvaIdentity};
+    use crate::hash::HptGeometry;
+    use crate::hpte::HpteFormat;
+    use crate::pagesize::PageSizes;
+    use mmu_generic::addr::Hva;
+    use mmu_generic::memslot::{MemslotsBuilder, SlotId};
+
+    #[test]
+    fn page_fits_answers_what_allows_page_does() {
+        let mut x = 0x243f_6a88_85a3_08d3u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut yes, mut no) = (0, 0);
+        for _ in 0..20_000 {
+            let base = next() % (1 << 20);
+            let npages = 1 + next() % (1 << 14);
+            // Host addresses aligned to 4 KiB and often to larger pages, some near the top.
+            let hva = match next() % 4 {
+                0 => (next() % (1 << 30)) << 12,
+                1 => (next() % (1 << 10)) << 24,
+                2 => u64::MAX - ((next() % (1 << 16)) << 12) - 0xfff,
+                _ => (next() % (1 << 14)) << 16,
+            };
+            let slot = Memslot::new(SlotId(0), Gfn(base), npages, Hva(hva), SlotFlags::empty());
+            let gfn = Gfn(base + next() % npages);
+            let shift = [11, 12, 12, 16, 16, 24, 24, 34, 64][(next() % 9) as usize];
+            let want = slot.allows_page(gfn, shift);
+            assert_eq!(page_fits(&slot, gfn, shift), want, "{slot:?} gfn {gfn:?} shift {shift}");
+            if want {
+                yes += 1;
+            } else {
+                no += 1;
+            }
+        }
+        assert!(yes > 1000 && no > 1000, "both answers exercised: {yes} yes, {no} no");
+    }
+
+    /// Two slots and a hole: each H_ENTER after a hit in the other slot must
+    /// take its own slot's host address and per-gfn word, and a page in the
+    /// hole after a hit must still be refused.
+    #[test]
+    fn the_last_slot_hint_is_checked_before_it_is_used() {
+        let mut b = MemslotsBuilder::new();
+        b.create(Memslot::new(SlotId(0), Gfn(0), 0x100, Hva(0x1000_0000), SlotFlags::empty())).expect("ok");
+        b.create(Memslot::new(SlotId(1), Gfn(0x200), 0x100, Hva(0x8000_0000), SlotFlags::empty()))
+            .expect("ok");
+        let cfg = GuestConfig {
+            geometry: HptGeometry::from_pft_size(18).expect("ok"),
+            format: HpteFormat::PreIsa300,
+            sizes: PageSizes::qemu_pseries_default(),
+            wimg: WimgPolicy::RequireM,
+        };
+        let mut g = GuestHpt::new(cfg, b.build().expect("ok"), HvaIdentity).expect("ok");
+        let cases =
+            [(0x10u64, 0x1000_0000 + 0x10_000u64), (0x210, 0x8000_0000 + 0x10_000), (0x11, 0x1001_1000)];
+        for (k, (gfn, hpa)) in cases.into_iter().enumerate() {
+            let ptex = 8 * (k as u64 + 1);
+            let slot = g.h_enter(0, ptex, (gfn << 7) | 0x80, (gfn << 12) | HPTE_R_M).expect("inside a slot");
+            let hw = g.table().load(slot).expect("in range");
+            assert_eq!(hw.r & HPTE_R_RPN, hpa, "gfn {gfn:#x} maps its own slot's host page");
+            assert_eq!(
+                g.chain(Gfn(gfn)).collect::<alloc::vec::Vec<_>>(),
+                [slot],
+                "on the chain of gfn {gfn:#x}"
+            );
+        }
+        // Right after a hit in slot 1: its neighbours in the hole and past its end.
+        g.h_enter(0, 0x40, 0x2ff << 7, (0x2ff << 12) | HPTE_R_M).expect("last page of slot 1");
+        for gfn in [0x1ffu64, 0x300, 0x100] {
+            assert_eq!(
+                g.h_enter(0, 0x48, gfn << 7, (gfn << 12) | HPTE_R_M),
+                Err(HptError::Parameter),
+                "{gfn:#x}"
+            );
+        }
+        g.check_invariants().expect("consistent");
+    }
+}
