@@ -36,7 +36,7 @@ use mmu_generic::memslot::{Memslot, Memslots, SlotFlags, SlotHint, SlotId};
 use mmu_generic::pte_list::{PteHandle, PteList, RmapError};
 use mmu_generic::rmap::{Rmap, X86_LEVEL_SHIFTS};
 
-use super::guest_walk::{walk_any, FrameTables, GuestWalk, NotMemory, PhysMemory, WalkFault};
+use super::guest_walk::{walk_any, walk_any_into, FrameTables, GuestWalk, NotMemory, PhysMemory, WalkFault};
 use super::mode::{
     AccessKind, AccessOp, Bits32, CpuFeatures, GuestCpu, GuestMode, Level4, Pae, PagingMode, PfErrorCode,
     PteAccess, A, D, P, RW, US, XD,
@@ -194,28 +194,41 @@ impl<G: PhysMemory> PhysMemory for SlotMemory<'_, G> {
 
 /// [`SlotMemory`] for one fault: the walk reads each level's table and
 /// nearly always finds it in the slot of the level before, so the last
-/// slot found is tried first (the same answers, without a lookup a level).
+/// slot found is tried first (the same answers, without a lookup a level),
+/// and the first lookup starts from the hint the last fault left.
 struct HintedSlotMemory<'a, G: PhysMemory> {
     slots: &'a Memslots,
     mem: &'a G,
     hint: core::cell::Cell<SlotHint>,
+    last: core::cell::Cell<Option<&'a Memslot>>,
 }
 
 impl<'a, G: PhysMemory> HintedSlotMemory<'a, G> {
-    fn new(slots: &'a Memslots, mem: &'a G) -> Self {
-        Self { slots, mem, hint: core::cell::Cell::new(SlotHint::default()) }
+    fn new(slots: &'a Memslots, mem: &'a G, hint: SlotHint) -> Self {
+        Self { slots, mem, hint: core::cell::Cell::new(hint), last: core::cell::Cell::new(None) }
     }
 
     #[inline]
     fn lookup(&self, gfn: Gfn) -> Option<&'a Memslot> {
+        match self.last.get() {
+            Some(s) if s.contains(gfn) => Some(s),
+            _ => self.lookup_slow(gfn),
+        }
+    }
+
+    fn lookup_slow(&self, gfn: Gfn) -> Option<&'a Memslot> {
         let mut hint = self.hint.get();
         let slot = self.slots.lookup_hinted(gfn, &mut hint);
         self.hint.set(hint);
+        if slot.is_some() {
+            self.last.set(slot);
+        }
         slot
     }
 }
 
 impl<G: PhysMemory> PhysMemory for HintedSlotMemory<'_, G> {
+    #[inline]
     fn read(&self, addr: Gpa, bytes: u64) -> Result<u64, NotMemory> {
         self.lookup(addr.gfn()).ok_or(NotMemory(addr))?;
         self.mem.read(addr, bytes)
@@ -333,6 +346,9 @@ pub struct ShadowMmu<M: FrameMemory, G: PhysMemory, H: HostMemory> {
     /// tracker refused (a full ring): marked first at the next fault.
     pending_marks: [Option<(SlotId, Gfn)>; 5],
     flush: FlushToken,
+    /// The memslot the last fault's lookups ended on (a vCPU's
+    /// `SlotHint`; one MMU serves one vCPU's faults at a time).
+    slot_hint: SlotHint,
     /// Dirty leaves dropped by internal zaps, for the embedder's dirty log.
     zapped_dirty: Vec<(SlotId, Leaf)>,
     track_zapped_dirty: bool,
@@ -403,6 +419,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             unsync: Vec::new(),
             pending_marks: [None; 5],
             flush: FlushToken::new(),
+            slot_hint: SlotHint::default(),
             zapped_dirty: Vec::new(),
             track_zapped_dirty: false,
             lost_dirty_logs: 0,

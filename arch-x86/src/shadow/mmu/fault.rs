@@ -40,19 +40,19 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         } else {
             gva
         };
-        let mem = HintedSlotMemory::new(&self.slots, &self.guest);
-        let w = match walk_any(&mem, cpu, &self.config.features, gva, access, true) {
-            Ok(w) => w,
+        let mem = HintedSlotMemory::new(&self.slots, &self.guest, self.slot_hint);
+        let mut w = GuestWalk::empty(cpu.mode);
+        let walked = walk_any_into(&mem, cpu, &self.config.features, gva, access, true, &mut w);
+        self.slot_hint = mem.hint.get();
+        match walked {
+            Ok(()) => {}
             Err(WalkFault::BadAddress(_)) => return Ok(ShadowFault::InjectGp),
             Err(WalkFault::Contended) => return Ok(ShadowFault::Retry),
             Err(f) => return Ok(ShadowFault::InjectPf(f.error_code().expect("page faults carry a code"))),
-        };
+        }
         // The walk's A/D updates wrote guest table pages: log them.
         let mut refused = false;
-        for l in 0..5u8 {
-            if w.ad_written & (1 << l) == 0 {
-                continue;
-            }
+        for l in (0..5u8).filter(|l| w.ad_written & (1 << l) != 0) {
             let table = w.steps[l as usize].table_gfn;
             if let Some(s) = self.slots.lookup(table) {
                 if !dirty.mark(s.id(), table) {
