@@ -642,6 +642,11 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if root.generation != self.generation.current() {
             return false;
         }
+        // Root pages go invalid only in zap_page, which raises stale_roots
+        // until switch_root has dropped every such root.
+        if !self.stale_roots {
+            return true;
+        }
         match root.kind {
             RootKind::Page(i) => !self.cache.get(i).invalid,
             RootKind::Pae { pds, .. } => pds.iter().flatten().all(|&i| !self.cache.get(i).invalid),
@@ -664,12 +669,12 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         // only go invalid when a page they hold does (zap-all takes them
         // all), so without such a zap there is nothing to look for.
         if self.stale_roots {
-            self.stale_roots = false;
             for gone in self.roots.rejected(|r| self.root_valid(r)) {
                 let pos = self.roots.find(&gone).expect("a held root");
                 let r = self.roots.remove(pos);
                 self.release_root(r);
             }
+            self.stale_roots = false;
         }
         if let Some(pos) = self.roots.find(&key) {
             self.roots.promote(pos);
@@ -888,6 +893,13 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             self.zapped_dirty.push((slot, leaf));
         }
         Some(leaf)
+    }
+
+    /// The page a present non-leaf shadow entry `e` links to (every link
+    /// the MMU writes names one of its pages' frames).
+    #[inline]
+    fn child_page(&self, e: u64) -> Option<PageIdx> {
+        self.mem.frame_of(Pfn((e & SPTE_ADDR) >> 12)).and_then(|f| self.cache.of_frame(f))
     }
 
     /// Clears the non-leaf entry `j` of `page` and unlinks the child.
