@@ -197,19 +197,6 @@ impl WalkFault {
 /// Restarts allowed when an entry changes under an A/D update.
 const MAX_RESTARTS: u32 = 16;
 
-/// The reserved-bit masks of one walk, by level and bit 7 of the entry
-/// ([`PagingMode::reserved_bits`]), computed once so that each level's check
-/// is one AND.
-#[inline]
-fn reserved_masks<P: PagingMode>(cpu: &GuestCpu, feat: &CpuFeatures) -> [[u64; 2]; 5] {
-    let mut m = [[0; 2]; 5];
-    for (l, pair) in m.iter_mut().enumerate() {
-        *pair =
-            [P::reserved_bits(l as u8 + 1, false, cpu, feat), P::reserved_bits(l as u8 + 1, true, cpu, feat)];
-    }
-    m
-}
-
 /// Walks the tables of `cpu` for `va` and `access`; with `set_ad`, sets the
 /// accessed and dirty bits of a successful walk as the processor does.
 pub fn walk<P: PagingMode, Mem: PhysMemory + ?Sized>(
@@ -241,7 +228,11 @@ pub(crate) fn walk_into<P: PagingMode, Mem: PhysMemory + ?Sized>(
     }
     let has_xd = cpu.has_xd();
     let bytes = P::ENTRY_BYTES;
-    let rsvd = reserved_masks::<P>(cpu, feat);
+    // The reserved bits of an entry with bit 7 clear, the same at every
+    // level the loop walks ([`PagingMode::reserved_bits`]): computed once,
+    // one AND a level (KVM's `rsvd_bits_mask`). Bit 7 set (a large page, or
+    // PAT in a PTE) takes the level's own mask.
+    let plain = P::reserved_bits(1, false, cpu, feat);
     let write = access.op == AccessOp::Write;
     let pf = |present, rsvd, level| WalkFault::PageFault {
         code: PfErrorCode::for_access(cpu, access, present, rsvd),
@@ -288,7 +279,8 @@ pub(crate) fn walk_into<P: PagingMode, Mem: PhysMemory + ?Sized>(
             if e & P == 0 {
                 return Err(pf(false, false, level));
             }
-            if e & rsvd[l][((e & PS) >> 7) as usize] != 0 {
+            let rsvd = if e & PS == 0 { plain } else { P::reserved_bits(level, true, cpu, feat) };
+            if e & rsvd != 0 {
                 return Err(pf(true, true, level));
             }
             allowed &= PteAccess::of_entry(e, has_xd);

@@ -345,6 +345,8 @@ pub struct ShadowMmu<M: FrameMemory, G: PhysMemory, H: HostMemory> {
     /// Guest table pages a walk's A/D update wrote whose mark the dirty
     /// tracker refused (a full ring): marked first at the next fault.
     pending_marks: [Option<(SlotId, Gfn)>; 5],
+    /// Some of `pending_marks` is set.
+    marks_pending: bool,
     flush: FlushToken,
     /// The memslot the last fault's lookups ended on (a vCPU's
     /// `SlotHint`; one MMU serves one vCPU's faults at a time).
@@ -418,6 +420,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             stale_roots: false,
             unsync: Vec::new(),
             pending_marks: [None; 5],
+            marks_pending: false,
             flush: FlushToken::new(),
             slot_hint: SlotHint::default(),
             zapped_dirty: Vec::new(),
@@ -763,10 +766,18 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         self.flush.add_all();
     }
 
+    #[inline]
     fn ensure_root(&mut self, cpu: &GuestCpu) -> Result<(), ShadowError> {
         let key = self.root_key(cpu);
         match self.roots.first() {
-            Some(r) if r.key == key && self.root_valid(r) => Ok(()),
+            // root_valid's answer without a call while no root page went invalid.
+            Some(r)
+                if r.key == key
+                    && r.generation == self.generation.current()
+                    && (!self.stale_roots || self.root_valid(r)) =>
+            {
+                Ok(())
+            }
             _ => self.switch_root(cpu),
         }
     }

@@ -300,8 +300,9 @@ pub trait PagingMode {
     /// PAT in a PTE) is `ps`, under `cpu`'s controls: the entry has a reserved
     /// bit set exactly when it has one of these. Where bit 7 itself is
     /// reserved (a PML4E, a 1 GiB page without 1 GiB-page support), every
-    /// bit is. The walker computes the masks of every level once a walk, as
-    /// KVM keeps its `rsvd_bits_mask` per paging context.
+    /// bit is. Below the root (the PAE PDPTEs apart), an entry with bit 7
+    /// clear has the same reserved bits at every level: the walker computes
+    /// that mask once a walk.
     fn reserved_bits(level: u8, ps: bool, cpu: &GuestCpu, feat: &CpuFeatures) -> u64;
 
     /// Whether a present entry at `level` has a reserved bit set.
@@ -543,6 +544,34 @@ mod tests {
         assert!(Bits32::is_reserved(P | PS | 1 << 13, 2, &cpu, &no36));
         let nopse = GuestCpu { cr4_pse: false, ..cpu };
         assert!(!Bits32::is_leaf(e, 2, &nopse, &f) && !Bits32::is_reserved(e | 1 << 21, 2, &nopse, &f));
+    }
+
+    /// Every level of `P` from 1 to `top` has the reserved bits of level 1
+    /// for an entry with bit 7 clear, under every control the walker sees.
+    fn plain_mask_is_level_independent<P: PagingMode>(mode: GuestMode, top: u8) {
+        for width in [36, 40, 46, 52] {
+            for (pse36, page_1g, nxe, pse) in [(true, true, true, true), (false, false, false, false)] {
+                let f = CpuFeatures { phys_width: PhysAddrWidth::new(width).unwrap(), pse36, page_1g };
+                let cpu = GuestCpu { efer_nxe: nxe, cr4_pse: pse, ..GuestCpu::new(mode, 0) };
+                let plain = P::reserved_bits(1, false, &cpu, &f);
+                for level in 1..=top {
+                    assert_eq!(
+                        P::reserved_bits(level, false, &cpu, &f),
+                        plain,
+                        "{mode:?} level {level} M={width}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn entries_without_bit_7_have_one_reserved_mask_at_every_walked_level() {
+        // The walker checks such entries at every level with one mask.
+        plain_mask_is_level_independent::<Bits32>(GuestMode::Bits32, 2);
+        plain_mask_is_level_independent::<Pae>(GuestMode::Pae, 2);
+        plain_mask_is_level_independent::<Level4>(GuestMode::Four, 4);
+        plain_mask_is_level_independent::<Level5>(GuestMode::Five, 5);
     }
 
     #[test]

@@ -258,6 +258,13 @@ impl PageCache {
         }
     }
 
+    /// Whether no hashed page can be of `gfn`: its hash bucket is empty
+    /// (the usual answer for a frame the guest writes).
+    #[inline]
+    pub fn surely_none_of(&self, gfn: Gfn) -> bool {
+        self.buckets[bucket_of(gfn)] == 0
+    }
+
     /// The hashed pages of `gfn`, any role.
     pub fn of_gfn(&self, gfn: Gfn) -> GfnPages<'_> {
         GfnPages { cache: self, gfn, next: self.buckets[bucket_of(gfn)] }
@@ -291,6 +298,7 @@ pub(crate) struct GfnPages<'a> {
 impl Iterator for GfnPages<'_> {
     type Item = PageIdx;
 
+    #[inline]
     fn next(&mut self) -> Option<PageIdx> {
         while let Some(i) = self.next.checked_sub(1) {
             let p = self.cache.get(i);

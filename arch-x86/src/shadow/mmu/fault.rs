@@ -29,13 +29,16 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         self.stats.faults += 1;
         // Hypervisor writes a full ring refused at the last fault: logged
         // before anything else happens.
-        for pending in &mut self.pending_marks {
-            if let Some((slot, gfn)) = *pending {
-                if !dirty.mark(slot, gfn) {
-                    return Ok(ShadowFault::Retry);
+        if self.marks_pending {
+            for pending in &mut self.pending_marks {
+                if let Some((slot, gfn)) = *pending {
+                    if !dirty.mark(slot, gfn) {
+                        return Ok(ShadowFault::Retry);
+                    }
+                    *pending = None;
                 }
-                *pending = None;
             }
+            self.marks_pending = false;
         }
         self.topup();
         self.make_room();
@@ -56,17 +59,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             Err(f) => return Ok(ShadowFault::InjectPf(f.error_code().expect("page faults carry a code"))),
         }
         // The walk's A/D updates wrote guest table pages: log them.
-        let mut refused = false;
-        for l in (0..5u8).filter(|l| w.ad_written & (1 << l) != 0) {
-            let table = w.steps[l as usize].table_gfn;
-            if let Some(s) = self.slots.lookup(table) {
-                if !dirty.mark(s.id(), table) {
-                    self.pending_marks[l as usize] = Some((s.id(), table));
-                    refused = true;
-                }
-            }
-        }
-        if refused {
+        if w.ad_written != 0 && !mark_ad_written(&self.slots, &mut self.pending_marks, &w, dirty) {
+            self.marks_pending = true;
             return Ok(ShadowFault::Retry);
         }
         let gpa = w.gpa;
@@ -109,7 +103,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if write && !host.writable {
             return Ok(ShadowFault::Denied { gpa });
         }
-        let (page, j) = self.fetch_path(cpu, gva, &w, write.then_some(gfn))?;
+        let (page, frame, j) = self.fetch_path(cpu, gva, &w, write.then_some(gfn))?;
 
         // Write permission: not into read-only memory, not into a
         // write-protected guest table, and in a write-protect-logged slot
@@ -118,7 +112,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if writable && (readonly || !host.writable || (!write && dirty.write_protected(slot.id()))) {
             writable = false;
         }
-        if writable && !self.allow_write(gfn) {
+        if writable && !self.cache.surely_none_of(gfn) && !self.allow_write(gfn) {
             writable = false;
             emulate = write;
         }
@@ -129,12 +123,11 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if !exec {
             spte |= XD;
         }
-        let h = self.install_leaf(page, j, slot.id(), gfn, spte)?;
+        let h = self.install_leaf(page, frame, j, slot.id(), gfn, spte)?;
         if writable {
             if !dirty.note_writable(slot.id(), gfn, h) {
                 return Ok(ShadowFault::Retry);
             }
-            let frame = self.cache.get(page).frame;
             self.mem.table(frame)[j].fetch_or(RW, Ordering::AcqRel);
         }
         if emulate {
@@ -178,7 +171,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
 
     /// Walks the shadow tables for `gva` from the current root, linking or
     /// making the shadow pages the guest walk `w` calls for. Returns the
-    /// leaf page and the index of the leaf entry.
+    /// leaf page, its frame and the index of the leaf entry.
     ///
     /// A present link is followed without looking the child up again (as
     /// KVM's `kvm_mmu_get_child_sp` returns `-EEXIST` for one): the child
@@ -205,7 +198,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         gva: Gva,
         w: &GuestWalk,
         written: Option<Gfn>,
-    ) -> Result<(PageIdx, usize), ShadowError> {
+    ) -> Result<(PageIdx, FrameId, usize), ShadowError> {
         let root = self.roots.first().expect("ensure_root loaded a root");
         let (mut page, mut level) = match root.kind {
             RootKind::Page(i) => (i, root.key.role.level),
@@ -229,7 +222,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             let frame = p.frame;
             let j = hw_index(gva.0, level);
             if level == 1 {
-                return Ok((page, j));
+                return Ok((page, frame, j));
             }
             let direct = w.leaf_level >= level;
             let e = self.mem.table(frame)[j].load(Ordering::Acquire);
@@ -321,17 +314,18 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         c.gfn == gfn && c.role == role && !c.invalid && c.generation == self.generation.current()
     }
 
-    /// Sets leaf `j` of `page` to `spte` (write permission added by the
-    /// caller), keeping A/D if it already mapped the same frame.
+    /// Sets leaf `j` of `page` (whose table is `frame`) to `spte` (write
+    /// permission added by the caller), keeping A/D if it already mapped
+    /// the same frame.
     pub(super) fn install_leaf(
         &mut self,
         page: PageIdx,
+        frame: FrameId,
         j: usize,
         slot: SlotId,
         gfn: Gfn,
         spte: u64,
     ) -> Result<PteHandle, ShadowError> {
-        let frame = self.cache.get(page).frame;
         let h = handle(frame, j);
         let word = (u64::from(slot.0) << SLOT_SHIFT) | gfn.0;
         let cur = self.mem.table(frame)[j].load(Ordering::Acquire);
@@ -353,4 +347,26 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         self.stats.leaves_installed += 1;
         Ok(h)
     }
+}
+
+/// Logs the guest table pages the walk `w`'s A/D updates wrote; a mark the
+/// tracker refuses is kept in `pending` for the next fault, and the answer
+/// is then `false` (retry).
+fn mark_ad_written(
+    slots: &Memslots,
+    pending: &mut [Option<(SlotId, Gfn)>; 5],
+    w: &GuestWalk,
+    dirty: &mut dyn DirtyTracker,
+) -> bool {
+    let mut all = true;
+    for l in (0..5u8).filter(|l| w.ad_written >> l & 1 != 0) {
+        let table = w.steps[l as usize].table_gfn;
+        if let Some(s) = slots.lookup(table) {
+            if !dirty.mark(s.id(), table) {
+                pending[l as usize] = Some((s.id(), table));
+                all = false;
+            }
+        }
+    }
+    all
 }
