@@ -969,8 +969,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     }
 
     fn free_page(&mut self, i: PageIdx) {
-        let page = self.cache.remove(i);
-        self.mem.free(page.frame);
+        let frame = self.cache.remove(i);
+        self.mem.free(frame);
     }
 
     /// Calls `f(gfn, pfn, writable)` for every present shadow leaf.
