@@ -216,7 +216,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         }
         loop {
             let p = self.cache.get_mut(page);
-            if Some(p.gfn) != written {
+            if p.write_flood != 0 && Some(p.gfn) != written {
                 p.write_flood = 0;
             }
             let frame = p.frame;
