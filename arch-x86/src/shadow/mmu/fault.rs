@@ -65,9 +65,11 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         }
         let gpa = w.gpa;
         let gfn = gpa.gfn();
-        let Some(slot) = mem.lookup(gfn).copied() else { return Ok(ShadowFault::Mmio { gpa }) };
+        let Some(slot) = mem.lookup(gfn) else { return Ok(ShadowFault::Mmio { gpa }) };
+        // What the rest needs of the slot, without copying it.
+        let (slot_id, readonly) = (slot.id(), slot.flags().contains(SlotFlags::READONLY));
+        let hva = slot.gfn_to_hva(gfn).expect("the slot holds the frame");
         let write = access.op == AccessOp::Write;
-        let readonly = slot.flags().contains(SlotFlags::READONLY);
         if write && readonly {
             return Ok(ShadowFault::Denied { gpa });
         }
@@ -95,7 +97,6 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         }
 
         let snap = self.invalidation.snapshot();
-        let hva = slot.gfn_to_hva(gfn).expect("the slot holds the frame");
         let host = self.host.resolve(hva, write).map_err(|_| ShadowError::HostFault(gfn))?;
         if self.invalidation.must_retry(snap, hva) {
             return Ok(ShadowFault::Retry);
@@ -109,7 +110,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         // write-protected guest table, and in a write-protect-logged slot
         // only on a write fault.
         let mut emulate = false;
-        if writable && (readonly || !host.writable || (!write && dirty.write_protected(slot.id()))) {
+        if writable && (readonly || !host.writable || (!write && dirty.write_protected(slot_id))) {
             writable = false;
         }
         if writable && !self.cache.surely_none_of(gfn) && !self.allow_write(gfn) {
@@ -123,9 +124,9 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if !exec {
             spte |= XD;
         }
-        let h = self.install_leaf(page, frame, j, slot.id(), gfn, spte)?;
+        let h = self.install_leaf(page, frame, j, slot_id, gfn, spte)?;
         if writable {
-            if !dirty.note_writable(slot.id(), gfn, h) {
+            if !dirty.note_writable(slot_id, gfn, h) {
                 return Ok(ShadowFault::Retry);
             }
             self.mem.table(frame)[j].fetch_or(RW, Ordering::AcqRel);
