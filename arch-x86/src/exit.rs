@@ -1,9 +1,26 @@
 //! The exits nested paging raises: the EPT-violation exit qualification, the
-//! EPT misconfiguration and the nested-page-fault error code.
+//! EPT misconfiguration and the nested-page-fault error code, and the access
+//! they decode to.
+//!
+//! The lowest module of the nested-paging side: it imports nothing from the
+//! crate; [`crate::format`] (which encodes walk faults as these exits) and
+//! the engine build on it. [`Access`] is defined here and re-exported by
+//! [`crate::format`].
 
 use core::fmt;
 
-use crate::format::Access;
+bitflags::bitflags! {
+    /// An access, or the set of accesses an entry permits.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+    pub struct Access: u8 {
+        /// A data read.
+        const READ = 1 << 0;
+        /// A data write.
+        const WRITE = 1 << 1;
+        /// An instruction fetch.
+        const EXEC = 1 << 2;
+    }
+}
 
 bitflags::bitflags! {
     /// Exit qualification of an EPT violation (SDM Vol. 3C §28.2.1, Table 28-7

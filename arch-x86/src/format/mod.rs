@@ -17,6 +17,8 @@ use core::fmt;
 
 use mmu_generic::addr::Pfn;
 
+// `Access` lives with the exits, which decode to it; format builds on both.
+pub use crate::exit::Access;
 use crate::exit::{NestedExit, Origin};
 
 /// Entries per table: every x86 paging structure is 4 KiB of 8-byte entries.
@@ -104,19 +106,6 @@ pub const fn level_frames(level: u8) -> u64 {
 #[inline]
 pub const fn level_index(gfn: u64, level: u8) -> usize {
     ((gfn >> (LEVEL_BITS * (level as u32 - 1))) & (ENTRIES as u64 - 1)) as usize
-}
-
-bitflags::bitflags! {
-    /// An access, or the set of accesses an entry permits.
-    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
-    pub struct Access: u8 {
-        /// A data read.
-        const READ = 1 << 0;
-        /// A data write.
-        const WRITE = 1 << 1;
-        /// An instruction fetch.
-        const EXEC = 1 << 2;
-    }
 }
 
 /// The page-walk length: how many levels translate a guest-physical address.

@@ -38,6 +38,18 @@ impl SimMemory {
         Self { frames: Vec::new(), free: Vec::new(), base: base.0, stride: stride.max(1), limit }
     }
 
+    /// The frame index host frame `pfn` would have, if it lies on the
+    /// stride. Walks ask once a level: with the usual stride of 1 that is a
+    /// subtraction, no division.
+    #[inline]
+    fn index_of(&self, pfn: Pfn) -> Option<u64> {
+        let off = pfn.0.checked_sub(self.base)?;
+        if self.stride == 1 {
+            return Some(off);
+        }
+        (off % self.stride == 0).then(|| off / self.stride)
+    }
+
     /// Host frame number of the highest frame this memory can hand out.
     pub fn highest_pfn(&self) -> Pfn {
         Pfn(self.base + (self.limit.saturating_sub(1) as u64) * self.stride)
@@ -89,11 +101,7 @@ impl FrameMemory for SimMemory {
 
     #[inline]
     fn frame_of(&self, pfn: Pfn) -> Option<FrameId> {
-        let off = pfn.0.checked_sub(self.base)?;
-        if off % self.stride != 0 {
-            return None;
-        }
-        let i = off / self.stride;
+        let i = self.index_of(pfn)?;
         (i < self.frames.len() as u64).then_some(FrameId(i as u32))
     }
 
@@ -104,11 +112,7 @@ impl FrameMemory for SimMemory {
 
     #[inline]
     fn table_at(&self, pfn: Pfn) -> Option<&Table> {
-        let off = pfn.0.checked_sub(self.base)?;
-        if off % self.stride != 0 {
-            return None;
-        }
-        let i = usize::try_from(off / self.stride).ok()?;
+        let i = usize::try_from(self.index_of(pfn)?).ok()?;
         self.frames.get(i).map(|t| &**t)
     }
 

@@ -18,7 +18,7 @@ use mmu_generic::addr::{Gfn, Gpa, Gva};
 
 use super::mode::{
     pdpte_reserved, permits, AccessKind, AccessOp, Bits32, CpuFeatures, GuestCpu, GuestMode, Level4, Level5,
-    Pae, PagingMode, PfErrorCode, PteAccess, A, D, P,
+    Pae, PagingMode, PfErrorCode, PteAccess, A, D, P, PS,
 };
 use crate::frame::FrameMemory;
 
@@ -50,6 +50,7 @@ pub(crate) fn field(word: u64, addr: u64, bytes: u64) -> u64 {
 }
 
 /// Compare-exchanges a `bytes`-wide field of an atomic word.
+#[inline]
 pub(crate) fn cas_field(
     word: &core::sync::atomic::AtomicU64,
     addr: u64,
@@ -132,6 +133,22 @@ pub struct GuestWalk {
 }
 
 impl GuestWalk {
+    /// A walk of nothing yet, for [`walk_into`] to fill.
+    pub(crate) const fn empty(mode: GuestMode) -> Self {
+        const STEP: WalkStep =
+            WalkStep { table_gfn: Gfn(0), entry_addr: Gpa(0), entry: 0, access_above: PteAccess::empty() };
+        GuestWalk {
+            mode,
+            gpa: Gpa(0),
+            leaf_level: 0,
+            page_shift: 0,
+            access: PteAccess::empty(),
+            dirty: false,
+            steps: [STEP; 5],
+            ad_written: 0,
+        }
+    }
+
     /// The first physical address of the page the leaf maps.
     pub fn page_base(&self) -> Gpa {
         Gpa(self.gpa.0 & !((1u64 << self.page_shift) - 1))
@@ -190,18 +207,44 @@ pub fn walk<P: PagingMode, Mem: PhysMemory + ?Sized>(
     access: AccessKind,
     set_ad: bool,
 ) -> Result<GuestWalk, WalkFault> {
+    let mut w = GuestWalk::empty(P::MODE);
+    walk_into::<P, Mem>(mem, cpu, feat, va, access, set_ad, &mut w)?;
+    Ok(w)
+}
+
+/// [`walk`] into `out`, which the caller keeps: the fault path walks without
+/// moving the walk's steps from frame to frame.
+pub(crate) fn walk_into<P: PagingMode, Mem: PhysMemory + ?Sized>(
+    mem: &Mem,
+    cpu: &GuestCpu,
+    feat: &CpuFeatures,
+    va: Gva,
+    access: AccessKind,
+    set_ad: bool,
+    out: &mut GuestWalk,
+) -> Result<(), WalkFault> {
     if !P::va_ok(va.0) {
         return Err(WalkFault::BadAddress(va));
     }
     let has_xd = cpu.has_xd();
     let bytes = P::ENTRY_BYTES;
+    // The reserved bits of an entry with bit 7 clear, the same at every
+    // level the loop walks ([`PagingMode::reserved_bits`]): computed once,
+    // one AND a level (KVM's `rsvd_bits_mask`). Bit 7 set (a large page, or
+    // PAT in a PTE) takes the level's own mask.
+    let plain = P::reserved_bits(1, false, cpu, feat);
+    let write = access.op == AccessOp::Write;
     let pf = |present, rsvd, level| WalkFault::PageFault {
         code: PfErrorCode::for_access(cpu, access, present, rsvd),
         level,
     };
+    let steps = &mut out.steps;
     for _ in 0..MAX_RESTARTS {
-        let mut steps = [WalkStep::default(); 5];
+        *steps = [WalkStep::default(); 5];
         let mut allowed = PteAccess::all();
+        // Bit `level - 1`: the entry lacks its A bit (or, the leaf of a
+        // write, its D bit), which a successful walk sets.
+        let mut unset = 0u8;
         let (mut table, mut level) = if P::MODE == GuestMode::Pae {
             // The PDPTE registers: no A bit, no access rights (SDM §4.4.1).
             let i = P::index(va.0, 3);
@@ -230,15 +273,18 @@ pub fn walk<P: PagingMode, Mem: PhysMemory + ?Sized>(
                 level,
                 code: PfErrorCode::for_access(cpu, access, false, false),
             })?;
-            steps[level as usize - 1] =
+            let l = level as usize - 1;
+            steps[l] =
                 WalkStep { table_gfn: Gpa(table).gfn(), entry_addr: addr, entry: e, access_above: allowed };
             if e & P == 0 {
                 return Err(pf(false, false, level));
             }
-            if P::is_reserved(e, level, cpu, feat) {
+            let rsvd = if e & PS == 0 { plain } else { P::reserved_bits(level, true, cpu, feat) };
+            if e & rsvd != 0 {
                 return Err(pf(true, true, level));
             }
             allowed &= PteAccess::of_entry(e, has_xd);
+            unset |= u8::from(e & A == 0) << l;
             if P::is_leaf(e, level, cpu, feat) {
                 break e;
             }
@@ -248,32 +294,33 @@ pub fn walk<P: PagingMode, Mem: PhysMemory + ?Sized>(
         if !permits(cpu, allowed, access) {
             return Err(pf(true, false, 0));
         }
-        let write = access.op == AccessOp::Write;
+        unset |= u8::from(write && leaf & D == 0) << (level - 1);
         let mut restart = false;
         let mut ad_written = 0u8;
-        if set_ad {
+        if set_ad && unset != 0 {
             let top = if P::MODE == GuestMode::Pae { 2 } else { P::MODE.root_level() };
             for l in level..=top {
+                if unset & (1 << (l - 1)) == 0 {
+                    continue;
+                }
                 let step = &mut steps[l as usize - 1];
                 let set = if l == level && write { A | D } else { A };
-                if step.entry & set != set {
-                    let new = step.entry | set;
-                    match mem.compare_exchange(step.entry_addr, bytes, step.entry, new) {
-                        Ok(true) => {
-                            step.entry = new;
-                            ad_written |= 1 << (l - 1);
-                        }
-                        Ok(false) => {
-                            restart = true;
-                            break;
-                        }
-                        Err(_) => {
-                            return Err(WalkFault::TableNotInMemory {
-                                addr: step.entry_addr,
-                                level: l,
-                                code: PfErrorCode::for_access(cpu, access, false, false),
-                            })
-                        }
+                let new = step.entry | set;
+                match mem.compare_exchange(step.entry_addr, bytes, step.entry, new) {
+                    Ok(true) => {
+                        step.entry = new;
+                        ad_written |= 1 << (l - 1);
+                    }
+                    Ok(false) => {
+                        restart = true;
+                        break;
+                    }
+                    Err(_) => {
+                        return Err(WalkFault::TableNotInMemory {
+                            addr: step.entry_addr,
+                            level: l,
+                            code: PfErrorCode::for_access(cpu, access, false, false),
+                        })
                     }
                 }
             }
@@ -283,16 +330,14 @@ pub fn walk<P: PagingMode, Mem: PhysMemory + ?Sized>(
         }
         let shift = P::level_shift(level);
         let base = P::page_addr(leaf, level, feat);
-        return Ok(GuestWalk {
-            mode: P::MODE,
-            gpa: Gpa(base | (va.0 & ((1u64 << shift) - 1))),
-            leaf_level: level,
-            page_shift: shift,
-            access: allowed,
-            dirty: steps[level as usize - 1].entry & D != 0,
-            steps,
-            ad_written,
-        });
+        out.mode = P::MODE;
+        out.gpa = Gpa(base | (va.0 & ((1u64 << shift) - 1)));
+        out.leaf_level = level;
+        out.page_shift = shift;
+        out.access = allowed;
+        out.dirty = out.steps[level as usize - 1].entry & D != 0;
+        out.ad_written = ad_written;
+        return Ok(());
     }
     Err(WalkFault::Contended)
 }
@@ -311,6 +356,24 @@ pub fn walk_any<Mem: PhysMemory + ?Sized>(
         GuestMode::Pae => walk::<Pae, Mem>(mem, cpu, feat, va, access, set_ad),
         GuestMode::Four => walk::<Level4, Mem>(mem, cpu, feat, va, access, set_ad),
         GuestMode::Five => walk::<Level5, Mem>(mem, cpu, feat, va, access, set_ad),
+    }
+}
+
+/// [`walk_any`] into `out` ([`walk_into`]).
+pub(crate) fn walk_any_into<Mem: PhysMemory + ?Sized>(
+    mem: &Mem,
+    cpu: &GuestCpu,
+    feat: &CpuFeatures,
+    va: Gva,
+    access: AccessKind,
+    set_ad: bool,
+    out: &mut GuestWalk,
+) -> Result<(), WalkFault> {
+    match cpu.mode {
+        GuestMode::Bits32 => walk_into::<Bits32, Mem>(mem, cpu, feat, va, access, set_ad, out),
+        GuestMode::Pae => walk_into::<Pae, Mem>(mem, cpu, feat, va, access, set_ad, out),
+        GuestMode::Four => walk_into::<Level4, Mem>(mem, cpu, feat, va, access, set_ad, out),
+        GuestMode::Five => walk_into::<Level5, Mem>(mem, cpu, feat, va, access, set_ad, out),
     }
 }
 

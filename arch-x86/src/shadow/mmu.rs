@@ -36,7 +36,7 @@ use mmu_generic::memslot::{Memslot, Memslots, SlotFlags, SlotHint, SlotId};
 use mmu_generic::pte_list::{PteHandle, PteList, RmapError};
 use mmu_generic::rmap::{Rmap, X86_LEVEL_SHIFTS};
 
-use super::guest_walk::{walk_any, FrameTables, GuestWalk, NotMemory, PhysMemory, WalkFault};
+use super::guest_walk::{walk_any, walk_any_into, FrameTables, GuestWalk, NotMemory, PhysMemory, WalkFault};
 use super::mode::{
     AccessKind, AccessOp, Bits32, CpuFeatures, GuestCpu, GuestMode, Level4, Pae, PagingMode, PfErrorCode,
     PteAccess, A, D, P, RW, US, XD,
@@ -194,28 +194,41 @@ impl<G: PhysMemory> PhysMemory for SlotMemory<'_, G> {
 
 /// [`SlotMemory`] for one fault: the walk reads each level's table and
 /// nearly always finds it in the slot of the level before, so the last
-/// slot found is tried first (the same answers, without a lookup a level).
+/// slot found is tried first (the same answers, without a lookup a level),
+/// and the first lookup starts from the hint the last fault left.
 struct HintedSlotMemory<'a, G: PhysMemory> {
     slots: &'a Memslots,
     mem: &'a G,
     hint: core::cell::Cell<SlotHint>,
+    last: core::cell::Cell<Option<&'a Memslot>>,
 }
 
 impl<'a, G: PhysMemory> HintedSlotMemory<'a, G> {
-    fn new(slots: &'a Memslots, mem: &'a G) -> Self {
-        Self { slots, mem, hint: core::cell::Cell::new(SlotHint::default()) }
+    fn new(slots: &'a Memslots, mem: &'a G, hint: SlotHint) -> Self {
+        Self { slots, mem, hint: core::cell::Cell::new(hint), last: core::cell::Cell::new(None) }
     }
 
     #[inline]
     fn lookup(&self, gfn: Gfn) -> Option<&'a Memslot> {
+        match self.last.get() {
+            Some(s) if s.contains(gfn) => Some(s),
+            _ => self.lookup_slow(gfn),
+        }
+    }
+
+    fn lookup_slow(&self, gfn: Gfn) -> Option<&'a Memslot> {
         let mut hint = self.hint.get();
         let slot = self.slots.lookup_hinted(gfn, &mut hint);
         self.hint.set(hint);
+        if slot.is_some() {
+            self.last.set(slot);
+        }
         slot
     }
 }
 
 impl<G: PhysMemory> PhysMemory for HintedSlotMemory<'_, G> {
+    #[inline]
     fn read(&self, addr: Gpa, bytes: u64) -> Result<u64, NotMemory> {
         self.lookup(addr.gfn()).ok_or(NotMemory(addr))?;
         self.mem.read(addr, bytes)
@@ -332,7 +345,12 @@ pub struct ShadowMmu<M: FrameMemory, G: PhysMemory, H: HostMemory> {
     /// Guest table pages a walk's A/D update wrote whose mark the dirty
     /// tracker refused (a full ring): marked first at the next fault.
     pending_marks: [Option<(SlotId, Gfn)>; 5],
+    /// Some of `pending_marks` is set.
+    marks_pending: bool,
     flush: FlushToken,
+    /// The memslot the last fault's lookups ended on (a vCPU's
+    /// `SlotHint`; one MMU serves one vCPU's faults at a time).
+    slot_hint: SlotHint,
     /// Dirty leaves dropped by internal zaps, for the embedder's dirty log.
     zapped_dirty: Vec<(SlotId, Leaf)>,
     track_zapped_dirty: bool,
@@ -402,7 +420,9 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             stale_roots: false,
             unsync: Vec::new(),
             pending_marks: [None; 5],
+            marks_pending: false,
             flush: FlushToken::new(),
+            slot_hint: SlotHint::default(),
             zapped_dirty: Vec::new(),
             track_zapped_dirty: false,
             lost_dirty_logs: 0,
@@ -625,6 +645,11 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if root.generation != self.generation.current() {
             return false;
         }
+        // Root pages go invalid only in zap_page, which raises stale_roots
+        // until switch_root has dropped every such root.
+        if !self.stale_roots {
+            return true;
+        }
         match root.kind {
             RootKind::Page(i) => !self.cache.get(i).invalid,
             RootKind::Pae { pds, .. } => pds.iter().flatten().all(|&i| !self.cache.get(i).invalid),
@@ -647,12 +672,12 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         // only go invalid when a page they hold does (zap-all takes them
         // all), so without such a zap there is nothing to look for.
         if self.stale_roots {
-            self.stale_roots = false;
             for gone in self.roots.rejected(|r| self.root_valid(r)) {
                 let pos = self.roots.find(&gone).expect("a held root");
                 let r = self.roots.remove(pos);
                 self.release_root(r);
             }
+            self.stale_roots = false;
         }
         if let Some(pos) = self.roots.find(&key) {
             self.roots.promote(pos);
@@ -741,10 +766,18 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         self.flush.add_all();
     }
 
+    #[inline]
     fn ensure_root(&mut self, cpu: &GuestCpu) -> Result<(), ShadowError> {
         let key = self.root_key(cpu);
         match self.roots.first() {
-            Some(r) if r.key == key && self.root_valid(r) => Ok(()),
+            // root_valid's answer without a call while no root page went invalid.
+            Some(r)
+                if r.key == key
+                    && r.generation == self.generation.current()
+                    && (!self.stale_roots || self.root_valid(r)) =>
+            {
+                Ok(())
+            }
             _ => self.switch_root(cpu),
         }
     }
@@ -873,6 +906,13 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         Some(leaf)
     }
 
+    /// The page a present non-leaf shadow entry `e` links to (every link
+    /// the MMU writes names one of its pages' frames).
+    #[inline]
+    fn child_page(&self, e: u64) -> Option<PageIdx> {
+        self.mem.frame_of(Pfn((e & SPTE_ADDR) >> 12)).and_then(|f| self.cache.of_frame(f))
+    }
+
     /// Clears the non-leaf entry `j` of `page` and unlinks the child.
     fn drop_link(&mut self, page: PageIdx, j: usize) {
         let frame = self.cache.get(page).frame;
@@ -929,8 +969,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     }
 
     fn free_page(&mut self, i: PageIdx) {
-        let page = self.cache.remove(i);
-        self.mem.free(page.frame);
+        let frame = self.cache.remove(i);
+        self.mem.free(frame);
     }
 
     /// Calls `f(gfn, pfn, writable)` for every present shadow leaf.

@@ -296,8 +296,20 @@ pub trait PagingMode {
     /// Whether a present entry at `level` maps a page.
     fn is_leaf(e: u64, level: u8, cpu: &GuestCpu, feat: &CpuFeatures) -> bool;
 
+    /// The bits reserved in a present entry at `level` whose bit 7 (PS, or
+    /// PAT in a PTE) is `ps`, under `cpu`'s controls: the entry has a reserved
+    /// bit set exactly when it has one of these. Where bit 7 itself is
+    /// reserved (a PML4E, a 1 GiB page without 1 GiB-page support), every
+    /// bit is. Below the root (the PAE PDPTEs apart), an entry with bit 7
+    /// clear has the same reserved bits at every level: the walker computes
+    /// that mask once a walk.
+    fn reserved_bits(level: u8, ps: bool, cpu: &GuestCpu, feat: &CpuFeatures) -> u64;
+
     /// Whether a present entry at `level` has a reserved bit set.
-    fn is_reserved(e: u64, level: u8, cpu: &GuestCpu, feat: &CpuFeatures) -> bool;
+    #[inline]
+    fn is_reserved(e: u64, level: u8, cpu: &GuestCpu, feat: &CpuFeatures) -> bool {
+        e & Self::reserved_bits(level, e & PS != 0, cpu, feat) != 0
+    }
 
     /// The physical address of the table a present non-leaf entry points to.
     fn table_addr(e: u64, feat: &CpuFeatures) -> u64;
@@ -351,9 +363,14 @@ impl PagingMode for Bits32 {
         level == 1 || (cpu.cr4_pse && e & PS != 0)
     }
 
-    fn is_reserved(e: u64, level: u8, cpu: &GuestCpu, feat: &CpuFeatures) -> bool {
+    #[inline]
+    fn reserved_bits(level: u8, ps: bool, cpu: &GuestCpu, feat: &CpuFeatures) -> u64 {
         // Only a 4 MiB PDE has reserved bits: 21:(M-19) (Table 4-4).
-        level == 2 && cpu.cr4_pse && e & PS != 0 && e & bits(21, feat.pse_width() - 19) != 0
+        if level == 2 && cpu.cr4_pse && ps {
+            bits(21, feat.pse_width() - 19)
+        } else {
+            0
+        }
     }
 
     fn table_addr(e: u64, _: &CpuFeatures) -> u64 {
@@ -376,19 +393,25 @@ impl PagingMode for Bits32 {
     }
 }
 
-/// Reserved bits common to PAE, 4-level and 5-level entries below the root.
-fn reserved_64(e: u64, level: u8, cpu: &GuestCpu, feat: &CpuFeatures) -> bool {
-    if e & feat.phys_width.reserved_mask() != 0 || (!cpu.efer_nxe && e & XD != 0) {
-        return true;
+/// Reserved bits of PAE, 4-level and 5-level entries below the root (PAE
+/// PDPTEs excepted): bits 51:MAXPHYADDR, XD without IA32_EFER.NXE, and by
+/// level and PS.
+#[inline]
+fn reserved_64(level: u8, ps: bool, cpu: &GuestCpu, feat: &CpuFeatures) -> u64 {
+    let base = feat.phys_width.reserved_mask() | if cpu.efer_nxe { 0 } else { XD };
+    if !ps {
+        return base;
     }
     match level {
         // PS is reserved in a PML4E and a PML5E (Tables 4-14, 4-15).
-        4 | 5 => e & PS != 0,
+        4 | 5 => u64::MAX,
         // A 1 GiB page: bits 29:13 (Table 4-16), and PS itself without 1 GiB pages.
-        3 => e & PS != 0 && (!feat.page_1g || e & bits(29, 13) != 0),
+        3 if !feat.page_1g => u64::MAX,
+        3 => base | bits(29, 13),
         // A 2 MiB page: bits 20:13 (Tables 4-9, 4-18).
-        2 => e & PS != 0 && e & bits(20, 13) != 0,
-        _ => false,
+        2 => base | bits(20, 13),
+        // Bit 7 of a PTE is PAT.
+        _ => base,
     }
 }
 
@@ -407,11 +430,12 @@ impl PagingMode for Pae {
         level == 1 || (level == 2 && e & PS != 0)
     }
 
-    fn is_reserved(e: u64, level: u8, cpu: &GuestCpu, feat: &CpuFeatures) -> bool {
+    #[inline]
+    fn reserved_bits(level: u8, ps: bool, cpu: &GuestCpu, feat: &CpuFeatures) -> u64 {
         if level == 3 {
-            return pdpte_reserved(e, feat);
+            return pdpte_reserved_bits(feat);
         }
-        reserved_64(e, level, cpu, feat)
+        reserved_64(level, ps, cpu, feat)
     }
 
     fn table_addr(e: u64, feat: &CpuFeatures) -> u64 {
@@ -429,9 +453,15 @@ impl PagingMode for Pae {
 }
 
 /// Reserved bits of a present PAE PDPTE: 2:1, 8:5 and 63:MAXPHYADDR (Table 4-8).
-pub fn pdpte_reserved(e: u64, feat: &CpuFeatures) -> bool {
+#[inline]
+fn pdpte_reserved_bits(feat: &CpuFeatures) -> u64 {
     let high = !((1u64 << feat.phys_width.bits()) - 1);
-    e & (bits(2, 1) | bits(8, 5) | high) != 0
+    bits(2, 1) | bits(8, 5) | high
+}
+
+/// Whether a present PAE PDPTE has a reserved bit set (Table 4-8).
+pub fn pdpte_reserved(e: u64, feat: &CpuFeatures) -> bool {
+    e & pdpte_reserved_bits(feat) != 0
 }
 
 impl PagingMode for Level4 {
@@ -444,8 +474,9 @@ impl PagingMode for Level4 {
         level == 1 || ((level == 2 || level == 3) && e & PS != 0)
     }
 
-    fn is_reserved(e: u64, level: u8, cpu: &GuestCpu, feat: &CpuFeatures) -> bool {
-        reserved_64(e, level, cpu, feat)
+    #[inline]
+    fn reserved_bits(level: u8, ps: bool, cpu: &GuestCpu, feat: &CpuFeatures) -> u64 {
+        reserved_64(level, ps, cpu, feat)
     }
 
     fn table_addr(e: u64, feat: &CpuFeatures) -> u64 {
@@ -472,8 +503,9 @@ impl PagingMode for Level5 {
         Level4::is_leaf(e, level, cpu, feat)
     }
 
-    fn is_reserved(e: u64, level: u8, cpu: &GuestCpu, feat: &CpuFeatures) -> bool {
-        Level4::is_reserved(e, level, cpu, feat)
+    #[inline]
+    fn reserved_bits(level: u8, ps: bool, cpu: &GuestCpu, feat: &CpuFeatures) -> u64 {
+        Level4::reserved_bits(level, ps, cpu, feat)
     }
 
     fn table_addr(e: u64, feat: &CpuFeatures) -> u64 {
@@ -512,6 +544,34 @@ mod tests {
         assert!(Bits32::is_reserved(P | PS | 1 << 13, 2, &cpu, &no36));
         let nopse = GuestCpu { cr4_pse: false, ..cpu };
         assert!(!Bits32::is_leaf(e, 2, &nopse, &f) && !Bits32::is_reserved(e | 1 << 21, 2, &nopse, &f));
+    }
+
+    /// Every level of `P` from 1 to `top` has the reserved bits of level 1
+    /// for an entry with bit 7 clear, under every control the walker sees.
+    fn plain_mask_is_level_independent<P: PagingMode>(mode: GuestMode, top: u8) {
+        for width in [36, 40, 46, 52] {
+            for (pse36, page_1g, nxe, pse) in [(true, true, true, true), (false, false, false, false)] {
+                let f = CpuFeatures { phys_width: PhysAddrWidth::new(width).unwrap(), pse36, page_1g };
+                let cpu = GuestCpu { efer_nxe: nxe, cr4_pse: pse, ..GuestCpu::new(mode, 0) };
+                let plain = P::reserved_bits(1, false, &cpu, &f);
+                for level in 1..=top {
+                    assert_eq!(
+                        P::reserved_bits(level, false, &cpu, &f),
+                        plain,
+                        "{mode:?} level {level} M={width}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn entries_without_bit_7_have_one_reserved_mask_at_every_walked_level() {
+        // The walker checks such entries at every level with one mask.
+        plain_mask_is_level_independent::<Bits32>(GuestMode::Bits32, 2);
+        plain_mask_is_level_independent::<Pae>(GuestMode::Pae, 2);
+        plain_mask_is_level_independent::<Level4>(GuestMode::Four, 4);
+        plain_mask_is_level_independent::<Level5>(GuestMode::Five, 5);
     }
 
     #[test]

@@ -132,7 +132,11 @@ const BUCKETS: usize = 1 << 12;
 /// The pages, the hash over guest frames and the parent-list descriptors.
 #[derive(Debug)]
 pub(crate) struct PageCache {
-    pages: Vec<Option<ShadowPage>>,
+    /// A slab: a freed page's record stays, dead, until its index is
+    /// reused, so a lookup by index is one bounds check.
+    pages: Vec<ShadowPage>,
+    /// Whether each record of `pages` is a live page.
+    live: Vec<bool>,
     free: Vec<PageIdx>,
     buckets: Vec<u32>,
     /// Page index + 1 of each shadow frame.
@@ -153,6 +157,7 @@ impl PageCache {
     pub fn new() -> Self {
         Self {
             pages: Vec::new(),
+            live: Vec::new(),
             free: Vec::new(),
             buckets: vec![0; BUCKETS],
             by_frame: Vec::new(),
@@ -163,18 +168,20 @@ impl PageCache {
 
     #[inline]
     pub fn get(&self, i: PageIdx) -> &ShadowPage {
-        self.pages[i as usize].as_ref().expect("page index names a live page")
+        debug_assert!(self.live[i as usize], "page index {i} names a freed page");
+        &self.pages[i as usize]
     }
 
     #[inline]
     pub fn get_mut(&mut self, i: PageIdx) -> &mut ShadowPage {
-        self.pages[i as usize].as_mut().expect("page index names a live page")
+        debug_assert!(self.live[i as usize], "page index {i} names a freed page");
+        &mut self.pages[i as usize]
     }
 
     /// Whether `i` names a live page.
     #[inline]
     pub fn is_live(&self, i: PageIdx) -> bool {
-        self.pages.get(i as usize).is_some_and(Option::is_some)
+        self.live.get(i as usize).is_some_and(|&l| l)
     }
 
     /// The page whose shadow table is `frame`.
@@ -195,11 +202,13 @@ impl PageCache {
         let frame = page.frame.0 as usize;
         let i = match self.free.pop() {
             Some(i) => {
-                self.pages[i as usize] = Some(page);
+                self.pages[i as usize] = page;
+                self.live[i as usize] = true;
                 i
             }
             None => {
-                self.pages.push(Some(page));
+                self.pages.push(page);
+                self.live.push(true);
                 (self.pages.len() - 1) as PageIdx
             }
         };
@@ -234,19 +243,23 @@ impl PageCache {
         self.get_mut(i).hash_next = 0;
     }
 
-    /// Drops a page that is unhashed; returns it.
-    pub fn remove(&mut self, i: PageIdx) -> ShadowPage {
-        let page = self.pages[i as usize].take().expect("removing a live page");
-        self.by_frame[page.frame.0 as usize] = 0;
+    /// Drops a page that is unhashed; returns its shadow table's frame.
+    pub fn remove(&mut self, i: PageIdx) -> FrameId {
+        assert!(self.is_live(i), "removing page {i}, which is not live");
+        self.live[i as usize] = false;
+        let page = &mut self.pages[i as usize];
+        // The dead record keeps no leaf-gfn array.
+        page.leaf_gfns = None;
+        let (frame, pos) = (page.frame, page.active_pos as usize);
+        self.by_frame[frame.0 as usize] = 0;
         self.free.push(i);
-        let pos = page.active_pos as usize;
         if self.active.get(pos) == Some(&i) {
             self.active.swap_remove(pos);
             if let Some(&moved) = self.active.get(pos) {
                 self.get_mut(moved).active_pos = pos as u32;
             }
         }
-        page
+        frame
     }
 
     /// Replaces the active list (after a reclaim pass took it) and renumbers.
@@ -256,6 +269,13 @@ impl PageCache {
             let i = self.active[pos];
             self.get_mut(i).active_pos = pos as u32;
         }
+    }
+
+    /// Whether no hashed page can be of `gfn`: its hash bucket is empty
+    /// (the usual answer for a frame the guest writes).
+    #[inline]
+    pub fn surely_none_of(&self, gfn: Gfn) -> bool {
+        self.buckets[bucket_of(gfn)] == 0
     }
 
     /// The hashed pages of `gfn`, any role.
@@ -275,7 +295,8 @@ impl PageCache {
     /// and frame-index words), not counting the shadow table's 4 KiB frame.
     pub fn meta_bytes(&self, i: PageIdx) -> usize {
         let p = self.get(i);
-        core::mem::size_of::<Option<ShadowPage>>()
+        core::mem::size_of::<ShadowPage>()
+            + core::mem::size_of::<bool>()
             + 2 * core::mem::size_of::<u32>()
             + p.leaf_gfns.as_ref().map_or(0, |_| ENTRIES * 8)
     }
@@ -291,6 +312,7 @@ pub(crate) struct GfnPages<'a> {
 impl Iterator for GfnPages<'_> {
     type Item = PageIdx;
 
+    #[inline]
     fn next(&mut self) -> Option<PageIdx> {
         while let Some(i) = self.next.checked_sub(1) {
             let p = self.cache.get(i);

@@ -31,6 +31,7 @@ impl SimGuestRam {
         Self { ranges, reads: AtomicU64::new(0) }
     }
 
+    #[inline]
     fn word(&self, addr: Gpa) -> Result<&AtomicU64, NotMemory> {
         let gfn = addr.0 >> 12;
         for (base, frames) in &self.ranges {
@@ -59,7 +60,8 @@ impl SimGuestRam {
         self.word(Gpa(gfn.0 << 12)).is_ok()
     }
 
-    /// Number of reads so far (to check that a path reads no guest memory).
+    /// Number of reads so far (to check that a path reads no guest memory;
+    /// concurrent reads may be counted once).
     pub fn reads(&self) -> u64 {
         self.reads.load(Ordering::Relaxed)
     }
@@ -74,11 +76,15 @@ fn mask(bytes: u64) -> u64 {
 }
 
 impl PhysMemory for SimGuestRam {
+    #[inline]
     fn read(&self, addr: Gpa, bytes: u64) -> Result<u64, NotMemory> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
+        // A plain increment, not a locked add (a walk reads once a level):
+        // reads on several threads at once may count as one.
+        self.reads.store(self.reads.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
         Ok(field(self.word(addr)?.load(Ordering::Acquire), addr.0, bytes))
     }
 
+    #[inline]
     fn compare_exchange(&self, addr: Gpa, bytes: u64, old: u64, new: u64) -> Result<bool, NotMemory> {
         Ok(cas_field(self.word(addr)?, addr.0, bytes, old, new))
     }

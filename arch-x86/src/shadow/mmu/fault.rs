@@ -8,8 +8,13 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     /// Tops up the descriptor reserves a fault may use (done before taking
     /// the MMU lock in a real hypervisor; here at the start of a fault).
     pub(super) fn topup(&mut self) {
-        self.rmap.reserve(2);
-        self.cache.pool.reserve(8);
+        // Nearly always full already: ask only when not.
+        if self.rmap.pool().reserve_len() < 2 {
+            self.rmap.reserve(2);
+        }
+        if self.cache.pool.reserve_len() < 8 {
+            self.cache.pool.reserve(8);
+        }
     }
 
     /// A page fault the processor took on the shadow tables at `gva`, for
@@ -24,13 +29,16 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         self.stats.faults += 1;
         // Hypervisor writes a full ring refused at the last fault: logged
         // before anything else happens.
-        for pending in &mut self.pending_marks {
-            if let Some((slot, gfn)) = *pending {
-                if !dirty.mark(slot, gfn) {
-                    return Ok(ShadowFault::Retry);
+        if self.marks_pending {
+            for pending in &mut self.pending_marks {
+                if let Some((slot, gfn)) = *pending {
+                    if !dirty.mark(slot, gfn) {
+                        return Ok(ShadowFault::Retry);
+                    }
+                    *pending = None;
                 }
-                *pending = None;
             }
+            self.marks_pending = false;
         }
         self.topup();
         self.make_room();
@@ -40,35 +48,28 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         } else {
             gva
         };
-        let mem = HintedSlotMemory::new(&self.slots, &self.guest);
-        let w = match walk_any(&mem, cpu, &self.config.features, gva, access, true) {
-            Ok(w) => w,
+        let mem = HintedSlotMemory::new(&self.slots, &self.guest, self.slot_hint);
+        let mut w = GuestWalk::empty(cpu.mode);
+        let walked = walk_any_into(&mem, cpu, &self.config.features, gva, access, true, &mut w);
+        self.slot_hint = mem.hint.get();
+        match walked {
+            Ok(()) => {}
             Err(WalkFault::BadAddress(_)) => return Ok(ShadowFault::InjectGp),
             Err(WalkFault::Contended) => return Ok(ShadowFault::Retry),
             Err(f) => return Ok(ShadowFault::InjectPf(f.error_code().expect("page faults carry a code"))),
-        };
-        // The walk's A/D updates wrote guest table pages: log them.
-        let mut refused = false;
-        for l in 0..5u8 {
-            if w.ad_written & (1 << l) == 0 {
-                continue;
-            }
-            let table = w.steps[l as usize].table_gfn;
-            if let Some(s) = self.slots.lookup(table) {
-                if !dirty.mark(s.id(), table) {
-                    self.pending_marks[l as usize] = Some((s.id(), table));
-                    refused = true;
-                }
-            }
         }
-        if refused {
+        // The walk's A/D updates wrote guest table pages: log them.
+        if w.ad_written != 0 && !mark_ad_written(&self.slots, &mut self.pending_marks, &w, dirty) {
+            self.marks_pending = true;
             return Ok(ShadowFault::Retry);
         }
         let gpa = w.gpa;
         let gfn = gpa.gfn();
-        let Some(slot) = mem.lookup(gfn).copied() else { return Ok(ShadowFault::Mmio { gpa }) };
+        let Some(slot) = mem.lookup(gfn) else { return Ok(ShadowFault::Mmio { gpa }) };
+        // What the rest needs of the slot, without copying it.
+        let (slot_id, readonly) = (slot.id(), slot.flags().contains(SlotFlags::READONLY));
+        let hva = slot.gfn_to_hva(gfn).expect("the slot holds the frame");
         let write = access.op == AccessOp::Write;
-        let readonly = slot.flags().contains(SlotFlags::READONLY);
         if write && readonly {
             return Ok(ShadowFault::Denied { gpa });
         }
@@ -96,7 +97,6 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         }
 
         let snap = self.invalidation.snapshot();
-        let hva = slot.gfn_to_hva(gfn).expect("the slot holds the frame");
         let host = self.host.resolve(hva, write).map_err(|_| ShadowError::HostFault(gfn))?;
         if self.invalidation.must_retry(snap, hva) {
             return Ok(ShadowFault::Retry);
@@ -104,16 +104,16 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if write && !host.writable {
             return Ok(ShadowFault::Denied { gpa });
         }
-        let (page, j) = self.fetch_path(cpu, gva, &w, write.then_some(gfn))?;
+        let (page, frame, j) = self.fetch_path(cpu, gva, &w, write.then_some(gfn))?;
 
         // Write permission: not into read-only memory, not into a
         // write-protected guest table, and in a write-protect-logged slot
         // only on a write fault.
         let mut emulate = false;
-        if writable && (readonly || !host.writable || (!write && dirty.write_protected(slot.id()))) {
+        if writable && (readonly || !host.writable || (!write && dirty.write_protected(slot_id))) {
             writable = false;
         }
-        if writable && !self.allow_write(gfn) {
+        if writable && !self.cache.surely_none_of(gfn) && !self.allow_write(gfn) {
             writable = false;
             emulate = write;
         }
@@ -124,12 +124,11 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if !exec {
             spte |= XD;
         }
-        let h = self.install_leaf(page, j, slot.id(), gfn, spte)?;
+        let h = self.install_leaf(page, frame, j, slot_id, gfn, spte)?;
         if writable {
-            if !dirty.note_writable(slot.id(), gfn, h) {
+            if !dirty.note_writable(slot_id, gfn, h) {
                 return Ok(ShadowFault::Retry);
             }
-            let frame = self.cache.get(page).frame;
             self.mem.table(frame)[j].fetch_or(RW, Ordering::AcqRel);
         }
         if emulate {
@@ -143,20 +142,23 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     /// unsync instead (KVM's `mmu_try_to_unsync_pages`).
     pub(super) fn allow_write(&mut self, gfn: Gfn) -> bool {
         let gen = self.generation.current();
-        // Two passes over the hash bucket, without collecting: most frames
+        let shadows = |p: &ShadowPage| !p.role.direct && p.generation == gen && !p.invalid;
+        // One pass over the hash bucket, without collecting: most frames
         // written are no guest table, and their bucket holds no page of them.
-        let shadows = |i: &PageIdx| {
-            let p = self.cache.get(*i);
-            !p.role.direct && p.generation == gen && !p.invalid
-        };
-        let mut pages = self.cache.of_gfn(gfn).filter(shadows).peekable();
-        if pages.peek().is_none() {
+        let mut shadowed = false;
+        for i in self.cache.of_gfn(gfn) {
+            let p = self.cache.get(i);
+            if shadows(p) {
+                if p.role.level > 1 {
+                    return false;
+                }
+                shadowed = true;
+            }
+        }
+        if !shadowed {
             return true;
         }
-        if pages.any(|i| self.cache.get(i).role.level > 1) {
-            return false;
-        }
-        let pages: Vec<PageIdx> = self.cache.of_gfn(gfn).filter(shadows).collect();
+        let pages: Vec<PageIdx> = self.cache.of_gfn(gfn).filter(|&i| shadows(self.cache.get(i))).collect();
         for i in pages {
             let p = self.cache.get_mut(i);
             if !p.unsync {
@@ -170,7 +172,22 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
 
     /// Walks the shadow tables for `gva` from the current root, linking or
     /// making the shadow pages the guest walk `w` calls for. Returns the
-    /// leaf page and the index of the leaf entry.
+    /// leaf page, its frame and the index of the leaf entry.
+    ///
+    /// A present link is followed without looking the child up again (as
+    /// KVM's `kvm_mmu_get_child_sp` returns `-EEXIST` for one): the child
+    /// of entry `j` of a shadow page is a function of that page and guest
+    /// entry `j` of the table it shadows (the child's frame, level and
+    /// quadrant from the entry and `j`, its access from the page's and the
+    /// entry's rights, its controls inherited from the root, which
+    /// `ensure_root` matched to `cpu`). That table is write-protected while
+    /// the page lives (only leaf pages go unsync), so a guest write to the
+    /// entry is emulated and drops the link; zaps clear every link to the
+    /// zapped page; zap-all drops the roots, so no current page links to
+    /// an obsolete one. The exception is a direct child, whose access
+    /// includes write only once the guest's large-page D bit is set, which
+    /// the walk sets without an emulated write: its access is checked, as
+    /// KVM's `validate_direct_spte` does.
     ///
     /// Each page on the path counts as used, which resets its write-flood
     /// count, except a page of `written`, the frame a write fault targets:
@@ -182,8 +199,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         gva: Gva,
         w: &GuestWalk,
         written: Option<Gfn>,
-    ) -> Result<(PageIdx, usize), ShadowError> {
-        let root = *self.roots.first().expect("ensure_root loaded a root");
+    ) -> Result<(PageIdx, FrameId, usize), ShadowError> {
+        let root = self.roots.first().expect("ensure_root loaded a root");
         let (mut page, mut level) = match root.kind {
             RootKind::Page(i) => (i, root.key.role.level),
             RootKind::Pae { pds, .. } => {
@@ -191,88 +208,138 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
                 (pds[q].ok_or(ShadowError::BadPdptrs)?, 2)
             }
         };
-        let gen = self.generation.current();
+        // What a direct child may grant: the guest's whole translation,
+        // write only once its D bit is set (so a clean large page never
+        // reuses writable leaves).
+        let mut direct_access = w.access;
+        if !w.dirty {
+            direct_access.remove(PteAccess::WRITE);
+        }
         loop {
             let p = self.cache.get_mut(page);
-            if Some(p.gfn) != written {
+            if p.write_flood != 0 && Some(p.gfn) != written {
                 p.write_flood = 0;
             }
             let frame = p.frame;
             let j = hw_index(gva.0, level);
             if level == 1 {
-                return Ok((page, j));
+                return Ok((page, frame, j));
             }
-            let child_level = level - 1;
-            let (gfn, role) = if w.leaf_level >= level {
-                // The guest maps a large page here: a direct page maps the
-                // piece one shadow entry of this level covers. Write is in
-                // the role only once the guest's D bit is set, so a clean
-                // large page never reuses writable leaves.
-                let cover = 12 + 9 * (child_level as u32);
-                let base = Gpa(w.gpa.0 & !((1u64 << cover) - 1)).gfn();
-                let mut access = w.access;
-                if !w.dirty {
-                    access.remove(PteAccess::WRITE);
-                }
-                (base, Role::for_cpu(cpu, child_level, true, access, 0))
-            } else {
-                let step = &w.steps[child_level as usize - 1];
-                let quadrant = if cpu.mode == GuestMode::Bits32 { ((gva.0 >> 21) & 1) as u8 } else { 0 };
-                (step.table_gfn, Role::for_cpu(cpu, child_level, false, step.access_above, quadrant))
-            };
+            let direct = w.leaf_level >= level;
             let e = self.mem.table(frame)[j].load(Ordering::Acquire);
-            let existing = (e & P != 0)
-                .then(|| self.mem.frame_of(Pfn((e & SPTE_ADDR) >> 12)))
-                .flatten()
-                .and_then(|f| self.cache.of_frame(f))
-                .filter(|&c| {
-                    let p = self.cache.get(c);
-                    p.gfn == gfn && p.role == role && !p.invalid && p.generation == gen
-                });
-            let child = match existing {
-                Some(c) => c,
-                None => {
-                    let c = self.get_page(gfn, role)?;
-                    // get_page may zap unsync leaf pages, never this path's
-                    // upper pages; re-read the entry it may have changed.
-                    self.drop_link(page, j);
-                    let mut parents = self.cache.get(c).parents;
-                    self.cache.pool.add(&mut parents, handle(frame, j))?;
-                    self.cache.get_mut(c).parents = parents;
-                    let pfn = self.mem.pfn(self.cache.get(c).frame);
-                    // Non-leaf entries grant everything: the leaf decides.
-                    self.mem.table(frame)[j].store((pfn.0 << 12) | P | RW | US, Ordering::Release);
-                    c
+            if let Some(child) = (e & P != 0).then(|| self.child_page(e)).flatten() {
+                if !direct || self.cache.get(child).role.access == direct_access {
+                    debug_assert!(
+                        self.is_child_for(child, cpu, gva, w, level, direct_access),
+                        "the link at {frame:?}[{j}] names a child the guest walk does not call for"
+                    );
+                    page = child;
+                    level -= 1;
+                    continue;
                 }
-            };
-            page = child;
-            level = child_level;
+            }
+            page = self.link_child(cpu, gva, w, level, direct_access, page, j)?;
+            level -= 1;
         }
     }
 
-    /// Sets leaf `j` of `page` to `spte` (write permission added by the
-    /// caller), keeping A/D if it already mapped the same frame.
+    /// Links entry `j` of `page` (of `level`, on the path of `gva`) to the
+    /// child the guest walk `w` calls for, found or made; returns it. The
+    /// fault path's slow step, kept out of its loop.
+    #[cold]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn link_child(
+        &mut self,
+        cpu: &GuestCpu,
+        gva: Gva,
+        w: &GuestWalk,
+        level: u8,
+        direct_access: PteAccess,
+        page: PageIdx,
+        j: usize,
+    ) -> Result<PageIdx, ShadowError> {
+        let (gfn, role) = Self::child_key(cpu, gva, w, level, direct_access);
+        let c = self.get_page(gfn, role)?;
+        // get_page may zap unsync leaf pages, which only clears links,
+        // never this path's upper pages: a present entry here is a direct
+        // child with stale access (or names no page at all).
+        self.drop_link(page, j);
+        let frame = self.cache.get(page).frame;
+        let mut parents = self.cache.get(c).parents;
+        self.cache.pool.add(&mut parents, handle(frame, j))?;
+        self.cache.get_mut(c).parents = parents;
+        let pfn = self.mem.pfn(self.cache.get(c).frame);
+        // Non-leaf entries grant everything: the leaf decides.
+        self.mem.table(frame)[j].store((pfn.0 << 12) | P | RW | US, Ordering::Release);
+        Ok(c)
+    }
+
+    /// The (guest frame, role) of the child that entry `gva` indexes in a
+    /// shadow page of `level` calls for, after the guest walk `w`.
+    fn child_key(
+        cpu: &GuestCpu,
+        gva: Gva,
+        w: &GuestWalk,
+        level: u8,
+        direct_access: PteAccess,
+    ) -> (Gfn, Role) {
+        let child_level = level - 1;
+        if w.leaf_level >= level {
+            // The guest maps a large page here: a direct page maps the
+            // piece one shadow entry of this level covers.
+            let cover = 12 + 9 * (child_level as u32);
+            let base = Gpa(w.gpa.0 & !((1u64 << cover) - 1)).gfn();
+            (base, Role::for_cpu(cpu, child_level, true, direct_access, 0))
+        } else {
+            let step = &w.steps[child_level as usize - 1];
+            let quadrant = if cpu.mode == GuestMode::Bits32 { ((gva.0 >> 21) & 1) as u8 } else { 0 };
+            (step.table_gfn, Role::for_cpu(cpu, child_level, false, step.access_above, quadrant))
+        }
+    }
+
+    /// Whether `child`, linked from a shadow page of `level` on the path of
+    /// `gva`, is the live current page the guest walk `w` calls for there
+    /// (what [`fetch_path`](Self::fetch_path) relies on without checking).
+    fn is_child_for(
+        &self,
+        child: PageIdx,
+        cpu: &GuestCpu,
+        gva: Gva,
+        w: &GuestWalk,
+        level: u8,
+        direct_access: PteAccess,
+    ) -> bool {
+        let (gfn, role) = Self::child_key(cpu, gva, w, level, direct_access);
+        let c = self.cache.get(child);
+        c.gfn == gfn && c.role == role && !c.invalid && c.generation == self.generation.current()
+    }
+
+    /// Sets leaf `j` of `page` (whose table is `frame`) to `spte` (write
+    /// permission added by the caller), keeping A/D if it already mapped
+    /// the same frame.
     pub(super) fn install_leaf(
         &mut self,
         page: PageIdx,
+        frame: FrameId,
         j: usize,
         slot: SlotId,
         gfn: Gfn,
         spte: u64,
     ) -> Result<PteHandle, ShadowError> {
-        let frame = self.cache.get(page).frame;
         let h = handle(frame, j);
         let word = (u64::from(slot.0) << SLOT_SHIFT) | gfn.0;
         let cur = self.mem.table(frame)[j].load(Ordering::Acquire);
-        let same = cur & P != 0 && self.leaf_word(page, j) == word && cur & SPTE_ADDR == spte & SPTE_ADDR;
-        if same {
-            let keep = A | D;
-            let _ = self.mem.table(frame)[j]
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some((c & keep) | spte));
-            self.flush.add_all();
-            return Ok(h);
+        if cur & P != 0 {
+            if self.leaf_word(page, j) == word && cur & SPTE_ADDR == spte & SPTE_ADDR {
+                let keep = A | D;
+                let _ = self.mem.table(frame)[j]
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some((c & keep) | spte));
+                self.flush.add_all();
+                return Ok(h);
+            }
+            self.drop_leaf(page, j);
         }
-        self.drop_leaf(page, j);
         self.rmap.add(slot, gfn, 0, h)?;
         if let Some(g) = self.cache.get_mut(page).leaf_gfns.as_mut() {
             g[j] = word;
@@ -281,4 +348,26 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         self.stats.leaves_installed += 1;
         Ok(h)
     }
+}
+
+/// Logs the guest table pages the walk `w`'s A/D updates wrote; a mark the
+/// tracker refuses is kept in `pending` for the next fault, and the answer
+/// is then `false` (retry).
+fn mark_ad_written(
+    slots: &Memslots,
+    pending: &mut [Option<(SlotId, Gfn)>; 5],
+    w: &GuestWalk,
+    dirty: &mut dyn DirtyTracker,
+) -> bool {
+    let mut all = true;
+    for l in (0..5u8).filter(|l| w.ad_written >> l & 1 != 0) {
+        let table = w.steps[l as usize].table_gfn;
+        if let Some(s) = slots.lookup(table) {
+            if !dirty.mark(s.id(), table) {
+                pending[l as usize] = Some((s.id(), table));
+                all = false;
+            }
+        }
+    }
+    all
 }
