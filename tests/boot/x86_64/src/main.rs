@@ -7,7 +7,8 @@
 //! multiboot2 under Bochs (Intel VMX with EPT). The vendor is chosen by CPUID.
 //!
 //! Modules: `boot` (entry, trampoline), `gdt`, `idt`, `port`, `console`, `heap`,
-//! `frames`, `timer`; `vendor` (the common interface), `svm`, `vmx`; `guest` (the guest
+//! `frames`, `timer`; `vendor` (the common interface), `svm`, `vmx`, `vmcb` (the VMCB
+//! layout and access every SVM user shares); `guest` (the guest
 //! program); `harness` (runs guest commands); `nested` (arch-x86's TDP engine with
 //! mmu-generic's drivers); `scenarios`; the two-CPU dirty-log race: `apic` (local APIC),
 //! `smp` (second CPU bring-up, remote TLB flush), `spin` (the MMU lock), `race`; shadow
@@ -20,6 +21,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 extern crate alloc;
+
+// First: its world-switch assembly macros serve `svm`, `vmx` and `linux`.
+#[macro_use]
+mod vendor;
 
 mod apic;
 mod boot;
@@ -44,7 +49,7 @@ mod spin;
 mod svm;
 mod svm_shadow;
 mod timer;
-mod vendor;
+mod vmcb;
 mod vmx;
 mod vmx_shadow;
 
