@@ -13,7 +13,8 @@
 //! mmu-generic's drivers); `scenarios`; the two-CPU dirty-log race: `apic` (local APIC),
 //! `smp` (second CPU bring-up, remote TLB flush), `spin` (the MMU lock), `race`; shadow
 //! paging with nested paging off: `sguest` (a guest that behaves like an OS), `decode`
-//! (the instructions the hypervisor decodes), `shadow_vm` (arch-x86's shadow MMU and the
+//! (the instructions the hypervisor decodes), `shadow_ram` (guest RAM as the shadow MMU
+//! sees it, shared with the Linux guest), `shadow_vm` (arch-x86's shadow MMU and the
 //! exits it needs), `svm_shadow`, `vmx_shadow`, `shadow_scenarios`.
 
 #![no_std]
@@ -42,6 +43,7 @@ mod port;
 mod race;
 mod scenarios;
 mod sguest;
+mod shadow_ram;
 mod shadow_scenarios;
 mod shadow_vm;
 mod smp;
