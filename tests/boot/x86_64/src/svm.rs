@@ -33,12 +33,9 @@ global_asm!(
     .global svm_world_switch
     // rdi = VMCB physical address, rsi = &mut GuestRegs
 svm_world_switch:
-    push %rbp
-    push %rbx
-    push %r12
-    push %r13
-    push %r14
-    push %r15
+"#,
+        push_callee_saved!(),
+        r#"
     push %rsi
     mov %rdi, %rax
 "#,
@@ -58,12 +55,9 @@ svm_world_switch:
     mov %rdi, 40(%rsi)
     pop %rax
     mov %rax, 32(%rsi)
-    pop %r15
-    pop %r14
-    pop %r13
-    pop %r12
-    pop %rbx
-    pop %rbp
+"#,
+        pop_callee_saved!(),
+        r#"
     ret
 "#,
     ),
@@ -132,14 +126,11 @@ impl Svm {
             wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SVME);
             wrmsr(MSR_VM_HSAVE_PA, hsave);
         }
-        VMCB.put(C_INTERCEPT_MISC1, MISC1_INTR | MISC1_HLT | MISC1_IOIO | MISC1_SHUTDOWN);
-        VMCB.put(C_INTERCEPT_MISC2, MISC2_VMRUN | MISC2_VMMCALL);
-        VMCB.put(C_IOPM_BASE, core::ptr::addr_of!(IOPM) as u64);
-        VMCB.put(C_MSRPM_BASE, core::ptr::addr_of!(MSRPM) as u64);
-        VMCB.put(C_ASID, 1u32);
-        VMCB.put(C_VINTR, VINTR_MASKING);
-        VMCB.put(C_NP_ENABLE, 1u64);
-        VMCB.put(C_CLEAN, 0u32);
+        VMCB.init_controls(
+            MISC1_INTR | MISC1_HLT | MISC1_IOIO | MISC1_SHUTDOWN,
+            core::ptr::addr_of!(IOPM) as u64,
+            core::ptr::addr_of!(MSRPM) as u64,
+        );
         Ok(Svm { regs: GuestRegs::default(), vmcb_pa: VMCB.pa() })
     }
 }

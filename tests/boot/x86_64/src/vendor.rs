@@ -33,6 +33,35 @@ const _: () = {
     assert!(offset_of!(GuestRegs, rbp) == 48 && offset_of!(GuestRegs, r) == 56);
 };
 
+/// AT&T assembly opening a world switch: pushes the registers the System V ABI has the
+/// callee keep (RBP, RBX, R12-R15); `pop_callee_saved!` closes it.
+macro_rules! push_callee_saved {
+    () => {
+        "
+    push %rbp
+    push %rbx
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+"
+    };
+}
+
+/// The inverse of `push_callee_saved!`, before the `ret`.
+macro_rules! pop_callee_saved {
+    () => {
+        "
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %rbx
+    pop %rbp
+"
+    };
+}
+
 /// AT&T assembly for a world switch (`svm`, `linux::svm_cpu`, `vmx`): loads the guest's
 /// RBX, RCX, RDX, RBP and R8-R15 from the [`GuestRegs`] at `%$base` (`"rsi"` or
 /// `"rdi"`). RAX, RSI and RDI are each vendor's own business (the VMCB holds RAX on

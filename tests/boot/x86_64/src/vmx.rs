@@ -143,12 +143,9 @@ global_asm!(
     // rdi = &mut GuestRegs, rsi = 1 if the VMCS was launched. Returns 0 after a VM exit,
     // 1 on VMfailInvalid, 2 on VMfailValid.
 vmx_world_switch:
-    push %rbp
-    push %rbx
-    push %r12
-    push %r13
-    push %r14
-    push %r15
+"#,
+        push_callee_saved!(),
+        r#"
     push %rdi
     mov ${host_rsp}, %rax
     vmwrite %rsp, %rax
@@ -187,12 +184,9 @@ vmx_exit_entry:
     add $8, %rsp
     xor %eax, %eax
 5:
-    pop %r15
-    pop %r14
-    pop %r13
-    pop %r12
-    pop %rbx
-    pop %rbp
+"#,
+        pop_callee_saved!(),
+        r#"
     ret
 "#,
     ),

@@ -34,12 +34,9 @@ global_asm!(
     .global linux_svm_world_switch
     // rdi = VMCB physical address, rsi = &mut GuestRegs, rdx = host VMSAVE area
 linux_svm_world_switch:
-    push %rbp
-    push %rbx
-    push %r12
-    push %r13
-    push %r14
-    push %r15
+"#,
+        push_callee_saved!(),
+        r#"
     push %rsi
     push %rdx
     mov %rdx, %rax
@@ -67,12 +64,9 @@ linux_svm_world_switch:
     cli
     stgi
     pop %rax
-    pop %r15
-    pop %r14
-    pop %r13
-    pop %r12
-    pop %rbx
-    pop %rbp
+"#,
+        pop_callee_saved!(),
+        r#"
     ret
 "#,
     ),
@@ -147,17 +141,11 @@ impl SvmCpu {
             let bit = 2 * (msr - 0xc000_0000) as usize;
             msrpm.0[0x800 + bit / 8] &= !(3 << (bit % 8));
         }
-        VMCB.put(
-            C_INTERCEPT_MISC1,
+        VMCB.init_controls(
             MISC1_INTR | MISC1_CPUID | MISC1_HLT | MISC1_IOIO | MISC1_MSR | MISC1_SHUTDOWN,
+            core::ptr::addr_of!(IOPM) as u64,
+            core::ptr::addr_of!(MSRPM) as u64,
         );
-        VMCB.put(C_INTERCEPT_MISC2, MISC2_VMRUN | MISC2_VMMCALL);
-        VMCB.put(C_IOPM_BASE, core::ptr::addr_of!(IOPM) as u64);
-        VMCB.put(C_MSRPM_BASE, core::ptr::addr_of!(MSRPM) as u64);
-        VMCB.put(C_ASID, 1u32);
-        VMCB.put(C_VINTR, VINTR_MASKING);
-        VMCB.put(C_NP_ENABLE, 1u64);
-        VMCB.put(C_CLEAN, 0u32);
         Ok(SvmCpu {
             regs: GuestRegs::default(),
             vmcb_pa: VMCB.pa(),
