@@ -167,6 +167,23 @@ impl TlbFlush for ShadowTlb<'_> {
     }
 }
 
+/// The access a #PF error code describes (SDM Vol. 3A 4.7): I/D (bit 4) a fetch, W/R
+/// (bit 1) a write, else a read; U/S (bit 2) from user mode.
+pub fn pf_access(code: u32) -> AccessKind {
+    let op = if code & 0x10 != 0 {
+        AccessOp::Fetch
+    } else if code & 2 != 0 {
+        AccessOp::Write
+    } else {
+        AccessOp::Read
+    };
+    if code & 4 != 0 {
+        AccessKind::user(op)
+    } else {
+        AccessKind::supervisor(op)
+    }
+}
+
 /// Host memory: identity-mapped, 4 KiB, writable.
 pub struct IdentHost;
 
@@ -672,14 +689,7 @@ impl<'v> ShadowVm<'v> {
 
     fn serve_page_fault(&mut self, addr: u64, code: u32) -> Result<(), SRunError> {
         self.counters.pf_exits += 1;
-        let op = if code & 0x10 != 0 {
-            AccessOp::Fetch
-        } else if code & 2 != 0 {
-            AccessOp::Write
-        } else {
-            AccessOp::Read
-        };
-        let access = if code & 4 != 0 { AccessKind::user(op) } else { AccessKind::supervisor(op) };
+        let access = pf_access(code);
         let cpu = self.guest_cpu();
         let out = self.mmu.page_fault(&cpu, Gva(addr), access, &mut self.logs).map_err(SRunError::Mmu);
         self.after_mmu();

@@ -24,9 +24,7 @@ use alloc::vec::Vec;
 
 use arch_x86::format::PhysAddrWidth;
 use arch_x86::frame::{FrameMemory as _, IdentityMemory};
-use arch_x86::shadow::{
-    AccessKind, AccessOp, CpuFeatures, GuestCpu, GuestMode, ShadowConfig, ShadowFault, ShadowMmu,
-};
+use arch_x86::shadow::{CpuFeatures, GuestCpu, GuestMode, ShadowConfig, ShadowFault, ShadowMmu};
 use mmu_generic::addr::{Gfn, GfnRange, Gpa, Gva, Hva, HvaRange, Pfn};
 use mmu_generic::age::{self, AgeReport, NoAccessedBit};
 use mmu_generic::backend::FlushToken;
@@ -41,7 +39,7 @@ use crate::decode::{self, Op, Src};
 use crate::nested::{Counters, FaultOutcome, NestedError};
 use crate::port::cpuid;
 use crate::shadow_ram::ShadowRam;
-use crate::shadow_vm::{IdentHost, Logs};
+use crate::shadow_vm::{pf_access, IdentHost, Logs};
 use crate::vendor::Vendor;
 
 const CR0_PE: u64 = 1;
@@ -290,14 +288,7 @@ impl ShadowLinux {
         ram: &GuestRam,
     ) -> Result<PagingOutcome, String> {
         self.counters.pf_exits += 1;
-        let op = if code & 0x10 != 0 {
-            AccessOp::Fetch
-        } else if code & 2 != 0 {
-            AccessOp::Write
-        } else {
-            AccessOp::Read
-        };
-        let access = if code & 4 != 0 { AccessKind::user(op) } else { AccessKind::supervisor(op) };
+        let access = pf_access(code);
         let gc = guest_cpu(&cpu.control(), cpu.rflags() & RFLAGS_AC != 0)?;
         let out = self.mmu.page_fault(&gc, Gva(addr), access, &mut self.logs);
         self.after_mmu();
