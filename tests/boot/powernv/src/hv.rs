@@ -74,41 +74,11 @@ pub mod msr {
     pub const RI: u64 = 1 << 1;
 }
 
-global_asm!(
+global_asm!(concat!(
+    // enter_guest(vcpu (r3)) -> trap
+    elfv1_function!("enter_guest"),
+    save_nonvolatile!(320),
     r#"
-    # enter_guest(vcpu (r3)) -> trap
-    .section .opd, "aw"
-    .align 3
-    .globl enter_guest
-enter_guest:
-    .quad .enter_guest, .TOC.@tocbase, 0
-    .text
-.enter_guest:
-    mflr    0
-    std     0, 16(1)
-    stdu    1, -320(1)
-    std     2, 112(1)
-    std     13, 120(1)
-    std     14, 128(1)
-    std     15, 136(1)
-    std     16, 144(1)
-    std     17, 152(1)
-    std     18, 160(1)
-    std     19, 168(1)
-    std     20, 176(1)
-    std     21, 184(1)
-    std     22, 192(1)
-    std     23, 200(1)
-    std     24, 208(1)
-    std     25, 216(1)
-    std     26, 224(1)
-    std     27, 232(1)
-    std     28, 240(1)
-    std     29, 248(1)
-    std     30, 256(1)
-    std     31, 264(1)
-    mfcr    0
-    std     0, 272(1)
     std     1, 376(3)
     lis     4, hv_exit@h
     ori     4, 4, hv_exit@l
@@ -118,45 +88,9 @@ enter_guest:
     mtspr   314, 0
     ld      0, 296(3)
     mtspr   315, 0
-    ld      0, 256(3)
-    mtcr    0
-    ld      0, 264(3)
-    mtlr    0
-    ld      0, 272(3)
-    mtctr   0
-    ld      0, 280(3)
-    mtxer   0
-    ld      0, 0(3)
-    ld      1, 8(3)
-    ld      2, 16(3)
-    ld      4, 32(3)
-    ld      5, 40(3)
-    ld      6, 48(3)
-    ld      7, 56(3)
-    ld      8, 64(3)
-    ld      9, 72(3)
-    ld      10, 80(3)
-    ld      11, 88(3)
-    ld      12, 96(3)
-    ld      13, 104(3)
-    ld      14, 112(3)
-    ld      15, 120(3)
-    ld      16, 128(3)
-    ld      17, 136(3)
-    ld      18, 144(3)
-    ld      19, 152(3)
-    ld      20, 160(3)
-    ld      21, 168(3)
-    ld      22, 176(3)
-    ld      23, 184(3)
-    ld      24, 192(3)
-    ld      25, 200(3)
-    ld      26, 208(3)
-    ld      27, 216(3)
-    ld      28, 224(3)
-    ld      29, 232(3)
-    ld      30, 240(3)
-    ld      31, 248(3)
+"#,
+    load_frame!("3", "0,1,2,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31"),
+    r#"
     ld      3, 24(3)
     hrfid
 
@@ -164,35 +98,9 @@ enter_guest:
     # its r12, r11 and CTR are saved.
     .globl hv_exit
 hv_exit:
-    std     0, 0(13)
-    std     1, 8(13)
-    std     2, 16(13)
-    std     3, 24(13)
-    std     4, 32(13)
-    std     5, 40(13)
-    std     6, 48(13)
-    std     7, 56(13)
-    std     8, 64(13)
-    std     9, 72(13)
-    std     10, 80(13)
-    std     14, 112(13)
-    std     15, 120(13)
-    std     16, 128(13)
-    std     17, 136(13)
-    std     18, 144(13)
-    std     19, 152(13)
-    std     20, 160(13)
-    std     21, 168(13)
-    std     22, 176(13)
-    std     23, 184(13)
-    std     24, 192(13)
-    std     25, 200(13)
-    std     26, 208(13)
-    std     27, 216(13)
-    std     28, 224(13)
-    std     29, 232(13)
-    std     30, 240(13)
-    std     31, 248(13)
+    .irp r, 0,1,2,3,4,5,6,7,8,9,10,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    std     \r, 8 * \r(13)
+    .endr
     mfspr   0, 305
     std     0, 104(13)
     std     12, 304(13)
@@ -226,31 +134,9 @@ hv_exit:
     isync
     mr      3, 12
     ld      1, 376(13)
-    ld      0, 272(1)
-    mtcr    0
-    ld      2, 112(1)
-    ld      13, 120(1)
-    ld      14, 128(1)
-    ld      15, 136(1)
-    ld      16, 144(1)
-    ld      17, 152(1)
-    ld      18, 160(1)
-    ld      19, 168(1)
-    ld      20, 176(1)
-    ld      21, 184(1)
-    ld      22, 192(1)
-    ld      23, 200(1)
-    ld      24, 208(1)
-    ld      25, 216(1)
-    ld      26, 224(1)
-    ld      27, 232(1)
-    ld      28, 240(1)
-    ld      29, 248(1)
-    ld      30, 256(1)
-    ld      31, 264(1)
-    addi    1, 1, 320
-    ld      0, 16(1)
-    mtlr    0
+"#,
+    restore_nonvolatile!(320),
+    r#"
     blr
 
     # The vector block, copied to real address 0. Position independent: only
@@ -277,8 +163,8 @@ hv_low_common:
     bctr
     .globl hv_vectors_end
 hv_vectors_end:
-"#
-);
+"#,
+),);
 
 extern "C" {
     fn enter_guest(vcpu: *mut Vcpu) -> u64;

@@ -7,10 +7,11 @@
 //!
 //! | module | what it holds |
 //! |---|---|
+//! | `asm` | assembly pieces shared with the pseries image (ELFv1 calls, frames, stacks) |
 //! | `entry` | the entry stub skiboot jumps to, the OPAL call gate |
 //! | `opal` | console, power-off |
 //! | `fdt` | the flattened device tree reader |
-//! | `heap`, `mem` | the allocator (size-aligned blocks: the HPT), memcpy and friends |
+//! | `heap`, `mem` | the allocator (size-aligned blocks: the HPT), memcpy and friends (both shared) |
 //! | `spr` | SPR access, cache and TLB maintenance |
 //! | `hv` | guest entry (`hrfid`) and exit (the hypervisor vectors) |
 //! | `guest` | the guest's kernel: an operation interpreter copied into its memory |
@@ -22,9 +23,17 @@
 
 extern crate alloc;
 
+// Assembly pieces (ELFv1 calls, frames, stacks), shared with the pseries image; first,
+// so that every later module sees its macros.
+#[path = "../../ppc64/src/asm.rs"]
+#[macro_use]
+#[rustfmt::skip]
+mod asm;
 mod entry;
 mod fdt;
 mod guest;
+// The allocator, shared with the pseries image.
+#[path = "../../ppc64/src/heap.rs"]
 mod heap;
 mod hv;
 // memcpy and friends, shared with the pseries image (self-contained, no hardware access).
@@ -46,6 +55,9 @@ extern "C" {
     static __image_end: u8;
 }
 
+/// Size classes of the heap: 16 B .. 2^43 B, so that every block is a power of two
+/// aligned to its size (the HPT needs that).
+const HEAP_CLASSES: usize = 40;
 /// Bytes of the hypervisor heap.
 const HEAP_BYTES: u64 = 64 << 20;
 /// Bytes of guest memory.

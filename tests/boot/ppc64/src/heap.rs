@@ -1,19 +1,30 @@
-//! The kernel heap: size-class free lists over a bump region, for `alloc` users (the vmmu
-//! crates). One CPU, external interrupts off, and the only interrupts are faults expected
-//! at a probe instruction (never inside the allocator), so a plain cell suffices: a fault
-//! handler may allocate (the write-protect dirty log does), the interrupted code is not
-//! in here.
+//! The kernel heap of both ppc64 images (the powernv hypervisor includes this file by
+//! `#[path]`): power-of-two size classes over a bump region, for `alloc` users (the vmmu
+//! crates), and first-fit reuse of blocks larger than every class.
+//!
+//! A class block is a power of two aligned to its own size. The image sets the number
+//! of classes (`crate::HEAP_CLASSES`, from 16 B up): the powernv hypervisor has enough of
+//! them for every allocation, which is what lets the CPU walk `GuestHpt`'s table in
+//! place (the HPT must be aligned to its size, and the table's storage is one
+//! allocation of exactly that size).
+//!
+//! One CPU, external interrupts off, and the only interrupts are faults expected at a
+//! probe instruction (never inside the allocator), so a plain cell suffices: a fault
+//! handler may allocate (the pseries write-protect dirty log does), the interrupted code
+//! is not in here.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::ptr::null_mut;
 
-const CLASSES: usize = 13; // 16 B .. 64 KiB
+const CLASSES: usize = crate::HEAP_CLASSES;
+/// The smallest class holds 16 bytes.
 const MIN_SHIFT: u32 = 4;
 
 struct State {
     next: usize,
     end: usize,
+    /// Freed blocks of each class, linked through their first word.
     free: [usize; CLASSES],
     /// Large blocks: singly linked through their first two words (next, size).
     large_free: usize,
@@ -51,11 +62,13 @@ fn class_of(layout: &Layout) -> Option<usize> {
 impl State {
     fn bump(&mut self, size: usize, align: usize) -> *mut u8 {
         let start = (self.next + align - 1) & !(align - 1);
-        if start + size > self.end {
-            return null_mut();
+        match start.checked_add(size) {
+            Some(end) if end <= self.end => {
+                self.next = end;
+                start as *mut u8
+            }
+            _ => null_mut(),
         }
-        self.next = start + size;
-        start as *mut u8
     }
 }
 
@@ -118,7 +131,7 @@ unsafe impl GlobalAlloc for Heap {
             }
             None => {
                 let size = (layout.size() + 15) & !15;
-                // SAFETY: the block is ours again and larger than 64 KiB.
+                // SAFETY: the block is ours again and larger than the largest class.
                 unsafe {
                     *(ptr as *mut usize) = s.large_free;
                     *((ptr as usize + 8) as *mut usize) = size;

@@ -9,6 +9,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
+//! | `asm` | assembly pieces shared with the powernv image (ELFv1 calls, frames, stacks) |
 //! | `entry` | the entry stub (ELFv1 descriptor call, MSR bits, .bss, stack) and the OF call gate |
 //! | `console`, `hcall`, `rtas` | H_PUT_TERM_CHAR output, `sc 1` with per-opcode counters, RTAS verdict |
 //! | `ofw` | IEEE 1275 client interface and the device-tree walk (`Platform`) |
@@ -28,6 +29,10 @@
 
 extern crate alloc;
 
+// One assembler line per source line: rustfmt would split the `concat!`s.
+#[macro_use]
+#[rustfmt::skip]
+mod asm;
 mod console;
 mod entry;
 mod env;
@@ -53,6 +58,9 @@ mod vectors;
 mod watchdog;
 
 use core::panic::PanicInfo;
+
+/// Size classes of the heap: 16 B .. 64 KiB; larger blocks are reused first fit.
+const HEAP_CLASSES: usize = 13;
 
 /// Rust entry, called by the stub with the firmware's r3, r4, r5.
 #[no_mangle]

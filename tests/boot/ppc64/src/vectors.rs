@@ -73,7 +73,8 @@ const EXC_STACK_SIZE: usize = 64 * 1024;
 static mut EXC_STACK: [u8; EXC_STACK_SIZE] = [0; EXC_STACK_SIZE];
 
 global_asm!(
-    r#"
+    concat!(
+        r#"
     .text
     .globl vector_template
     .globl vector_template_end
@@ -101,36 +102,9 @@ trap_common:
     std     13, 272(12)
     mfspr   13, 275
     std     13, 96(12)
-    std     0, 0(12)
-    std     1, 8(12)
-    std     2, 16(12)
-    std     3, 24(12)
-    std     4, 32(12)
-    std     5, 40(12)
-    std     6, 48(12)
-    std     7, 56(12)
-    std     8, 64(12)
-    std     9, 72(12)
-    std     10, 80(12)
-    std     11, 88(12)
-    std     14, 112(12)
-    std     15, 120(12)
-    std     16, 128(12)
-    std     17, 136(12)
-    std     18, 144(12)
-    std     19, 152(12)
-    std     20, 160(12)
-    std     21, 168(12)
-    std     22, 176(12)
-    std     23, 184(12)
-    std     24, 192(12)
-    std     25, 200(12)
-    std     26, 208(12)
-    std     27, 216(12)
-    std     28, 224(12)
-    std     29, 232(12)
-    std     30, 240(12)
-    std     31, 248(12)
+    .irp r, 0,1,2,3,4,5,6,7,8,9,10,11,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    std     \r, 8 * \r(12)
+    .endr
     mfcr    0
     std     0, 256(12)
     mflr    0
@@ -163,22 +137,12 @@ trap_common:
     li      11, 1376
     stvx    0, 11, 12
 
-    # Handler stack, then trap_handler(&mut TRAP_FRAME) through its descriptor.
-    lis     1, EXC_STACK@h
-    ori     1, 1, EXC_STACK@l
-    lis     0, {stack_size}@h
-    ori     0, 0, {stack_size}@l
-    add     1, 1, 0
-    rldicr  1, 1, 0, 59
-    li      0, 0
-    stdu    0, -256(1)
-    mr      3, 12
-    lis     11, trap_handler@h
-    ori     11, 11, trap_handler@l
-    ld      0, 0(11)
-    ld      2, 8(11)
-    mtctr   0
-    bctrl
+"#,
+        // Handler stack, then trap_handler(&mut TRAP_FRAME) through its descriptor.
+        stack_top!("EXC_STACK", "{stack_size}"),
+        "    mr      3, 12\n",
+        call_descriptor!("trap_handler"),
+        r#"
 
     lis     12, TRAP_FRAME@h
     ori     12, 12, TRAP_FRAME@l
@@ -201,48 +165,13 @@ trap_common:
     mtsrr0  0
     ld      0, 296(12)
     mtsrr1  0
-    ld      0, 256(12)
-    mtcr    0
-    ld      0, 264(12)
-    mtlr    0
-    ld      0, 272(12)
-    mtctr   0
-    ld      0, 280(12)
-    mtxer   0
-    ld      0, 0(12)
-    ld      1, 8(12)
-    ld      2, 16(12)
-    ld      3, 24(12)
-    ld      4, 32(12)
-    ld      5, 40(12)
-    ld      6, 48(12)
-    ld      7, 56(12)
-    ld      8, 64(12)
-    ld      9, 72(12)
-    ld      10, 80(12)
-    ld      11, 88(12)
-    ld      13, 104(12)
-    ld      14, 112(12)
-    ld      15, 120(12)
-    ld      16, 128(12)
-    ld      17, 136(12)
-    ld      18, 144(12)
-    ld      19, 152(12)
-    ld      20, 160(12)
-    ld      21, 168(12)
-    ld      22, 176(12)
-    ld      23, 184(12)
-    ld      24, 192(12)
-    ld      25, 200(12)
-    ld      26, 208(12)
-    ld      27, 216(12)
-    ld      28, 224(12)
-    ld      29, 232(12)
-    ld      30, 240(12)
-    ld      31, 248(12)
+"#,
+    load_frame!("12", "0,1,2,3,4,5,6,7,8,9,10,11,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31"),
+    r#"
     ld      12, 96(12)
     rfid
 "#,
+    ),
     stack_size = const EXC_STACK_SIZE,
 );
 

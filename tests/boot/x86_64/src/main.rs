@@ -7,12 +7,14 @@
 //! multiboot2 under Bochs (Intel VMX with EPT). The vendor is chosen by CPUID.
 //!
 //! Modules: `boot` (entry, trampoline), `gdt`, `idt`, `port`, `console`, `heap`,
-//! `frames`, `timer`; `vendor` (the common interface), `svm`, `vmx`; `guest` (the guest
+//! `frames`, `timer`; `vendor` (the common interface), `svm`, `vmx`, `vmcb` (the VMCB
+//! layout and access every SVM user shares); `guest` (the guest
 //! program); `harness` (runs guest commands); `nested` (arch-x86's TDP engine with
 //! mmu-generic's drivers); `scenarios`; the two-CPU dirty-log race: `apic` (local APIC),
 //! `smp` (second CPU bring-up, remote TLB flush), `spin` (the MMU lock), `race`; shadow
 //! paging with nested paging off: `sguest` (a guest that behaves like an OS), `decode`
-//! (the instructions the hypervisor decodes), `shadow_vm` (arch-x86's shadow MMU and the
+//! (the instructions the hypervisor decodes), `shadow_ram` (guest RAM as the shadow MMU
+//! sees it, shared with the Linux guest), `shadow_vm` (arch-x86's shadow MMU and the
 //! exits it needs), `svm_shadow`, `vmx_shadow`, `shadow_scenarios`.
 
 #![no_std]
@@ -20,6 +22,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 extern crate alloc;
+
+// First: its world-switch assembly macros serve `svm`, `vmx` and `linux`.
+#[macro_use]
+mod vendor;
 
 mod apic;
 mod boot;
@@ -37,6 +43,7 @@ mod port;
 mod race;
 mod scenarios;
 mod sguest;
+mod shadow_ram;
 mod shadow_scenarios;
 mod shadow_vm;
 mod smp;
@@ -44,7 +51,7 @@ mod spin;
 mod svm;
 mod svm_shadow;
 mod timer;
-mod vendor;
+mod vmcb;
 mod vmx;
 mod vmx_shadow;
 

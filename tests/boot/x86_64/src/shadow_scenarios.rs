@@ -31,7 +31,8 @@ use crate::port::cpuid;
 use crate::println;
 use crate::scenarios::Tally;
 use crate::sguest::*;
-use crate::shadow_vm::{fmt_faults, GuestRam, SRunError, ShadowTlb, ShadowVendor, ShadowVm, IDENT_PD, RAM_PAGES};
+use crate::shadow_ram::ShadowRam;
+use crate::shadow_vm::{fmt_faults, SRunError, ShadowTlb, ShadowVendor, ShadowVm, IDENT_PD, RAM_PAGES};
 
 const P: u64 = 1;
 const RW: u64 = 2;
@@ -224,7 +225,7 @@ fn pattern(gfn: u64) -> u64 {
 }
 
 /// Writes the loader's tables for every mode (the guest starts on `PD_BOOT`).
-fn write_tables(ram: &GuestRam) {
+fn write_tables(ram: &ShadowRam) {
     for p in 0..1024u64 {
         // Hypervisor identity map: 4 MiB pages, all accessed and dirty already.
         ram.set(IDENT_PD + 4 * p, 4, (p << 22) | P | RW | 0x4 | PS | A | D);
@@ -272,7 +273,7 @@ fn write_tables(ram: &GuestRam) {
     }
 }
 
-fn fill_data(ram: &GuestRam) {
+fn fill_data(ram: &ShadowRam) {
     for g in (A_DATA..A_DATA + 0xf0).chain(B_DATA..B_DATA + 0xf0) {
         for w in 0..1024u64 {
             ram.set((g << 12) + 4 * w, 4, 0);
@@ -317,7 +318,10 @@ pub fn run_all(vendor: &mut dyn ShadowVendor, pool: &mut FramePool, tally: &mut 
         // SAFETY: both regions were just taken from the frame pool, which hands each
         // frame out once; they are identity-mapped RAM below 4 GiB used by nothing else.
         let (frames, ram) = unsafe {
-            (IdentityMemory::new(Pfn(frames_base >> 12), SHADOW_FRAMES as u32), GuestRam::new(ram_base))
+            (
+                IdentityMemory::new(Pfn(frames_base >> 12), SHADOW_FRAMES as u32),
+                ShadowRam::new(ram_base, RAM_PAGES * 4096),
+            )
         };
         if CODE_GPA + code().len() as u64 > CODE_END {
             return tally.report("shadow setup", Err(String::from("the guest code does not fit its area")));
@@ -329,7 +333,7 @@ pub fn run_all(vendor: &mut dyn ShadowVendor, pool: &mut FramePool, tally: &mut 
         }
         write_tables(&ram);
         fill_data(&ram);
-        let _ = ram.take_written();
+        ram.take_written(|_| {});
         let mut vm = ShadowVm::new(&mut *vendor, frames, ram, slots, feat, SHADOW_MAX_PAGES);
         let tag = format!("shadow {} {}", name, l.name);
         if let Err(err) = boot(&mut vm, &l) {
@@ -385,7 +389,7 @@ fn reboot(vm: &mut ShadowVm<'_>, l: &Layout) -> Result<(), SRunError> {
     vm.mmu.set_memslots(slots);
     vm.logs.logs.clear();
     vm.mmu.set_track_zapped_dirty(false);
-    let _ = vm.ram().take_written();
+    vm.ram().take_written(|_| {});
     boot(vm, l)
 }
 

@@ -13,16 +13,15 @@
 //!
 //! Hypervisor writes to guest memory (the walker's A/D updates in the guest's tables,
 //! emulated table writes, the loader's and the mailbox's stores) are recorded by
-//! [`GuestRam`] and marked in the slot's dirty log, so a migration copies them too.
+//! [`ShadowRam`] and marked in the slot's dirty log, so a migration copies them too.
 
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use arch_x86::format::PageSize;
 use arch_x86::frame::IdentityMemory;
-use arch_x86::shadow::guest_walk::{NotMemory, PdptrError};
+use arch_x86::shadow::guest_walk::PdptrError;
 use arch_x86::shadow::{
     load_pdptrs, walk_any, AccessKind, AccessOp, CpuFeatures, DirtyTracker, GuestCpu, GuestMode, PhysMemory,
     ShadowConfig, ShadowError, ShadowFault, ShadowMmu, SlotMemory,
@@ -36,6 +35,7 @@ use mmu_generic::pte_list::PteHandle;
 
 use crate::decode::{self, Op, Src};
 use crate::sguest;
+use crate::shadow_ram::ShadowRam;
 use crate::vendor::GuestRegs;
 
 /// The hypervisor's identity page directory (4 MiB pages, reserved guest memory).
@@ -167,108 +167,20 @@ impl TlbFlush for ShadowTlb<'_> {
     }
 }
 
-/// Guest RAM: `RAM_PAGES` identity-mapped host pages from `base`, with a record of the
-/// pages the hypervisor wrote.
-pub struct GuestRam {
-    base: u64,
-    written: [AtomicU64; (RAM_PAGES / 64) as usize],
-}
-
-impl GuestRam {
-    /// Guest RAM at host address `base`.
-    ///
-    /// # Safety
-    /// `base .. base + RAM_PAGES * 4096` must be identity-mapped RAM owned by the guest.
-    pub unsafe fn new(base: u64) -> Self {
-        GuestRam { base, written: [const { AtomicU64::new(0) }; (RAM_PAGES / 64) as usize] }
-    }
-
-    /// Host address of guest RAM's first byte.
-    pub fn base(&self) -> u64 {
-        self.base
-    }
-
-    fn check(&self, addr: Gpa, bytes: u64) -> Result<u64, NotMemory> {
-        let end = addr.0.checked_add(bytes).ok_or(NotMemory(addr))?;
-        if end > RAM_PAGES * 4096 || !addr.0.is_multiple_of(bytes) {
-            return Err(NotMemory(addr));
-        }
-        Ok(self.base + addr.0)
-    }
-
-    fn note_write(&self, addr: Gpa) {
-        let g = addr.0 >> 12;
-        self.written[(g / 64) as usize].fetch_or(1 << (g % 64), Ordering::AcqRel);
-    }
-
-    /// The guest frames the hypervisor wrote since the last call.
-    pub fn take_written(&self) -> Vec<u64> {
-        let mut v = Vec::new();
-        for (i, w) in self.written.iter().enumerate() {
-            let mut bits = w.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                v.push(i as u64 * 64 + bits.trailing_zeros() as u64);
-                bits &= bits - 1;
-            }
-        }
-        v
-    }
-
-    /// Reads a 32- or 64-bit word.
-    pub fn get(&self, addr: u64, bytes: u64) -> u64 {
-        self.read(Gpa(addr), bytes).unwrap_or(u64::MAX)
-    }
-
-    /// Writes a 32- or 64-bit word (a hypervisor write: recorded).
-    pub fn set(&self, addr: u64, bytes: u64, value: u64) -> bool {
-        let Ok(p) = self.check(Gpa(addr), bytes) else { return false };
-        // SAFETY: `check` keeps the access inside guest RAM, naturally aligned.
-        unsafe {
-            if bytes == 8 {
-                (*(p as *const AtomicU64)).store(value, Ordering::Release);
-            } else {
-                (*(p as *const AtomicU32)).store(value as u32, Ordering::Release);
-            }
-        }
-        self.note_write(Gpa(addr));
-        true
-    }
-}
-
-impl PhysMemory for GuestRam {
-    fn read(&self, addr: Gpa, bytes: u64) -> Result<u64, NotMemory> {
-        let bytes = if bytes == 8 { 8 } else { 4 };
-        let p = self.check(addr, bytes)?;
-        // SAFETY: `check` keeps the access inside guest RAM, naturally aligned; the guest
-        // may write the word concurrently, hence the atomic access.
-        Ok(unsafe {
-            if bytes == 8 {
-                (*(p as *const AtomicU64)).load(Ordering::Acquire)
-            } else {
-                (*(p as *const AtomicU32)).load(Ordering::Acquire) as u64
-            }
-        })
-    }
-
-    fn compare_exchange(&self, addr: Gpa, bytes: u64, old: u64, new: u64) -> Result<bool, NotMemory> {
-        let bytes = if bytes == 8 { 8 } else { 4 };
-        let p = self.check(addr, bytes)?;
-        // SAFETY: as in `read`.
-        let ok = unsafe {
-            if bytes == 8 {
-                (*(p as *const AtomicU64))
-                    .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            } else {
-                (*(p as *const AtomicU32))
-                    .compare_exchange(old as u32, new as u32, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            }
-        };
-        if ok && old != new {
-            self.note_write(addr);
-        }
-        Ok(ok)
+/// The access a #PF error code describes (SDM Vol. 3A 4.7): I/D (bit 4) a fetch, W/R
+/// (bit 1) a write, else a read; U/S (bit 2) from user mode.
+pub fn pf_access(code: u32) -> AccessKind {
+    let op = if code & 0x10 != 0 {
+        AccessOp::Fetch
+    } else if code & 2 != 0 {
+        AccessOp::Write
+    } else {
+        AccessOp::Read
+    };
+    if code & 4 != 0 {
+        AccessKind::user(op)
+    } else {
+        AccessKind::supervisor(op)
     }
 }
 
@@ -282,7 +194,7 @@ impl HostMemory for IdentHost {
 }
 
 /// The shadow MMU type of the boot image.
-pub type Mmu = ShadowMmu<IdentityMemory, GuestRam, IdentHost>;
+pub type Mmu = ShadowMmu<IdentityMemory, ShadowRam, IdentHost>;
 
 /// The dirty logs of the slots, as the shadow fault path consults them.
 #[derive(Default)]
@@ -498,7 +410,7 @@ impl<'v> ShadowVm<'v> {
     pub fn new(
         vendor: &'v mut dyn ShadowVendor,
         frames: IdentityMemory,
-        ram: GuestRam,
+        ram: ShadowRam,
         slots: Memslots,
         features: CpuFeatures,
         max_pages: usize,
@@ -519,7 +431,7 @@ impl<'v> ShadowVm<'v> {
     }
 
     /// Guest RAM.
-    pub fn ram(&self) -> &GuestRam {
+    pub fn ram(&self) -> &ShadowRam {
         self.mmu.guest()
     }
 
@@ -609,15 +521,15 @@ impl<'v> ShadowVm<'v> {
     /// Folds what the MMU's last operation did to guest memory into the dirty logs: the
     /// pages the hypervisor wrote, and the dirty leaves its own zaps dropped.
     pub fn after_mmu(&mut self) {
-        let written = self.mmu.guest().take_written();
-        for g in written {
-            if let Some(slot) = self.mmu.memslots().lookup(Gfn(g)).copied() {
-                if let Some(log) = self.logs.get(slot.id()) {
-                    mark_hypervisor_write(log, &slot, Gfn(g));
-                    self.counters.hv_marked += 1;
+        let (slots, logs, counters) = (self.mmu.memslots(), &self.logs, &mut self.counters);
+        self.mmu.guest().take_written(|gfn| {
+            if let Some(slot) = slots.lookup(gfn) {
+                if let Some(log) = logs.get(slot.id()) {
+                    mark_hypervisor_write(log, slot, gfn);
+                    counters.hv_marked += 1;
                 }
             }
-        }
+        });
         for (slot, leaf) in self.mmu.take_zapped_dirty() {
             if let Some(log) = self.logs.get(slot) {
                 log.note_zapped(&leaf);
@@ -777,14 +689,7 @@ impl<'v> ShadowVm<'v> {
 
     fn serve_page_fault(&mut self, addr: u64, code: u32) -> Result<(), SRunError> {
         self.counters.pf_exits += 1;
-        let op = if code & 0x10 != 0 {
-            AccessOp::Fetch
-        } else if code & 2 != 0 {
-            AccessOp::Write
-        } else {
-            AccessOp::Read
-        };
-        let access = if code & 4 != 0 { AccessKind::user(op) } else { AccessKind::supervisor(op) };
+        let access = pf_access(code);
         let cpu = self.guest_cpu();
         let out = self.mmu.page_fault(&cpu, Gva(addr), access, &mut self.logs).map_err(SRunError::Mmu);
         self.after_mmu();

@@ -10,25 +10,10 @@
 use alloc::string::String;
 
 use crate::shadow_vm::{HwPaging, SExit, ShadowVendor};
-use crate::svm::*;
+use crate::svm::{run_budgeted, svm_world_switch, MSRPM, SLICE_MS, VMCB};
 use crate::timer;
 use crate::vendor::GuestRegs;
-
-const C_INTERCEPT_CR: usize = 0x000;
-const C_INTERCEPT_EXC: usize = 0x008;
-const C_EXITINTINFO: usize = 0x088;
-const C_EVENTINJ: usize = 0x0a8;
-const S_CR2: usize = 0x640;
-
-const MISC1_INVLPG: u32 = 1 << 25;
-const MISC1_MSR: u32 = 1 << 28;
-
-const EXIT_CR_READ: u64 = 0x00;
-const EXIT_CR_WRITE: u64 = 0x10;
-const EXIT_PF: u64 = 0x4e;
-const EXIT_INVLPG: u64 = 0x79;
-const EXIT_MSR: u64 = 0x7c;
-const EXIT_HLT: u64 = 0x78;
+use crate::vmcb::*;
 
 /// Byte of the MSR permission map holding EFER's read and write bits (MSRs
 /// C000_0000-C000_1FFF start at 0x800, two bits per MSR).
@@ -45,7 +30,7 @@ pub struct SvmShadow {
 impl SvmShadow {
     /// The shadow-mode view of the VMCB that [`crate::svm::Svm::new`] prepared.
     pub fn new() -> Self {
-        SvmShadow { regs: GuestRegs::default(), vmcb_pa: vmcb() as u64, event: 0, reinject: 0 }
+        SvmShadow { regs: GuestRegs::default(), vmcb_pa: VMCB.pa(), event: 0, reinject: 0 }
     }
 }
 
@@ -55,18 +40,18 @@ impl ShadowVendor for SvmShadow {
     }
 
     fn enter_shadow_mode(&mut self) -> Result<(), String> {
-        put(C_NP_ENABLE, 0u64);
-        put(C_INTERCEPT_CR, (1u32 << 0) | (1 << 3) | (1 << 4) | (1 << 16) | (1 << 19) | (1 << 20));
-        put(C_INTERCEPT_EXC, 1u32 << 14);
-        put(
+        VMCB.put(C_NP_ENABLE, 0u64);
+        VMCB.put(C_INTERCEPT_CR, INTERCEPT_CR0_CR3_CR4);
+        VMCB.put(C_INTERCEPT_EXC, INTERCEPT_EXC_PF);
+        VMCB.put(
             C_INTERCEPT_MISC1,
             MISC1_INTR | MISC1_HLT | MISC1_IOIO | MISC1_SHUTDOWN | MISC1_INVLPG | MISC1_MSR,
         );
         // SAFETY: the MSR permission map is a static the processor reads only during
         // VMRUN, which is not running.
         unsafe { (*core::ptr::addr_of_mut!(MSRPM)).0[MSRPM_EFER_BYTE] |= 3 };
-        put(C_CLEAN, 0u32);
-        put(C_TLB_CONTROL, TLB_FLUSH_ALL);
+        VMCB.put(C_CLEAN, 0u32);
+        VMCB.put(C_TLB_CONTROL, TLB_FLUSH_ALL);
         Ok(())
     }
 
@@ -74,57 +59,41 @@ impl ShadowVendor for SvmShadow {
         self.regs = GuestRegs::default();
         self.event = 0;
         self.reinject = 0;
-        put_seg(S_CS, 0x08, 0xc9b, 0xffff_ffff, 0);
-        for off in [S_ES, S_SS, S_DS, S_FS, S_GS] {
-            put_seg(off, 0x10, 0xc93, 0xffff_ffff, 0);
-        }
-        put_seg(S_GDTR, 0, 0, 0, 0);
-        put_seg(S_IDTR, 0, 0, 0, 0);
-        put_seg(S_LDTR, 0, 0x82, 0, 0);
-        put_seg(S_TR, 0, 0x8b, 0x67, 0);
-        put(S_CPL, 0u8);
-        put(S_DR6, 0xffff_0ff0u64);
-        put(S_DR7, 0x400u64);
-        put(S_RFLAGS, 0x2u64);
-        put(S_RIP, rip);
-        put(S_RSP, rsp);
-        put(S_RAX, 0u64);
-        put(S_CR2, 0u64);
-        put(S_GPAT, 0x0007_0406_0007_0406u64);
-        put(C_EVENTINJ, 0u64);
-        put(C_TLB_CONTROL, TLB_FLUSH_ALL);
+        VMCB.reset_state((0x08, 0xc9b), (0x10, 0xc93), (0, 0), rip, rsp);
+        VMCB.put(S_CR2, 0u64);
+        VMCB.put(C_EVENTINJ, 0u64);
+        VMCB.put(C_TLB_CONTROL, TLB_FLUSH_ALL);
     }
 
     fn set_paging(&mut self, hw: &HwPaging, _guest_cr0: u64, _guest_cr4: u64) {
-        put(S_CR0, hw.cr0);
-        put(S_CR3, hw.cr3);
-        put(S_CR4, hw.cr4);
-        put(S_EFER, hw.efer | EFER_SVME);
-        put(C_TLB_CONTROL, TLB_FLUSH_ALL);
+        VMCB.put(S_CR0, hw.cr0);
+        VMCB.put(S_CR3, hw.cr3);
+        VMCB.put(S_CR4, hw.cr4);
+        VMCB.put(S_EFER, hw.efer | EFER_SVME);
+        VMCB.put(C_TLB_CONTROL, TLB_FLUSH_ALL);
     }
 
     fn flush_tlb(&mut self) {
-        put(C_TLB_CONTROL, TLB_FLUSH_ALL);
+        VMCB.put(C_TLB_CONTROL, TLB_FLUSH_ALL);
     }
 
     fn inject(&mut self, vector: u8, code: Option<u32>, cr2: u64) {
         // EVENTINJ: vector, type 3 (exception), EV (error code valid), V.
-        let mut e = vector as u64 | (3 << 8) | (1 << 31);
+        let mut e = vector as u64 | EVENT_TYPE_EXCEPTION | EVENT_VALID;
         if let Some(c) = code {
-            e |= (1 << 11) | ((c as u64) << 32);
+            e |= EVENT_EV | ((c as u64) << 32);
         }
         if vector == 14 {
-            put(S_CR2, cr2);
+            VMCB.put(S_CR2, cr2);
         }
         self.event = e;
     }
 
     fn run(&mut self) -> SExit {
-        let mut slices = 0;
-        let (code, fired) = loop {
-            put(S_RAX, self.regs.rax);
+        let (code, fired) = run_budgeted(|| {
+            VMCB.put(S_RAX, self.regs.rax);
             let ev = if self.event != 0 { self.event } else { self.reinject };
-            put(C_EVENTINJ, ev);
+            VMCB.put(C_EVENTINJ, ev);
             self.event = 0;
             self.reinject = 0;
             let before = timer::ticks();
@@ -134,25 +103,16 @@ impl ShadowVendor for SvmShadow {
             // register the ABI requires.
             unsafe { svm_world_switch(self.vmcb_pa, &mut self.regs) };
             let fired = timer::disarm(before);
-            put(C_TLB_CONTROL, 0u32);
-            self.regs.rax = get(S_RAX);
-            let info: u64 = get(C_EXITINTINFO);
-            if info & (1 << 31) != 0 {
+            VMCB.put(C_TLB_CONTROL, 0u32);
+            self.regs.rax = VMCB.get(S_RAX);
+            let info: u64 = VMCB.get(C_EXITINTINFO);
+            if info & EVENT_VALID != 0 {
                 self.reinject = info;
             }
-            let code: u64 = get(C_EXITCODE);
-            if code != EXIT_INTR {
-                break (code, fired);
-            }
-            if fired {
-                slices += 1;
-                if slices >= RUN_BUDGET_SLICES {
-                    break (code, fired);
-                }
-            }
-        };
-        let info1: u64 = get(C_EXITINFO1);
-        let info2: u64 = get(C_EXITINFO2);
+            (VMCB.get(C_EXITCODE), fired)
+        });
+        let info1: u64 = VMCB.get(C_EXITINFO1);
+        let info2: u64 = VMCB.get(C_EXITINFO2);
         match code {
             EXIT_PF => SExit::PageFault { addr: info2, code: info1 as u32 },
             c if (EXIT_CR_READ..EXIT_CR_READ + 16).contains(&c) => SExit::CrRead((c - EXIT_CR_READ) as u8),
@@ -162,13 +122,9 @@ impl ShadowVendor for SvmShadow {
             EXIT_INVLPG => SExit::Invlpg,
             EXIT_MSR => SExit::Msr,
             EXIT_IOIO if info1 & 1 == 0 => {
-                put(S_RIP, info2);
-                let mask = match (info1 >> 4) & 7 {
-                    1 => 0xff,
-                    2 => 0xffff,
-                    _ => 0xffff_ffff,
-                };
-                SExit::IoOut { port: (info1 >> 16) as u16, value: (self.regs.rax & mask) as u32 }
+                VMCB.put(S_RIP, info2);
+                let io = IoInfo::decode(info1);
+                SExit::IoOut { port: io.port, value: io.out_value(self.regs.rax) }
             }
             EXIT_HLT => SExit::Halt,
             EXIT_INTR if fired => SExit::Timer,
@@ -183,22 +139,22 @@ impl ShadowVendor for SvmShadow {
     }
 
     fn rip(&mut self) -> u64 {
-        get(S_RIP)
+        VMCB.get(S_RIP)
     }
 
     fn set_rip(&mut self, rip: u64) {
-        put(S_RIP, rip);
+        VMCB.put(S_RIP, rip);
     }
 
     fn rsp(&mut self) -> u64 {
-        get(S_RSP)
+        VMCB.get(S_RSP)
     }
 
     fn set_rsp(&mut self, rsp: u64) {
-        put(S_RSP, rsp);
+        VMCB.put(S_RSP, rsp);
     }
 
     fn code64(&mut self) -> bool {
-        get::<u16>(S_CS + 2) & (1 << 9) != 0 && get::<u64>(S_EFER) & (1 << 10) != 0
+        VMCB.code64()
     }
 }

@@ -24,24 +24,88 @@ pub struct GuestRegs {
     pub r: [u64; 8],
 }
 
-/// Offsets of the fields in [`GuestRegs`], for the world-switch assembly.
-pub mod regs_offset {
-    /// RAX.
-    pub const RAX: usize = 0;
-    /// RBX.
-    pub const RBX: usize = 8;
-    /// RCX.
-    pub const RCX: usize = 16;
-    /// RDX.
-    pub const RDX: usize = 24;
-    /// RSI.
-    pub const RSI: usize = 32;
-    /// RDI.
-    pub const RDI: usize = 40;
-    /// RBP.
-    pub const RBP: usize = 48;
-    /// R8.
-    pub const R8: usize = 56;
+// The world switches' assembly below hard-codes these offsets.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(GuestRegs, rax) == 0 && offset_of!(GuestRegs, rbx) == 8);
+    assert!(offset_of!(GuestRegs, rcx) == 16 && offset_of!(GuestRegs, rdx) == 24);
+    assert!(offset_of!(GuestRegs, rsi) == 32 && offset_of!(GuestRegs, rdi) == 40);
+    assert!(offset_of!(GuestRegs, rbp) == 48 && offset_of!(GuestRegs, r) == 56);
+};
+
+/// AT&T assembly opening a world switch: pushes the registers the System V ABI has the
+/// callee keep (RBP, RBX, R12-R15); `pop_callee_saved!` closes it.
+macro_rules! push_callee_saved {
+    () => {
+        "
+    push %rbp
+    push %rbx
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+"
+    };
+}
+
+/// The inverse of `push_callee_saved!`, before the `ret`.
+macro_rules! pop_callee_saved {
+    () => {
+        "
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %rbx
+    pop %rbp
+"
+    };
+}
+
+/// AT&T assembly for a world switch (`svm`, `linux::svm_cpu`, `vmx`): loads the guest's
+/// RBX, RCX, RDX, RBP and R8-R15 from the [`GuestRegs`] at `%$base` (`"rsi"` or
+/// `"rdi"`). RAX, RSI and RDI are each vendor's own business (the VMCB holds RAX on
+/// SVM; the base register is loaded last).
+#[rustfmt::skip]
+macro_rules! load_guest_gprs {
+    ($base:literal) => {
+        concat!(
+            "    mov 8(%", $base, "), %rbx\n",
+            "    mov 16(%", $base, "), %rcx\n",
+            "    mov 24(%", $base, "), %rdx\n",
+            "    mov 48(%", $base, "), %rbp\n",
+            "    mov 56(%", $base, "), %r8\n",
+            "    mov 64(%", $base, "), %r9\n",
+            "    mov 72(%", $base, "), %r10\n",
+            "    mov 80(%", $base, "), %r11\n",
+            "    mov 88(%", $base, "), %r12\n",
+            "    mov 96(%", $base, "), %r13\n",
+            "    mov 104(%", $base, "), %r14\n",
+            "    mov 112(%", $base, "), %r15\n",
+        )
+    };
+}
+
+/// The inverse of `load_guest_gprs!`: stores RBX, RCX, RDX, RBP and R8-R15 into the
+/// [`GuestRegs`] at `%$base`.
+#[rustfmt::skip]
+macro_rules! store_guest_gprs {
+    ($base:literal) => {
+        concat!(
+            "    mov %rbx, 8(%", $base, ")\n",
+            "    mov %rcx, 16(%", $base, ")\n",
+            "    mov %rdx, 24(%", $base, ")\n",
+            "    mov %rbp, 48(%", $base, ")\n",
+            "    mov %r8, 56(%", $base, ")\n",
+            "    mov %r9, 64(%", $base, ")\n",
+            "    mov %r10, 72(%", $base, ")\n",
+            "    mov %r11, 80(%", $base, ")\n",
+            "    mov %r12, 88(%", $base, ")\n",
+            "    mov %r13, 96(%", $base, ")\n",
+            "    mov %r14, 104(%", $base, ")\n",
+            "    mov %r15, 112(%", $base, ")\n",
+        )
+    };
 }
 
 /// The nested page-table format a vendor walks.

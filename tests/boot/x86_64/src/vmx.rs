@@ -136,37 +136,26 @@ static mut VMXON_REGION: Page = Page([0; 4096]);
 static mut VMCS_REGION: Page = Page([0; 4096]);
 
 global_asm!(
-    r#"
+    concat!(
+        r#"
     .text
     .global vmx_world_switch
     // rdi = &mut GuestRegs, rsi = 1 if the VMCS was launched. Returns 0 after a VM exit,
     // 1 on VMfailInvalid, 2 on VMfailValid.
 vmx_world_switch:
-    push %rbp
-    push %rbx
-    push %r12
-    push %r13
-    push %r14
-    push %r15
+"#,
+        push_callee_saved!(),
+        r#"
     push %rdi
     mov ${host_rsp}, %rax
     vmwrite %rsp, %rax
     cmp $0, %rsi
-    mov {rax}(%rdi), %rax
-    mov {rbx}(%rdi), %rbx
-    mov {rcx}(%rdi), %rcx
-    mov {rdx}(%rdi), %rdx
-    mov {rsi}(%rdi), %rsi
-    mov {rbp}(%rdi), %rbp
-    mov {r8}+0(%rdi), %r8
-    mov {r8}+8(%rdi), %r9
-    mov {r8}+16(%rdi), %r10
-    mov {r8}+24(%rdi), %r11
-    mov {r8}+32(%rdi), %r12
-    mov {r8}+40(%rdi), %r13
-    mov {r8}+48(%rdi), %r14
-    mov {r8}+56(%rdi), %r15
-    mov {rdi}(%rdi), %rdi
+    mov 0(%rdi), %rax
+"#,
+        load_guest_gprs!("rdi"),
+        r#"
+    mov 32(%rdi), %rsi
+    mov 40(%rdi), %rdi
     jne 1f
     vmlaunch
     jmp 2f
@@ -185,42 +174,23 @@ vmx_world_switch:
 vmx_exit_entry:
     push %rdi
     mov 8(%rsp), %rdi
-    mov %rax, {rax}(%rdi)
-    mov %rbx, {rbx}(%rdi)
-    mov %rcx, {rcx}(%rdi)
-    mov %rdx, {rdx}(%rdi)
-    mov %rsi, {rsi}(%rdi)
-    mov %rbp, {rbp}(%rdi)
-    mov %r8, {r8}+0(%rdi)
-    mov %r9, {r8}+8(%rdi)
-    mov %r10, {r8}+16(%rdi)
-    mov %r11, {r8}+24(%rdi)
-    mov %r12, {r8}+32(%rdi)
-    mov %r13, {r8}+40(%rdi)
-    mov %r14, {r8}+48(%rdi)
-    mov %r15, {r8}+56(%rdi)
+    mov %rax, 0(%rdi)
+"#,
+        store_guest_gprs!("rdi"),
+        r#"
+    mov %rsi, 32(%rdi)
     pop %rax
-    mov %rax, {rdi}(%rdi)
+    mov %rax, 40(%rdi)
     add $8, %rsp
     xor %eax, %eax
 5:
-    pop %r15
-    pop %r14
-    pop %r13
-    pop %r12
-    pop %rbx
-    pop %rbp
+"#,
+        pop_callee_saved!(),
+        r#"
     ret
 "#,
+    ),
     host_rsp = const HOST_RSP,
-    rax = const crate::vendor::regs_offset::RAX,
-    rbx = const crate::vendor::regs_offset::RBX,
-    rcx = const crate::vendor::regs_offset::RCX,
-    rdx = const crate::vendor::regs_offset::RDX,
-    rsi = const crate::vendor::regs_offset::RSI,
-    rdi = const crate::vendor::regs_offset::RDI,
-    rbp = const crate::vendor::regs_offset::RBP,
-    r8 = const crate::vendor::regs_offset::R8,
     options(att_syntax)
 );
 
@@ -261,7 +231,9 @@ pub(crate) fn vmwrite(field: u64, value: u64) -> Result<(), VmxError> {
     let failed: u8;
     // SAFETY: a VMCS is current; the fields written are guest/host/control state that the
     // next VM entry checks, so a wrong value fails that entry, never host memory.
-    unsafe { asm!("vmwrite {}, {}", "setna {}", in(reg) field, in(reg) value, out(reg_byte) failed, options(nostack)) };
+    unsafe {
+        asm!("vmwrite {}, {}", "setna {}", in(reg) field, in(reg) value, out(reg_byte) failed, options(nostack))
+    };
     if failed != 0 {
         Err(VmxError::VmwriteFailed(field, vmread(VM_INSTRUCTION_ERROR)))
     } else {
@@ -327,7 +299,10 @@ impl Vmx {
         let true_ctls = basic & (1 << 55) != 0;
         let ept_cap = rdmsr(MSR_VMX_EPT_VPID_CAP);
         let proc2_cap = rdmsr(MSR_VMX_PROCBASED2) >> 32;
-        if ept_cap & (1 << 6) == 0 || ept_cap & (1 << 14) == 0 || proc2_cap & (PROC2_EPT | PROC2_UNRESTRICTED) as u64 != (PROC2_EPT | PROC2_UNRESTRICTED) as u64 {
+        if ept_cap & (1 << 6) == 0
+            || ept_cap & (1 << 14) == 0
+            || proc2_cap & (PROC2_EPT | PROC2_UNRESTRICTED) as u64 != (PROC2_EPT | PROC2_UNRESTRICTED) as u64
+        {
             return Err(VmxError::NoEpt);
         }
         let ad = ept_cap & (1 << 21) != 0;
@@ -353,7 +328,9 @@ impl Vmx {
         }
         let ok: u8;
         // SAFETY: VMX operation is on; the VMCS region is initialized with the revision.
-        unsafe { asm!("vmclear [{0}]", "vmptrld [{0}]", "seta {1}", in(reg) &vmcs, out(reg_byte) ok, options(nostack)) };
+        unsafe {
+            asm!("vmclear [{0}]", "vmptrld [{0}]", "seta {1}", in(reg) &vmcs, out(reg_byte) ok, options(nostack))
+        };
         if ok == 0 {
             return Err(VmxError::VmcsLoadFailed);
         }
@@ -378,7 +355,15 @@ impl Vmx {
         vmwrite(CR4_SHADOW, 0)?;
         vmwrite(VMCS_LINK_POINTER, u64::MAX)?;
         write_host_state()?;
-        Ok(Vmx { regs: GuestRegs::default(), launched: false, ad, eptp: 0, single_context, timer, timer_shift })
+        Ok(Vmx {
+            regs: GuestRegs::default(),
+            launched: false,
+            ad,
+            eptp: 0,
+            single_context,
+            timer,
+            timer_shift,
+        })
     }
 
     pub(crate) fn setup_guest(start: GuestStart) -> Result<(), VmxError> {

@@ -21,14 +21,10 @@
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use arch_x86::format::PhysAddrWidth;
 use arch_x86::frame::{FrameMemory as _, IdentityMemory};
-use arch_x86::shadow::guest_walk::NotMemory;
-use arch_x86::shadow::{
-    AccessKind, AccessOp, CpuFeatures, GuestCpu, GuestMode, PhysMemory, ShadowConfig, ShadowFault, ShadowMmu,
-};
+use arch_x86::shadow::{CpuFeatures, GuestCpu, GuestMode, ShadowConfig, ShadowFault, ShadowMmu};
 use mmu_generic::addr::{Gfn, GfnRange, Gpa, Gva, Hva, HvaRange, Pfn};
 use mmu_generic::age::{self, AgeReport, NoAccessedBit};
 use mmu_generic::backend::FlushToken;
@@ -42,7 +38,8 @@ use super::vcpu::{ControlRegs, Event, LinuxExit, VCpu};
 use crate::decode::{self, Op, Src};
 use crate::nested::{Counters, FaultOutcome, NestedError};
 use crate::port::cpuid;
-use crate::shadow_vm::{IdentHost, Logs};
+use crate::shadow_ram::ShadowRam;
+use crate::shadow_vm::{pf_access, IdentHost, Logs};
 use crate::vendor::Vendor;
 
 const CR0_PE: u64 = 1;
@@ -67,92 +64,6 @@ const EFER_NXE: u64 = 1 << 11;
 /// CR3 bits that address the root (MAXPHYADDR 52; the guest's own width is checked by the
 /// memslot lookup).
 const CR3_ADDR: u64 = 0x000f_ffff_ffff_f000;
-
-/// Guest RAM as the shadow MMU reads and writes it, recording every page the hypervisor
-/// writes (the walker's A/D updates, emulated table writes).
-pub struct ShadowRam {
-    ram: GuestRam,
-    written: Vec<AtomicU64>,
-    any: AtomicBool,
-}
-
-impl ShadowRam {
-    /// Over guest RAM `ram`.
-    pub fn new(ram: GuestRam) -> Self {
-        let words = (ram.bytes >> 12).div_ceil(64) as usize;
-        ShadowRam {
-            ram,
-            written: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            any: AtomicBool::new(false),
-        }
-    }
-
-    fn check(&self, addr: Gpa, bytes: u64) -> Result<u64, NotMemory> {
-        let end = addr.0.checked_add(bytes).ok_or(NotMemory(addr))?;
-        if end > self.ram.bytes || !addr.0.is_multiple_of(bytes) {
-            return Err(NotMemory(addr));
-        }
-        Ok(self.ram.hva + addr.0)
-    }
-
-    fn note_write(&self, addr: Gpa) {
-        let g = addr.0 >> 12;
-        self.written[(g / 64) as usize].fetch_or(1 << (g % 64), Ordering::AcqRel);
-        self.any.store(true, Ordering::Release);
-    }
-
-    /// Calls `f` with each guest frame the hypervisor wrote since the last call.
-    pub fn take_written(&self, mut f: impl FnMut(Gfn)) {
-        if !self.any.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        for (i, w) in self.written.iter().enumerate() {
-            let mut bits = w.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                f(Gfn(i as u64 * 64 + bits.trailing_zeros() as u64));
-                bits &= bits - 1;
-            }
-        }
-    }
-}
-
-impl PhysMemory for ShadowRam {
-    fn read(&self, addr: Gpa, bytes: u64) -> Result<u64, NotMemory> {
-        let bytes = if bytes == 8 { 8 } else { 4 };
-        let p = self.check(addr, bytes)?;
-        // SAFETY: `check` keeps the access inside guest RAM (identity-mapped host memory
-        // owned by the VMM), naturally aligned; the guest runs only inside VMRUN on this
-        // CPU, and the access is atomic anyway.
-        Ok(unsafe {
-            if bytes == 8 {
-                (*(p as *const AtomicU64)).load(Ordering::Acquire)
-            } else {
-                (*(p as *const AtomicU32)).load(Ordering::Acquire) as u64
-            }
-        })
-    }
-
-    fn compare_exchange(&self, addr: Gpa, bytes: u64, old: u64, new: u64) -> Result<bool, NotMemory> {
-        let bytes = if bytes == 8 { 8 } else { 4 };
-        let p = self.check(addr, bytes)?;
-        // SAFETY: as in `read`.
-        let ok = unsafe {
-            if bytes == 8 {
-                (*(p as *const AtomicU64))
-                    .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            } else {
-                (*(p as *const AtomicU32))
-                    .compare_exchange(old as u32, new as u32, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            }
-        };
-        if ok && old != new {
-            self.note_write(addr);
-        }
-        Ok(ok)
-    }
-}
 
 /// A decoded `stos`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,8 +207,11 @@ impl ShadowLinux {
         config.max_pages = max_pages;
         // SAFETY: the caller hands the region over.
         let frames = unsafe { IdentityMemory::new(Pfn(frames_pa >> 12), nframes) };
+        // SAFETY: guest RAM is the guest's identity-mapped host block for the whole run
+        // (`GuestRam`).
+        let ram = unsafe { ShadowRam::new(ram.hva, ram.bytes) };
         ShadowLinux {
-            mmu: ShadowMmu::new(config, frames, ShadowRam::new(ram), IdentHost, slots),
+            mmu: ShadowMmu::new(config, frames, ram, IdentHost, slots),
             logs: Logs::default(),
             pending: FlushToken::new(),
             loaded: None,
@@ -374,14 +288,7 @@ impl ShadowLinux {
         ram: &GuestRam,
     ) -> Result<PagingOutcome, String> {
         self.counters.pf_exits += 1;
-        let op = if code & 0x10 != 0 {
-            AccessOp::Fetch
-        } else if code & 2 != 0 {
-            AccessOp::Write
-        } else {
-            AccessOp::Read
-        };
-        let access = if code & 4 != 0 { AccessKind::user(op) } else { AccessKind::supervisor(op) };
+        let access = pf_access(code);
         let gc = guest_cpu(&cpu.control(), cpu.rflags() & RFLAGS_AC != 0)?;
         let out = self.mmu.page_fault(&gc, Gva(addr), access, &mut self.logs);
         self.after_mmu();
