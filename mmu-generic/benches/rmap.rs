@@ -2,12 +2,24 @@
 //! built here: fixed 4-entry descriptors (`RMAP_EXT = 4`) and a per-PTE
 //! sibling link (a doubly linked list threaded through an array beside the
 //! PTEs). Handles are scattered over a large PTE array, as EPT and shadow
-//! leaves are, and a cache scrub precedes each timed walk.
+//! leaves are, and a cache scrub precedes each timed pass of removes and
+//! walks (the working sets of EPT and shadow tables do not fit in cache).
+//! Removes come in a random order, as a zap by host address meets them.
+//!
+//! The machine this runs on is shared: another process may take the core
+//! for a time slice in the middle of a pass, and a pass that lost one counts
+//! milliseconds it did not run. So each pass is timed in [`CHUNKS`] pieces,
+//! and a sample's figure is the sum over pieces of the piece's median over
+//! the sample's passes: a slice lost in one pass does not count, a slow piece
+//! that every pass shares does. All three designs are timed the same way.
 #![allow(missing_docs)] // criterion's macros generate undocumented items
+
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{
-    black_box, criterion_group, criterion_main, BatchSize, BenchmarkGroup, BenchmarkId, Criterion,
+    black_box, criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode,
 };
 use mmu_generic::pte_list::{PteHandle, PteList, PteListPool};
 use rand::{rngs::SmallRng, seq::SliceRandom, SeedableRng};
@@ -16,6 +28,18 @@ use rand::{rngs::SmallRng, seq::SliceRandom, SeedableRng};
 const MAPPINGS: usize = 1 << 18;
 /// The PTE array handles point into (sibling links live beside it).
 const PTE_SPACE: u32 = 1 << 24;
+/// Pieces a timed pass is cut into: each piece lasts well under a scheduler
+/// time slice, so most pieces of most passes run undisturbed.
+const CHUNKS: usize = 16;
+
+/// A zeroed array whose pages are touched now: the per-gfn heads exist from
+/// the slot's creation, so a timed add must not pay their first-touch faults.
+fn touched<T: Clone + Default>(n: usize) -> Vec<T> {
+    let mut v = vec![T::default(); n];
+    let step = (4096 / core::mem::size_of::<T>().max(1)).max(1);
+    v.iter_mut().step_by(step).for_each(|x| *x = black_box(T::default()));
+    v
+}
 
 /// A list design under test.
 trait Design {
@@ -35,7 +59,7 @@ impl Design for Ours {
     fn new(gfns: usize) -> Self {
         let mut pool = PteListPool::new();
         pool.reserve(MAPPINGS / 8);
-        Self { heads: vec![PteList::EMPTY; gfns], pool }
+        Self { heads: touched(gfns), pool }
     }
     fn add(&mut self, gfn: usize, h: u32) {
         if self.pool.reserve_len() == 0 {
@@ -64,7 +88,7 @@ struct Ext4 {
 
 impl Design for Ext4 {
     fn new(gfns: usize) -> Self {
-        Self { heads: vec![0; gfns], descs: Vec::new(), free: Vec::new() }
+        Self { heads: touched(gfns), descs: Vec::new(), free: Vec::new() }
     }
     fn add(&mut self, gfn: usize, h: u32) {
         let head = self.heads[gfn];
@@ -151,14 +175,27 @@ struct Sibling {
     mapped: usize,
 }
 
+thread_local! {
+    /// Link arrays of dropped `Sibling`s, for the next one to reuse.
+    static SPARE_LINKS: RefCell<Vec<Vec<(u32, u32)>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Drop for Sibling {
+    fn drop(&mut self) {
+        let links = core::mem::take(&mut self.links);
+        SPARE_LINKS.with(|s| s.borrow_mut().push(links));
+    }
+}
+
 impl Design for Sibling {
     fn new(gfns: usize) -> Self {
         // The links live beside the PTEs, whose pages are in use already:
-        // touch every page now (untimed) so that a timed add does not pay
-        // the first-touch page faults of a fresh zeroed allocation.
-        let mut links = vec![(0u32, 0u32); PTE_SPACE as usize];
-        links.iter_mut().step_by(512).for_each(|l| *l = black_box((0, 0)));
-        Self { heads: vec![0; gfns], links, mapped: 0 }
+        // reuse a dropped list's array, or touch every page of a new one now
+        // (untimed), so that a timed add does not pay first-touch page
+        // faults. Stale links are harmless: an add writes a PTE's links
+        // before any walk or remove reads them.
+        let links = SPARE_LINKS.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| touched(PTE_SPACE as usize));
+        Self { heads: touched(gfns), links, mapped: 0 }
     }
     fn add(&mut self, gfn: usize, h: u32) {
         let old = self.heads[gfn];
@@ -241,50 +278,96 @@ fn report<D: Design>(w: &Workload, per_gfn: usize, name: &str, head_bytes: f64) 
     );
 }
 
+/// Times `iters` passes, each on a state fresh from `setup` (untimed) and
+/// run as [`CHUNKS`] calls of `piece(state, c)`, each timed alone. Returns
+/// `iters` times the sum over pieces of each piece's median time.
+fn timed<S>(iters: u64, mut setup: impl FnMut() -> S, mut piece: impl FnMut(&mut S, usize)) -> Duration {
+    let mut times: Vec<Vec<Duration>> = (0..CHUNKS).map(|_| Vec::with_capacity(iters as usize)).collect();
+    for _ in 0..iters {
+        let mut state = setup();
+        for (c, t) in times.iter_mut().enumerate() {
+            let start = Instant::now();
+            piece(&mut state, c);
+            t.push(start.elapsed());
+        }
+        drop(black_box(state));
+    }
+    let pass: Duration = times
+        .iter_mut()
+        .map(|t| {
+            t.sort_unstable();
+            t[t.len() / 2]
+        })
+        .sum();
+    pass * u32::try_from(iters).expect("criterion asks for fewer than 2^32 passes")
+}
+
+/// The `c`-th of [`CHUNKS`] equal pieces of `0..len`.
+fn piece_range(len: usize, c: usize) -> core::ops::Range<usize> {
+    let n = len.div_ceil(CHUNKS);
+    (c * n).min(len)..((c + 1) * n).min(len)
+}
+
+/// The `c`-th of [`CHUNKS`] equal pieces of `items`.
+fn piece<T>(items: &[T], c: usize) -> &[T] {
+    &items[piece_range(items.len(), c)]
+}
+
+// The timed loops are functions of their own, for
+// `valgrind --tool=callgrind --toggle-collect='*add_all*'` and the like.
+#[inline(never)]
+fn add_all<D: Design>(d: &mut D, adds: &[(usize, u32)]) {
+    for &(g, h) in adds {
+        d.add(g, h);
+    }
+}
+
+#[inline(never)]
+fn remove_all<D: Design>(d: &mut D, removes: &[(usize, u32)]) {
+    for &(g, h) in removes {
+        d.remove(g, h);
+    }
+}
+
+#[inline(never)]
+fn walk_all<D: Design>(d: &D, gfns: core::ops::Range<usize>) -> u64 {
+    gfns.fold(0u64, |sum, gfn| sum.wrapping_add(d.walk(gfn)))
+}
+
 fn add<D: Design>(g: &mut BenchmarkGroup<'_, WallTime>, w: &Workload, name: &str) {
     g.bench_function(BenchmarkId::new("add", name), |b| {
-        b.iter_batched(
-            || D::new(w.gfns),
-            |mut d| {
-                for &(g, h) in &w.adds {
-                    d.add(g, h);
-                }
-                d
-            },
-            BatchSize::LargeInput,
-        )
+        b.iter_custom(|iters| timed(iters, || D::new(w.gfns), |d, c| add_all(d, piece(&w.adds, c))))
     });
 }
 
-fn remove<D: Design>(g: &mut BenchmarkGroup<'_, WallTime>, w: &Workload, name: &str) {
+fn remove<D: Design>(g: &mut BenchmarkGroup<'_, WallTime>, w: &Workload, name: &str, scrub_buf: &mut [u64]) {
     g.bench_function(BenchmarkId::new("remove", name), |b| {
-        b.iter_batched(
-            || built::<D>(w),
-            |mut d| {
-                for &(g, h) in &w.removes {
-                    d.remove(g, h);
-                }
-                d
-            },
-            BatchSize::LargeInput,
-        )
+        b.iter_custom(|iters| {
+            timed(
+                iters,
+                || {
+                    let d = built::<D>(w);
+                    scrub(scrub_buf);
+                    d
+                },
+                |d, c| remove_all(d, piece(&w.removes, c)),
+            )
+        })
     });
 }
 
 fn walk<D: Design>(g: &mut BenchmarkGroup<'_, WallTime>, w: &Workload, name: &str, scrub_buf: &mut [u64]) {
     let d: D = built(w);
     g.bench_function(BenchmarkId::new("walk", name), |b| {
-        b.iter_batched(
-            || scrub(scrub_buf),
-            |_| {
-                let mut sum = 0u64;
-                for gfn in 0..w.gfns {
-                    sum = sum.wrapping_add(d.walk(gfn));
-                }
-                black_box(sum)
-            },
-            BatchSize::PerIteration,
-        )
+        b.iter_custom(|iters| {
+            timed(
+                iters,
+                || scrub(scrub_buf),
+                |_, c| {
+                    black_box(walk_all(&d, piece_range(w.gfns, c)));
+                },
+            )
+        })
     });
 }
 
@@ -299,12 +382,15 @@ fn bench(c: &mut Criterion) {
         report::<Sibling>(&w, per_gfn, "sibling", 4.0);
         let mut g = c.benchmark_group(format!("rmap_{per_gfn}_per_gfn"));
         g.throughput(criterion::Throughput::Elements(MAPPINGS as u64));
+        // Every sample the same number of passes, so that each piece's
+        // median is taken over several passes in every sample.
+        g.sampling_mode(SamplingMode::Flat);
         add::<Ours>(&mut g, &w, "vmmu");
         add::<Ext4>(&mut g, &w, "ext4");
         add::<Sibling>(&mut g, &w, "sibling");
-        remove::<Ours>(&mut g, &w, "vmmu");
-        remove::<Ext4>(&mut g, &w, "ext4");
-        remove::<Sibling>(&mut g, &w, "sibling");
+        remove::<Ours>(&mut g, &w, "vmmu", &mut scrub_buf);
+        remove::<Ext4>(&mut g, &w, "ext4", &mut scrub_buf);
+        remove::<Sibling>(&mut g, &w, "sibling", &mut scrub_buf);
         walk::<Ours>(&mut g, &w, "vmmu", &mut scrub_buf);
         walk::<Ext4>(&mut g, &w, "ext4", &mut scrub_buf);
         walk::<Sibling>(&mut g, &w, "sibling", &mut scrub_buf);
