@@ -110,6 +110,7 @@ impl FlushToken {
     }
 
     /// Records that translations of `range` changed.
+    #[inline]
     pub fn add_range(&mut self, range: GfnRange) {
         if self.all || range.is_empty() {
             return;

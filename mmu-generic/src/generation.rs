@@ -28,6 +28,7 @@ impl MmuGeneration {
     }
 
     /// The valid generation: new table pages take it.
+    #[inline]
     pub fn current(&self) -> u64 {
         self.0.load(Ordering::Acquire)
     }
@@ -40,6 +41,7 @@ impl MmuGeneration {
     }
 
     /// Whether a page made in generation `page_gen` is obsolete.
+    #[inline]
     pub fn is_obsolete(&self, page_gen: u64) -> bool {
         page_gen != self.current()
     }

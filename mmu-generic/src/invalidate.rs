@@ -52,6 +52,7 @@ impl InvalidationSeq {
     }
 
     /// Step 1: read before resolving hva → pfn, without the MMU lock.
+    #[inline]
     pub fn snapshot(&self) -> FaultSnapshot {
         // Acquire: the pfn lookup that follows must not be ordered before the
         // read, or an invalidation that completed first could be missed.
@@ -85,6 +86,7 @@ impl InvalidationSeq {
 
     /// Step 3, under the MMU lock: whether the fault for `hva` must drop its
     /// pfn and retry.
+    #[inline]
     pub fn must_retry(&self, snap: FaultSnapshot, hva: Hva) -> bool {
         if self.in_progress.load(Ordering::Acquire) > 0 {
             let start = self.range_start.load(Ordering::Acquire);
@@ -97,6 +99,7 @@ impl InvalidationSeq {
     }
 
     /// Number of invalidations that have ended.
+    #[inline]
     pub fn sequence(&self) -> u64 {
         self.seq.load(Ordering::Acquire)
     }

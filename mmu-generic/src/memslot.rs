@@ -161,6 +161,7 @@ impl Memslot {
     /// `size_shift`-sized pages: both the gfn and the hva must be aligned to the
     /// page and the whole page must lie in the slot. A shift below 12 (no
     /// page is smaller than 4 KiB) or of 64 and more is never allowed.
+    #[inline]
     pub fn allows_page(&self, gfn: Gfn, size_shift: u32) -> bool {
         if !(PAGE_SHIFT..64).contains(&size_shift) {
             return false;

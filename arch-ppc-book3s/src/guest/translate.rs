@@ -42,26 +42,6 @@ pub(super) struct HwEntry {
     pub(super) table: (u64, u64),
 }
 
-/// [`Memslot::allows_page`] for a slot known to hold `gfn`, made of the
-/// slot's inline accessors (the core's `allows_page` is not inlined into
-/// this crate): the page of `1 << shift` bytes holding `gfn` lies wholly in
-/// the slot, and its host-virtual address is aligned to its size.
-#[inline]
-pub(super) fn page_fits(slot: &Memslot, gfn: Gfn, shift: u32) -> bool {
-    if !(12..64).contains(&shift) {
-        return false;
-    }
-    let pages = 1u64 << (shift - 12);
-    let head = Gfn(gfn.0 & !(pages - 1));
-    match (slot.page_index(head), slot.gfn_to_hva(head)) {
-        (Some(idx), Some(hva)) => {
-            idx.checked_add(pages).is_some_and(|end| end <= slot.npages())
-                && hva.0 & ((1u64 << shift) - 1) == 0
-        }
-        _ => false,
-    }
-}
-
 impl<R: PageResolver> GuestHpt<R> {
     /// The entry of the slot index that holds `gfn`: the last one found
     /// first, then a binary search (which updates it).
@@ -90,7 +70,7 @@ impl<R: PageResolver> GuestHpt<R> {
         let gfn = Gfn(gpa >> 12);
         let pos = self.slot_position(gfn).ok_or(HptError::Parameter)?;
         let SlotIndex { base, first, slot, .. } = &self.index[pos];
-        if !page_fits(slot, gfn, ps.actual_shift) {
+        if !slot.allows_page(gfn, ps.actual_shift) {
             return Err(HptError::Parameter);
         }
         let mut r = guest_r;
@@ -127,40 +107,6 @@ mod tests {
     use crate::pagesize::PageSizes;
     use mmu_generic::addr::Hva;
     use mmu_generic::memslot::{MemslotsBuilder, SlotId};
-
-    #[test]
-    fn page_fits_answers_what_allows_page_does() {
-        let mut x = 0x243f_6a88_85a3_08d3u64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        let (mut yes, mut no) = (0, 0);
-        for _ in 0..20_000 {
-            let base = next() % (1 << 20);
-            let npages = 1 + next() % (1 << 14);
-            // Host addresses aligned to 4 KiB and often to larger pages, some near the top.
-            let hva = match next() % 4 {
-                0 => (next() % (1 << 30)) << 12,
-                1 => (next() % (1 << 10)) << 24,
-                2 => u64::MAX - ((next() % (1 << 16)) << 12) - 0xfff,
-                _ => (next() % (1 << 14)) << 16,
-            };
-            let slot = Memslot::new(SlotId(0), Gfn(base), npages, Hva(hva), SlotFlags::empty());
-            let gfn = Gfn(base + next() % npages);
-            let shift = [11, 12, 12, 16, 16, 24, 24, 34, 64][(next() % 9) as usize];
-            let want = slot.allows_page(gfn, shift);
-            assert_eq!(page_fits(&slot, gfn, shift), want, "{slot:?} gfn {gfn:?} shift {shift}");
-            if want {
-                yes += 1;
-            } else {
-                no += 1;
-            }
-        }
-        assert!(yes > 1000 && no > 1000, "both answers exercised: {yes} yes, {no} no");
-    }
 
     /// Two slots and a hole: each H_ENTER after a hit in the other slot must
     /// take its own slot's host address and per-gfn word, and a page in the
