@@ -928,3 +928,96 @@ pub fn split_all_huge<B: MmuBackend + ?Sized>(
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::addr::Hva;
+    use crate::backend::{Caps, NoTlb};
+    use crate::memslot::SlotFlags;
+    use crate::sync::{AtomicU64, Ordering};
+
+    const W: u64 = 1;
+    const D: u64 = 2;
+
+    /// Leaf `i` maps page `pages[i]`; several leaves may map one page.
+    struct Leaves {
+        pages: Vec<u64>,
+        bits: Vec<AtomicU64>,
+    }
+
+    impl MmuBackend for Leaves {
+        fn caps(&self) -> Caps {
+            Caps { accessed_bit: false, dirty_bit: true }
+        }
+        fn for_each_leaf(&self, _: &Memslot, gfns: GfnRange, f: &mut dyn FnMut(PteHandle)) {
+            for (i, &p) in self.pages.iter().enumerate() {
+                if gfns.contains(Gfn(p)) {
+                    f(PteHandle(i as u32));
+                }
+            }
+        }
+        fn leaf(&self, h: PteHandle) -> Option<Leaf> {
+            let b = self.bits.get(h.0 as usize)?.load(Ordering::Acquire);
+            Some(Leaf {
+                gfn: Gfn(self.pages[h.0 as usize]),
+                npages: 1,
+                writable: b & W != 0,
+                young: false,
+                dirty: b & D != 0,
+                access_tracked: false,
+            })
+        }
+        fn write_protect(&mut self, h: PteHandle, _: &mut FlushToken) -> bool {
+            self.bits[h.0 as usize].fetch_and(!W, Ordering::AcqRel) & W != 0
+        }
+        fn clear_dirty(&self, h: PteHandle, _: &mut FlushToken) -> bool {
+            self.bits[h.0 as usize].fetch_and(!D, Ordering::AcqRel) & D != 0
+        }
+        fn clear_young(&self, _: PteHandle, _: &mut FlushToken) -> bool {
+            false
+        }
+        fn split_huge(&mut self, _: PteHandle, _: &mut FlushToken) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn zap(&mut self, _: PteHandle, _: &mut FlushToken) -> Option<Leaf> {
+            None
+        }
+    }
+
+    /// 200 chained pages (several batches), page 7 mapped by 70 leaves (more
+    /// than a batch holds): a write-protect round protects every leaf and
+    /// reports every page once; a dirty-bit round harvests every D bit.
+    #[test]
+    fn a_round_reaches_every_leaf_across_batches_and_of_a_page_with_many_leaves() {
+        for tracking in [Tracking::WriteProtect, Tracking::HardwareDirty] {
+            let npages = 4096u64;
+            let chained: Vec<u64> = (0..200).map(|i| i * 20 + 7).collect();
+            let mut pages: Vec<u64> = chained.clone();
+            pages.extend(core::iter::repeat_n(7, 69));
+            let mut b = Leaves { bits: pages.iter().map(|_| AtomicU64::new(0)).collect(), pages };
+            let slot = Memslot::new(SlotId(0), Gfn(0), npages, Hva(1 << 30), SlotFlags::DIRTY_LOG);
+            let mut flush = FlushToken::new();
+            let log = SlotDirtyLog::start(&slot, tracking, LogMode::Bitmap, &mut b, &mut flush).unwrap();
+            flush.flush(&mut NoTlb);
+            let mut log = log;
+            for (i, &p) in b.pages.iter().enumerate() {
+                b.bits[i].store(W | D, Ordering::Release);
+                log.note_writable(Gfn(p), PteHandle(i as u32), None).unwrap();
+            }
+            let mut out = Vec::new();
+            log.get_and_clear(&mut b, &mut out).unwrap().flush(&mut NoTlb);
+            for p in 0..npages {
+                let reported = out[(p / 64) as usize] >> (p % 64) & 1 != 0;
+                assert_eq!(reported, chained.contains(&p), "{tracking:?}: page {p}");
+            }
+            for (i, bits) in b.bits.iter().enumerate() {
+                let v = bits.load(Ordering::Acquire);
+                match tracking {
+                    Tracking::WriteProtect => assert_eq!(v & W, 0, "leaf {i} left writable"),
+                    Tracking::HardwareDirty => assert_eq!(v & D, 0, "leaf {i} kept its D bit"),
+                }
+            }
+        }
+    }
+}
