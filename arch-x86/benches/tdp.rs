@@ -1,6 +1,8 @@
 //! TDP benchmarks: translate and map against the `x86_64` crate's
 //! `OffsetPageTable` on the same 4-level tables, fault-in cost per page,
-//! splitting a 1 GiB page, and a dirty-log round over a large slot.
+//! splitting a 1 GiB page, and a dirty-log round over a large slot (the
+//! core's write-protect round against protecting every leaf, and a D-bit
+//! harvest of every leaf).
 //!
 //! Tables for the comparison live in a 4 KiB-aligned heap region used as
 //! identity-mapped "physical" memory, so both walkers read the very same
@@ -14,12 +16,13 @@ use arch_x86::exit::Origin;
 use arch_x86::format::npt::Npt;
 use arch_x86::format::{Access, PageSize, PhysAddrWidth, WalkLength};
 use arch_x86::frame::{IdentityMemory, SimMemory};
-use arch_x86::tdp::TdpMmu;
+use arch_x86::tdp::{FaultOutcome, TdpMmu};
 use arch_x86::testing::{FlushRecorder, LinearHost};
 use arch_x86::walk::translate;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use mmu_generic::addr::{Gfn, Gpa, Hva, Pfn};
 use mmu_generic::backend::{FlushToken, MmuBackend};
+use mmu_generic::dirty_log::{FaultCtx, LogMode, SlotDirtyLog, Tracking};
 use mmu_generic::invalidate::InvalidationSeq;
 use mmu_generic::memslot::{Memslot, MemslotsBuilder, SlotFlags, SlotId};
 use x86_64::structures::paging::{
@@ -292,6 +295,45 @@ fn dirty_log_round(c: &mut Criterion) {
                     mmu.map(Gfn(gfn), Pfn(0x400_0000 + gfn - GIB), PageSize::Size4K, Access::all())
                         .expect("just unmapped");
                 }
+            }
+            total
+        })
+    });
+    // The real round an embedder runs: the slot logged by write protection
+    // (starting the log protects every leaf, once), 1 % of the pages made
+    // writable between rounds by write faults through the fault path
+    // (untimed, as the guest's writes are), then `get_and_clear`: protect
+    // what the chain holds and hand over the bitmap. Last in the group: the
+    // rows above need their leaves writable.
+    let mut flush = FlushToken::new();
+    let log = SlotDirtyLog::start(&slot, Tracking::WriteProtect, LogMode::Bitmap, &mut mmu, &mut flush)
+        .expect("nothing to split");
+    flush.flush(&mut FlushRecorder::default());
+    let mut logs = vec![Some(log)];
+    let mut out = Vec::with_capacity(npages.div_ceil(64) as usize);
+    let inv = InvalidationSeq::new();
+    // Host frame = host-virtual page, as `map_range` mapped them.
+    let mut host = LinearHost::new(0, PageSize::Size4K);
+    g.bench_function("writable_chain_round", |b| {
+        b.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                let mut flush = FlushToken::new();
+                let ctx = FaultCtx::new(&logs, None);
+                for &gfn in &written {
+                    let done = mmu
+                        .handle_fault_logged(Gpa(gfn << 12), Access::WRITE, &mut host, &inv, &ctx, &mut flush)
+                        .expect("the slot maps it");
+                    assert!(matches!(done, FaultOutcome::Mapped(m) if m.access.contains(Access::WRITE)));
+                }
+                flush.flush(&mut FlushRecorder::default());
+                let log = logs[0].as_mut().expect("logged");
+                let t = std::time::Instant::now();
+                let flush = log.get_and_clear(&mut mmu, &mut out).expect("bitmap mode");
+                flush.flush(&mut FlushRecorder::default());
+                total += t.elapsed();
+                let reported: u64 = out.iter().map(|w| w.count_ones() as u64).sum();
+                assert_eq!(reported, written.len() as u64);
             }
             total
         })

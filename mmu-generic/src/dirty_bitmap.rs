@@ -45,16 +45,9 @@ impl DirtyBitmap {
 
     /// Sets the bits of pages `[first, first + n)` clipped to the bitmap.
     pub fn set_range(&self, first: u64, n: u64) {
-        let end = first.saturating_add(n).min(self.npages);
-        let mut i = first;
-        while i < end {
-            let w = i / 64;
-            let lo = i % 64;
-            let hi = (end - w * 64).min(64);
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
-            self.words[w as usize].fetch_or(mask, Ordering::Release);
-            i = (w + 1) * 64;
-        }
+        for_each_word_mask(first, n, self.npages, |w, mask| {
+            self.words[w].fetch_or(mask, Ordering::Release);
+        });
     }
 
     /// Whether page `idx` is marked.
@@ -85,9 +78,88 @@ impl DirtyBitmap {
         self.words[i].fetch_and(!mask, Ordering::AcqRel) & mask
     }
 
+    /// Sets the bit of page `idx` (ignored out of range, as [`set`](Self::set)).
+    /// Returns whether its word was all clear before: the first page of its
+    /// 64 to be marked, so a caller keeping a summary of non-empty words
+    /// marks it there once per word, not once per page.
+    #[inline]
+    pub fn set_first_of_word(&self, idx: u64) -> bool {
+        if idx >= self.npages {
+            return false;
+        }
+        self.words[(idx / 64) as usize].fetch_or(1u64 << (idx % 64), Ordering::Release) == 0
+    }
+
+    /// Takes word `i` with exclusive access: a plain read, and a plain write
+    /// only if the word was not clear (no atomic operation, no cache line
+    /// taken exclusive for a clear word).
+    #[inline]
+    pub fn take_word_mut(&mut self, i: usize) -> u64 {
+        with_mut(&mut self.words[i], |w| {
+            let v = *w;
+            if v != 0 {
+                *w = 0;
+            }
+            v
+        })
+    }
+
+    /// Word `i`, read with exclusive access (a plain read).
+    #[inline]
+    pub fn word_mut(&mut self, i: usize) -> u64 {
+        with_mut(&mut self.words[i], |w| *w)
+    }
+
+    /// Sets the bits of `mask` in word `i` with exclusive access.
+    #[inline]
+    pub fn or_word_mut(&mut self, i: usize, mask: u64) {
+        with_mut(&mut self.words[i], |w| *w |= mask);
+    }
+
+    /// Clears the bits of `mask` in word `i` with exclusive access.
+    #[inline]
+    pub fn clear_mask_mut(&mut self, i: usize, mask: u64) {
+        with_mut(&mut self.words[i], |w| *w &= !mask);
+    }
+
+    /// Sets the bits of pages `[first, first + n)` clipped to the bitmap,
+    /// with exclusive access.
+    pub fn set_range_mut(&mut self, first: u64, n: u64) {
+        for_each_word_mask(first, n, self.npages, |w, mask| self.or_word_mut(w, mask));
+    }
+
     /// Number of marked pages.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+    }
+}
+
+/// Calls `f(word, mask)` for each word that pages `[first, first + n)`,
+/// clipped to `npages`, touch, with the mask of those pages in it.
+#[inline]
+pub(crate) fn for_each_word_mask(first: u64, n: u64, npages: u64, mut f: impl FnMut(usize, u64)) {
+    let end = first.saturating_add(n).min(npages);
+    let mut i = first;
+    while i < end {
+        let w = i / 64;
+        let lo = i % 64;
+        let hi = (end - w * 64).min(64);
+        let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+        f(w as usize, mask);
+        i = (w + 1) * 64;
+    }
+}
+
+/// Plain access to an atomic word the caller holds exclusively.
+#[inline]
+fn with_mut<R>(w: &mut AtomicU64, f: impl FnOnce(&mut u64) -> R) -> R {
+    #[cfg(loom)]
+    {
+        w.with_mut(f)
+    }
+    #[cfg(not(loom))]
+    {
+        f(w.get_mut())
     }
 }
 

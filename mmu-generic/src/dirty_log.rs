@@ -18,7 +18,9 @@
 //! with one bit per page, set with an atomic OR: [`SlotDirtyLog::note_writable`]
 //! takes `&self`, so vCPUs faulting at once (under the MMU lock held for
 //! reading) chain pages without serialising, the chain never allocates and
-//! can never be full. A round reaches a chained page's leaves through the
+//! can never be full. A summary bit per 64-page word of the chain (set by
+//! the word's first page) lets a round skip the chain's clear words, and the
+//! round hands the bitmap over in the same sweep. A round reaches a chained page's leaves through the
 //! back end's reverse map, so a leaf zapped and refaulted with a new handle
 //! is not missed, and every leaf mapping the page (shadow paging may have
 //! several) is protected or harvested.
@@ -66,7 +68,7 @@ use core::fmt;
 
 use crate::addr::{Gfn, GfnRange};
 use crate::backend::{for_each_leaf_batched, BackendError, FlushToken, Leaf, MmuBackend};
-use crate::dirty_bitmap::DirtyBitmap;
+use crate::dirty_bitmap::{for_each_word_mask, DirtyBitmap};
 use crate::dirty_ring::{DirtyRing, RingFull, RingPush};
 use crate::memslot::{Memslot, SlotId};
 use crate::pte_list::PteHandle;
@@ -159,6 +161,11 @@ pub struct SlotDirtyLog {
     /// In ring mode: the page is in a ring and not yet reset (so a refault
     /// of the page, after a zap, does not push it twice).
     chain: DirtyBitmap,
+    /// One bit per word of `chain` that may hold a page: set by the first
+    /// page chained into the word, so a round reads only these words of the
+    /// chain. A superset: a word emptied outside a round (a manual clear, a
+    /// ring reset) keeps its bit until a round finds it empty.
+    chain_words: DirtyBitmap,
 }
 
 impl SlotDirtyLog {
@@ -192,8 +199,9 @@ impl SlotDirtyLog {
             mode,
             bitmap: DirtyBitmap::new(slot.npages()),
             chain: DirtyBitmap::new(slot.npages()),
+            chain_words: DirtyBitmap::new(slot.npages().div_ceil(64)),
         };
-        let chain = &log.chain;
+        let chained = &log;
         for_each_leaf_batched(backend, slot, gfns, |b, h| {
             let Some(leaf) = b.leaf(h) else { return false };
             match tracking {
@@ -204,7 +212,7 @@ impl SlotDirtyLog {
                     b.clear_dirty(h, flush);
                     if leaf.writable {
                         if let Some(r) = leaf.gfns().intersect(&gfns) {
-                            chain.set_range(r.start.0 - gfns.start.0, r.len());
+                            chained.chain_range(r.start.0 - gfns.start.0, r.len());
                         }
                     }
                 }
@@ -310,9 +318,27 @@ impl SlotDirtyLog {
         }
         if self.mode != LogMode::Ring {
             // Ring mode re-protects page by page at reset: no chain.
-            self.chain.set(idx);
+            self.chain_page(idx);
         }
         Ok(status)
+    }
+
+    /// Puts page `idx` on the chain: one atomic OR, and a second one for the
+    /// word's summary bit only when the page is the first of its word.
+    #[inline]
+    fn chain_page(&self, idx: u64) {
+        if self.chain.set_first_of_word(idx) {
+            self.chain_words.set(idx / 64);
+        }
+    }
+
+    /// Puts pages `[first, first + n)` on the chain.
+    fn chain_range(&self, first: u64, n: u64) {
+        self.chain.set_range(first, n);
+        if n != 0 {
+            let (w0, w1) = (first / 64, (first + n - 1) / 64);
+            self.chain_words.set_range(w0, w1 - w0 + 1);
+        }
     }
 
     /// The hypervisor wrote page `gfn` itself (an emulated write, a guest
@@ -348,82 +374,74 @@ impl SlotDirtyLog {
         }
     }
 
-    /// Visits the chain: under write protection protects each chained
-    /// page's leaves and empties the chain (the fault logged those pages);
-    /// under dirty-bit tracking harvests the D bit of every live leaf of each
-    /// chained page into the bitmap, and keeps a page chained while one of
-    /// its leaves is still writable.
-    fn walk_chain<B: MmuBackend + ?Sized>(&mut self, backend: &mut B, flush: &mut FlushToken) {
-        for w in 0..self.chain.words() {
-            let mut bits = match self.tracking {
-                Tracking::WriteProtect => self.chain.take_word(w),
-                Tracking::HardwareDirty => self.chain.word(w),
-            };
-            while bits != 0 {
-                let bit = bits.trailing_zeros() as u64;
-                bits &= bits - 1;
-                let offset = w as u64 * 64 + bit;
-                match self.tracking {
-                    Tracking::WriteProtect => {
-                        let one = self.page(offset);
-                        backend.write_protect_gfns(&self.slot, one, flush);
+    /// A round in one sweep over the slot: visits the chain and hands the
+    /// bitmap over into `out`, word by word (taking each word, or copying it
+    /// if `!take`). Under write protection each chained page's leaves are
+    /// protected and the chain empties (the fault logged those pages); under
+    /// dirty-bit tracking the D bit of every live leaf of each chained page
+    /// is harvested, and a page stays chained while one of its leaves is
+    /// still writable.
+    ///
+    /// Word `w` of the bitmap is handed over only after every chained page
+    /// of words up to `w` was visited, so what a visit marks is in it; a mark
+    /// that lands in a word already handed over (a huge leaf reaching back,
+    /// the dirty bits the back end kept) goes into `out` directly. The round
+    /// holds the log exclusively (`&mut self`), so the bitmaps are read and
+    /// cleared with plain loads and stores: the only atomic operations left
+    /// are the back end's, one per leaf that changes.
+    fn sweep<B: MmuBackend + ?Sized>(
+        &mut self,
+        backend: &mut B,
+        flush: &mut FlushToken,
+        out: &mut Vec<u64>,
+        take: bool,
+    ) {
+        let harvest = self.tracking == Tracking::HardwareDirty;
+        let slot = self.slot;
+        let gfns = self.gfns;
+        let Self { bitmap, chain, chain_words, .. } = self;
+        out.clear();
+        let mut sink = Sink { bitmap, out, take, emitted: 0, gfns };
+        let mut batch = Batch::new();
+        for sw in 0..chain_words.words() {
+            let mut summary = if harvest { chain_words.word_mut(sw) } else { chain_words.take_word_mut(sw) };
+            while summary != 0 {
+                let sbit = summary.trailing_zeros();
+                summary &= summary - 1;
+                let w = sw * 64 + sbit as usize;
+                let mut bits = if harvest { chain.word_mut(w) } else { chain.take_word_mut(w) };
+                if bits == 0 {
+                    // Emptied outside a round: forget the word.
+                    chain_words.clear_mask_mut(sw, 1 << sbit);
+                }
+                while bits != 0 {
+                    let offset = w as u64 * 64 + bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    if batch.gather(backend, &slot, gfns, offset) {
+                        continue;
                     }
-                    Tracking::HardwareDirty => {
-                        if !self.harvest_page(backend, offset, flush) {
-                            self.chain.clear_mask(w, 1 << bit);
-                        }
+                    // Full: visit what was gathered; every page before this
+                    // word is then done, and its bitmap words can go.
+                    batch.visit(backend, harvest, gfns, chain, &mut sink, flush);
+                    sink.emit_upto(w);
+                    if !batch.gather(backend, &slot, gfns, offset) {
+                        // More leaves than a batch holds: this page alone.
+                        visit_page(backend, &slot, gfns, harvest, offset, chain, &mut sink, flush);
                     }
                 }
             }
         }
-        match self.tracking {
-            // Under write protection the fault marked those pages: what the
-            // back end lost is already logged.
-            Tracking::WriteProtect => backend.drain_lost_dirty(self.gfns, &mut |_| {}),
+        batch.visit(backend, harvest, gfns, chain, &mut sink, flush);
+        sink.emit_upto(sink.bitmap.words());
+        if harvest {
             // Leaves the back end dropped on its own took their D bit with
             // them: the chain cannot see them any more.
-            Tracking::HardwareDirty => {
-                let bitmap = &self.bitmap;
-                let gfns = self.gfns;
-                backend.drain_lost_dirty(gfns, &mut |r| {
-                    if let Some(r) = r.intersect(&gfns) {
-                        bitmap.set_range(r.start.0 - gfns.start.0, r.len());
-                    }
-                });
-            }
+            backend.drain_lost_dirty(gfns, &mut |r| sink.mark(r));
+        } else {
+            // Under write protection the fault marked those pages: what the
+            // back end lost is already logged.
+            backend.drain_lost_dirty(gfns, &mut |_| {});
         }
-    }
-
-    /// The single page `offset` of the slot.
-    fn page(&self, offset: u64) -> GfnRange {
-        let gfn = Gfn(self.gfns.start.0 + offset);
-        GfnRange { start: gfn, end: Gfn(gfn.0 + 1) }
-    }
-
-    /// Harvests the D bit of every live leaf of page `offset` (writable or
-    /// not: a leaf write-protected by another path keeps its D/C bit).
-    /// Returns whether a leaf of the page is still writable.
-    fn harvest_page<B: MmuBackend + ?Sized>(
-        &self,
-        backend: &mut B,
-        offset: u64,
-        flush: &mut FlushToken,
-    ) -> bool {
-        let mut writable = false;
-        let one = self.page(offset);
-        let gfns = self.gfns;
-        for_each_leaf_batched(backend, &self.slot, one, |b, h| {
-            let Some(leaf) = b.leaf(h) else { return false };
-            if !gfns.overlaps(&leaf.gfns()) {
-                return false;
-            }
-            if b.clear_dirty(h, flush) {
-                self.mark_range(leaf.gfns());
-            }
-            writable |= leaf.writable || b.leaf(h).is_some_and(|l| l.writable);
-            false
-        });
-        writable
     }
 
     /// Classic mode: returns the dirty bitmap in `out` (one `u64` per 64
@@ -439,11 +457,7 @@ impl SlotDirtyLog {
             return Err(DirtyLogError::WrongMode(self.mode));
         }
         let mut flush = FlushToken::new();
-        // Protect (or harvest) first, so every write up to the protection is
-        // in the bitmap we take next.
-        self.walk_chain(backend, &mut flush);
-        out.clear();
-        out.extend((0..self.bitmap.words()).map(|i| self.bitmap.take_word(i)));
+        self.sweep(backend, &mut flush, out, true);
         Ok(flush)
     }
 
@@ -460,13 +474,20 @@ impl SlotDirtyLog {
         }
         let mut flush = FlushToken::new();
         if self.tracking == Tracking::HardwareDirty {
-            self.walk_chain(backend, &mut flush);
+            self.sweep(backend, &mut flush, out, false);
+        } else {
+            // The chain is re-protected by `clear`, range by range.
+            let bitmap = &mut self.bitmap;
+            out.clear();
+            out.extend((0..bitmap.words()).map(|i| bitmap.word_mut(i)));
         }
-        out.clear();
-        out.extend((0..self.bitmap.words()).map(|i| self.bitmap.word(i)));
         Ok(flush)
     }
 
+    /// The single page `offset` of the slot.
+    fn page(&self, offset: u64) -> GfnRange {
+        page_of(self.gfns, offset)
+    }
     /// Manual-protect mode, step 2: clears the bits of `mask` (one bit per
     /// page from `first_page`, which must be 64-page aligned) and
     /// re-protects those pages. Only pages whose bit was set are touched, so
@@ -536,6 +557,227 @@ impl SlotDirtyLog {
         self.chain.clear_mask((offset / 64) as usize, 1 << (offset % 64));
         backend.write_protect_gfns(slot, self.page(offset), flush);
         Ok(())
+    }
+}
+
+/// The single page `offset` of `gfns`.
+fn page_of(gfns: GfnRange, offset: u64) -> GfnRange {
+    let gfn = Gfn(gfns.start.0 + offset);
+    GfnRange { start: gfn, end: Gfn(gfn.0 + 1) }
+}
+
+/// Where a round's sweep hands the bitmap over: `out`, filled word by word
+/// up to `emitted`, from the log's bitmap (taken, or copied if `!take`).
+struct Sink<'a> {
+    bitmap: &'a mut DirtyBitmap,
+    out: &'a mut Vec<u64>,
+    take: bool,
+    emitted: usize,
+    gfns: GfnRange,
+}
+
+impl Sink<'_> {
+    /// Hands over the bitmap words before `end`.
+    #[inline]
+    fn emit_upto(&mut self, end: usize) {
+        if end <= self.emitted {
+            return;
+        }
+        let bitmap = &mut *self.bitmap;
+        if self.take {
+            self.out.extend((self.emitted..end).map(|i| bitmap.take_word_mut(i)));
+        } else {
+            self.out.extend((self.emitted..end).map(|i| bitmap.word_mut(i)));
+        }
+        self.emitted = end;
+    }
+
+    /// Logs the frames of `r` inside the slot: in the bitmap for the words
+    /// still to hand over; in `out` for those already handed over (and in
+    /// the bitmap too when it is copied, not taken, so it keeps the page
+    /// until the caller clears it).
+    fn mark(&mut self, r: GfnRange) {
+        let Some(r) = r.intersect(&self.gfns) else { return };
+        let first = r.start.0 - self.gfns.start.0;
+        let npages = self.bitmap.npages();
+        for_each_word_mask(first, r.len(), npages, |w, mask| {
+            if w < self.emitted {
+                self.out[w] |= mask;
+                if self.take {
+                    return;
+                }
+            }
+            self.bitmap.or_word_mut(w, mask);
+        });
+    }
+}
+
+/// Chained pages a round gathers per batch.
+const BATCH_PAGES: usize = 32;
+/// Leaf handles a round gathers per batch (one bit each in a `u64`).
+const BATCH_LEAVES: usize = 64;
+
+/// A batch of chained pages and the handles of their leaves, on the stack.
+///
+/// A round first asks the reverse map for the leaves of many pages, then
+/// visits the leaves: each reverse-map read and each leaf read is then
+/// independent of the one before it, so the processor keeps several cache
+/// misses in flight, where visiting page by page waits for two misses in a
+/// row per page (the chained pages of a large slot are far apart).
+struct Batch {
+    /// Offsets in the slot of the pages gathered.
+    pages: [u64; BATCH_PAGES],
+    /// `handles[ends[i - 1]..ends[i]]` are the leaves of `pages[i]`.
+    ends: [u8; BATCH_PAGES],
+    handles: [PteHandle; BATCH_LEAVES],
+    npages: usize,
+    nleaves: usize,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Self {
+            pages: [0; BATCH_PAGES],
+            ends: [0; BATCH_PAGES],
+            handles: [PteHandle(0); BATCH_LEAVES],
+            npages: 0,
+            nleaves: 0,
+        }
+    }
+
+    /// Adds page `offset` of `gfns` with its leaves. Returns `false`, adding
+    /// nothing, if the page or its leaves do not fit.
+    #[inline]
+    fn gather<B: MmuBackend + ?Sized>(
+        &mut self,
+        backend: &B,
+        slot: &Memslot,
+        gfns: GfnRange,
+        offset: u64,
+    ) -> bool {
+        if self.npages == BATCH_PAGES {
+            return false;
+        }
+        let start = self.nleaves;
+        let mut n = start;
+        let mut fits = true;
+        let handles = &mut self.handles;
+        backend.for_each_leaf(slot, page_of(gfns, offset), &mut |h| match handles.get_mut(n) {
+            Some(slot) => {
+                *slot = h;
+                n += 1;
+            }
+            None => fits = false,
+        });
+        if !fits {
+            return false;
+        }
+        self.nleaves = n;
+        self.pages[self.npages] = offset;
+        self.ends[self.npages] = n as u8;
+        self.npages += 1;
+        true
+    }
+
+    /// Protects (or harvests) the leaves gathered, then empties the batch.
+    /// Nothing here removes a leaf, so the handles gathered stay valid.
+    ///
+    /// Two passes: the first only reads each leaf, the second changes those
+    /// that need it. An atomic read-modify-write waits for its cache line
+    /// and holds back the loads after it, so changing leaves as they are
+    /// read would take their misses one at a time; the plain reads of the
+    /// first pass overlap, and the second pass finds the lines in cache.
+    fn visit<B: MmuBackend + ?Sized>(
+        &mut self,
+        backend: &mut B,
+        harvest: bool,
+        gfns: GfnRange,
+        chain: &mut DirtyBitmap,
+        sink: &mut Sink<'_>,
+        flush: &mut FlushToken,
+    ) {
+        let handles = &self.handles[..self.nleaves];
+        // Bit i: leaf i needs the second pass (writable, under write
+        // protection; live, under dirty-bit tracking). Write permission only
+        // changes under `&mut` on the back end, which the round holds.
+        let mut todo = 0u64;
+        for (i, &h) in handles.iter().enumerate() {
+            let need = backend.leaf(h).is_some_and(|l| harvest || l.writable);
+            todo |= (need as u64) << i;
+        }
+        if !harvest {
+            while todo != 0 {
+                let i = todo.trailing_zeros() as usize;
+                todo &= todo - 1;
+                backend.write_protect(handles[i], flush);
+            }
+        } else {
+            let mut start = 0;
+            for (&offset, &end) in self.pages[..self.npages].iter().zip(&self.ends[..self.npages]) {
+                let end = end as usize;
+                let mut writable = false;
+                for (i, &h) in handles.iter().enumerate().take(end).skip(start) {
+                    if todo >> i & 1 != 0 {
+                        writable |= harvest_leaf(backend, gfns, h, sink, flush);
+                    }
+                }
+                start = end;
+                if !writable {
+                    chain.clear_mask_mut((offset / 64) as usize, 1 << (offset % 64));
+                }
+            }
+        }
+        self.npages = 0;
+        self.nleaves = 0;
+    }
+}
+
+/// Harvests the D bit of leaf `h` (writable or not: a leaf write-protected
+/// by another path keeps its D/C bit) into `sink`. Returns whether the leaf
+/// is writable.
+#[inline]
+fn harvest_leaf<B: MmuBackend + ?Sized>(
+    backend: &B,
+    gfns: GfnRange,
+    h: PteHandle,
+    sink: &mut Sink<'_>,
+    flush: &mut FlushToken,
+) -> bool {
+    let Some(leaf) = backend.leaf(h) else { return false };
+    if !gfns.overlaps(&leaf.gfns()) {
+        return false;
+    }
+    if backend.clear_dirty(h, flush) {
+        sink.mark(leaf.gfns());
+    }
+    leaf.writable || backend.leaf(h).is_some_and(|l| l.writable)
+}
+
+/// A page with more leaves than a [`Batch`] holds, visited alone through
+/// [`for_each_leaf_batched`].
+#[allow(clippy::too_many_arguments)]
+fn visit_page<B: MmuBackend + ?Sized>(
+    backend: &mut B,
+    slot: &Memslot,
+    gfns: GfnRange,
+    harvest: bool,
+    offset: u64,
+    chain: &mut DirtyBitmap,
+    sink: &mut Sink<'_>,
+    flush: &mut FlushToken,
+) {
+    let one = page_of(gfns, offset);
+    if !harvest {
+        backend.write_protect_gfns(slot, one, flush);
+        return;
+    }
+    let mut writable = false;
+    for_each_leaf_batched(backend, slot, one, |b, h| {
+        writable |= harvest_leaf(b, gfns, h, sink, flush);
+        false
+    });
+    if !writable {
+        chain.clear_mask_mut((offset / 64) as usize, 1 << (offset % 64));
     }
 }
 
@@ -683,6 +925,99 @@ pub fn split_all_huge<B: MmuBackend + ?Sized>(
         }
         if split == 0 {
             return Ok(());
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::addr::Hva;
+    use crate::backend::{Caps, NoTlb};
+    use crate::memslot::SlotFlags;
+    use crate::sync::{AtomicU64, Ordering};
+
+    const W: u64 = 1;
+    const D: u64 = 2;
+
+    /// Leaf `i` maps page `pages[i]`; several leaves may map one page.
+    struct Leaves {
+        pages: Vec<u64>,
+        bits: Vec<AtomicU64>,
+    }
+
+    impl MmuBackend for Leaves {
+        fn caps(&self) -> Caps {
+            Caps { accessed_bit: false, dirty_bit: true }
+        }
+        fn for_each_leaf(&self, _: &Memslot, gfns: GfnRange, f: &mut dyn FnMut(PteHandle)) {
+            for (i, &p) in self.pages.iter().enumerate() {
+                if gfns.contains(Gfn(p)) {
+                    f(PteHandle(i as u32));
+                }
+            }
+        }
+        fn leaf(&self, h: PteHandle) -> Option<Leaf> {
+            let b = self.bits.get(h.0 as usize)?.load(Ordering::Acquire);
+            Some(Leaf {
+                gfn: Gfn(self.pages[h.0 as usize]),
+                npages: 1,
+                writable: b & W != 0,
+                young: false,
+                dirty: b & D != 0,
+                access_tracked: false,
+            })
+        }
+        fn write_protect(&mut self, h: PteHandle, _: &mut FlushToken) -> bool {
+            self.bits[h.0 as usize].fetch_and(!W, Ordering::AcqRel) & W != 0
+        }
+        fn clear_dirty(&self, h: PteHandle, _: &mut FlushToken) -> bool {
+            self.bits[h.0 as usize].fetch_and(!D, Ordering::AcqRel) & D != 0
+        }
+        fn clear_young(&self, _: PteHandle, _: &mut FlushToken) -> bool {
+            false
+        }
+        fn split_huge(&mut self, _: PteHandle, _: &mut FlushToken) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn zap(&mut self, _: PteHandle, _: &mut FlushToken) -> Option<Leaf> {
+            None
+        }
+    }
+
+    /// 200 chained pages (several batches), page 7 mapped by 70 leaves (more
+    /// than a batch holds): a write-protect round protects every leaf and
+    /// reports every page once; a dirty-bit round harvests every D bit.
+    #[test]
+    fn a_round_reaches_every_leaf_across_batches_and_of_a_page_with_many_leaves() {
+        for tracking in [Tracking::WriteProtect, Tracking::HardwareDirty] {
+            let npages = 4096u64;
+            let chained: Vec<u64> = (0..200).map(|i| i * 20 + 7).collect();
+            let mut pages: Vec<u64> = chained.clone();
+            pages.extend(core::iter::repeat_n(7, 69));
+            let mut b = Leaves { bits: pages.iter().map(|_| AtomicU64::new(0)).collect(), pages };
+            let slot = Memslot::new(SlotId(0), Gfn(0), npages, Hva(1 << 30), SlotFlags::DIRTY_LOG);
+            let mut flush = FlushToken::new();
+            let log = SlotDirtyLog::start(&slot, tracking, LogMode::Bitmap, &mut b, &mut flush).unwrap();
+            flush.flush(&mut NoTlb);
+            let mut log = log;
+            for (i, &p) in b.pages.iter().enumerate() {
+                b.bits[i].store(W | D, Ordering::Release);
+                log.note_writable(Gfn(p), PteHandle(i as u32), None).unwrap();
+            }
+            let mut out = Vec::new();
+            log.get_and_clear(&mut b, &mut out).unwrap().flush(&mut NoTlb);
+            for p in 0..npages {
+                let reported = out[(p / 64) as usize] >> (p % 64) & 1 != 0;
+                assert_eq!(reported, chained.contains(&p), "{tracking:?}: page {p}");
+            }
+            for (i, bits) in b.bits.iter().enumerate() {
+                let v = bits.load(Ordering::Acquire);
+                match tracking {
+                    Tracking::WriteProtect => assert_eq!(v & W, 0, "leaf {i} left writable"),
+                    Tracking::HardwareDirty => assert_eq!(v & D, 0, "leaf {i} kept its D bit"),
+                }
+            }
         }
     }
 }
