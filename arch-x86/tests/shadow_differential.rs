@@ -911,6 +911,24 @@ fn unsync_leaf_tables_are_resynced_at_invlpg_cr3_load_and_flush() {
 /// A dirty-bit log of slot 0 as the fault path sees it.
 struct DbitLog(mmu_generic::dirty_log::SlotDirtyLog);
 
+impl DbitLog {
+    /// Starts a bitmap log of slot 0 by D bits, its flush done.
+    fn start(mmu: &mut Mmu) -> Self {
+        let slot = *mmu.memslots().get(SlotId(0)).unwrap();
+        let mut flush = FlushToken::new();
+        let log = mmu_generic::dirty_log::SlotDirtyLog::start(
+            &slot,
+            Tracking::HardwareDirty,
+            LogMode::Bitmap,
+            mmu,
+            &mut flush,
+        )
+        .unwrap();
+        flush.flush(&mut NoTlb);
+        Self(log)
+    }
+}
+
 impl DirtyTracker for DbitLog {
     fn write_protected(&self, _: SlotId) -> bool {
         false
@@ -951,18 +969,7 @@ fn a_dirty_page_that_becomes_a_guest_table_is_still_reported_under_dirty_bits() 
     let mut mmu = new_mmu(4096, 2);
     let cpu = identity_2m(&mmu);
     mmu.load_cr3(&cpu).unwrap();
-    let slot = *mmu.memslots().get(SlotId(0)).unwrap();
-    let mut flush = FlushToken::new();
-    let log = mmu_generic::dirty_log::SlotDirtyLog::start(
-        &slot,
-        Tracking::HardwareDirty,
-        LogMode::Bitmap,
-        &mut mmu,
-        &mut flush,
-    )
-    .unwrap();
-    flush.flush(&mut NoTlb);
-    let mut log = DbitLog(log);
+    let mut log = DbitLog::start(&mut mmu);
     let w = AccessKind::supervisor(AccessOp::Write);
     let r = AccessKind::supervisor(AccessOp::Read);
     let write = |mmu: &mut Mmu, log: &mut DbitLog, gva: u64| {
@@ -1003,18 +1010,7 @@ fn unsync_table_with_a_dirty_page() -> (Mmu, GuestCpu, DbitLog) {
     g.write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | RW | US | A | D).unwrap();
     let cpu = four_level(&mmu, 1);
     mmu.load_cr3(&cpu).unwrap();
-    let slot = *mmu.memslots().get(SlotId(0)).unwrap();
-    let mut flush = FlushToken::new();
-    let log = mmu_generic::dirty_log::SlotDirtyLog::start(
-        &slot,
-        Tracking::HardwareDirty,
-        LogMode::Bitmap,
-        &mut mmu,
-        &mut flush,
-    )
-    .unwrap();
-    flush.flush(&mut NoTlb);
-    let mut log = DbitLog(log);
+    let mut log = DbitLog::start(&mut mmu);
     user_write(&mut mmu, &cpu, &mut log, 0x4000 + 8 * 16);
     assert_eq!(mmu.unsync_pages(), 1);
     user_write(&mut mmu, &cpu, &mut log, 0x10_000);
