@@ -102,7 +102,10 @@ fn figures(g: &PpcGuest) -> String {
     let c = g.counters;
     msg!(
         "{} H_ENTER ({} secondary), {} fault_in, {} unprotect; invariants hold",
-        c.entered, c.secondary, c.faulted_in, c.unprotected
+        c.entered,
+        c.secondary,
+        c.faulted_in,
+        c.unprotected
     )
 }
 
@@ -174,10 +177,7 @@ fn inval(ctx: &Ctx) -> Result<String, String> {
     if z != 32 || g.counters.faulted_in != 32 || g.counters.entered != 1340 {
         return Err(msg!("{z} zapped (want 20 + 12 aliases); {}", figures(&g)));
     }
-    Ok(msg!(
-        "{z} entries zapped (20 + 12 read-only aliases), left absent, back by fault_in; {}",
-        figures(&g)
-    ))
+    Ok(msg!("{z} entries zapped (20 + 12 read-only aliases), left absent, back by fault_in; {}", figures(&g)))
 }
 
 fn inval_16m(ctx: &Ctx) -> Result<String, String> {

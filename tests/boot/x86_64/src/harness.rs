@@ -51,7 +51,9 @@ impl core::fmt::Display for RunError {
             RunError::Budget => f.write_str("run budget expired"),
             RunError::TooManyExits => write!(f, "more than {MAX_EXITS} exits for one command"),
             RunError::Mmu(e) => write!(f, "nested MMU error {e:?}"),
-            RunError::RegisterMismatch { sent, rbx } => write!(f, "guest sent {sent:#x} but EBX reads {rbx:#x}"),
+            RunError::RegisterMismatch { sent, rbx } => {
+                write!(f, "guest sent {sent:#x} but EBX reads {rbx:#x}")
+            }
             RunError::Unexpected(exit) => write!(f, "unexpected exit {exit:?}"),
             RunError::BadCommand => f.write_str("command does not fit the mailbox"),
         }
@@ -132,7 +134,9 @@ impl<'v> Harness<'v> {
             return Err(RunError::BadCommand);
         }
         let mb = guest::MAILBOX_GPA;
-        let mut ok = self.write_guest(mb, op) && self.write_guest(mb + 4, addrs.len() as u32) && self.write_guest(mb + 8, value);
+        let mut ok = self.write_guest(mb, op)
+            && self.write_guest(mb + 4, addrs.len() as u32)
+            && self.write_guest(mb + 8, value);
         for (i, a) in addrs.iter().enumerate() {
             ok &= self.write_guest(mb + guest::MAILBOX_ADDRS + 4 * i as u64, *a as u32);
         }

@@ -187,7 +187,12 @@ extern "C" fn host_exception(frame: &Frame) -> ! {
     unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
     crate::println!(
         "HOST EXCEPTION vector {} error {:#x} rip {:#x} rsp {:#x} rflags {:#x} cr2 {:#x}",
-        frame.vector, frame.error, frame.rip, frame.rsp, frame.rflags, cr2
+        frame.vector,
+        frame.error,
+        frame.rip,
+        frame.rsp,
+        frame.rflags,
+        cr2
     );
     crate::println!("0 passed, 1 failed");
     crate::console::exit(false)

@@ -8,9 +8,9 @@
 
 use alloc::vec::Vec;
 
+use arch_x86::exit::{EptQualification, NestedExit, NpfErrorCode};
 use arch_x86::format::ept::Ept;
 use arch_x86::format::npt::Npt;
-use arch_x86::exit::{EptQualification, NestedExit, NpfErrorCode};
 use arch_x86::format::{PageSize, PhysAddrWidth, WalkLength};
 use arch_x86::frame::{FrameMemory, IdentityMemory};
 use arch_x86::tdp::{self, HostFault, HostMemory, HostPage, MapKind, TdpError, TdpMmu};
@@ -114,7 +114,11 @@ struct IdentityHost<'a> {
 impl HostMemory for IdentityHost<'_> {
     fn resolve(&mut self, hva: Hva, _write: bool) -> Result<HostPage, HostFault> {
         let huge = self.huge.iter().any(|r| hva.0 >= r.start.0 && hva.0 < r.end.0);
-        Ok(HostPage { pfn: Pfn(hva.0 >> 12), writable: true, size: if huge { PageSize::Size2M } else { PageSize::Size4K } })
+        Ok(HostPage {
+            pfn: Pfn(hva.0 >> 12),
+            writable: true,
+            size: if huge { PageSize::Size2M } else { PageSize::Size4K },
+        })
     }
 }
 
@@ -249,7 +253,12 @@ impl Nested {
 
     /// Serves a nested fault at `gpa` through the TDP engine; `info` is the hardware's
     /// report (NPF error code or EPT-violation qualification), decoded by arch-x86.
-    pub fn fault(&mut self, gpa: u64, info: u64, vendor: &mut dyn Vendor) -> Result<FaultOutcome, NestedError> {
+    pub fn fault(
+        &mut self,
+        gpa: u64,
+        info: u64,
+        vendor: &mut dyn Vendor,
+    ) -> Result<FaultOutcome, NestedError> {
         let exit = match self.engine {
             Engine::Npt(_) => NestedExit::Npf(NpfErrorCode::from_bits_retain(info)),
             Engine::Ept(_) => NestedExit::EptViolation(EptQualification::from_bits_retain(info)),
@@ -270,22 +279,20 @@ impl Nested {
         let out = out?;
         self.pending.merge(flush);
         let outcome = match out {
-            tdp::FaultOutcome::Mapped(m) => {
-                match m.kind {
-                    MapKind::Installed => {
-                        self.counters.mapped += 1;
-                        FaultOutcome::Mapped { pages: m.size.frames() }
-                    }
-                    MapKind::Restored => {
-                        self.counters.restored += 1;
-                        FaultOutcome::Restored
-                    }
-                    MapKind::Spurious => {
-                        self.pending.add_all();
-                        FaultOutcome::Spurious
-                    }
+            tdp::FaultOutcome::Mapped(m) => match m.kind {
+                MapKind::Installed => {
+                    self.counters.mapped += 1;
+                    FaultOutcome::Mapped { pages: m.size.frames() }
                 }
-            }
+                MapKind::Restored => {
+                    self.counters.restored += 1;
+                    FaultOutcome::Restored
+                }
+                MapKind::Spurious => {
+                    self.pending.add_all();
+                    FaultOutcome::Spurious
+                }
+            },
             tdp::FaultOutcome::Retry => {
                 self.counters.retries += 1;
                 FaultOutcome::Retry
@@ -338,7 +345,12 @@ impl Nested {
 
     /// Starts dirty logging of slot `id` (memslot flag DIRTY_LOG set, a new memslot
     /// generation). Returns the number of 2 MiB leaves split.
-    pub fn start_dirty_log(&mut self, id: SlotId, tracking: Tracking, vendor: &mut dyn Vendor) -> Result<usize, NestedError> {
+    pub fn start_dirty_log(
+        &mut self,
+        id: SlotId,
+        tracking: Tracking,
+        vendor: &mut dyn Vendor,
+    ) -> Result<usize, NestedError> {
         let slot = self.slot(id)?;
         let huge_before = self.count_huge(&slot);
         let mut b = self.slots.to_builder();

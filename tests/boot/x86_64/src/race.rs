@@ -186,7 +186,8 @@ fn round(job: &Job, rep: &mut Report) -> Result<u64, String> {
         }
     }
     for gfn in &gfns {
-        let page = gfn.0.checked_sub(job.base_gfn).filter(|&p| p < NPAGES).ok_or("reported gfn outside the slot")?;
+        let page =
+            gfn.0.checked_sub(job.base_gfn).filter(|&p| p < NPAGES).ok_or("reported gfn outside the slot")?;
         copy_page(job.src + page * 4096, job.dst + page * 4096);
     }
     Ok(gfns.len() as u64)
@@ -304,7 +305,14 @@ pub fn run(vendor: &mut dyn Vendor, pool: &mut FramePool) -> Vec<(String, Outcom
             Tracking::WriteProtect => format!("{} (write-protect)", NAME),
             Tracking::HardwareDirty => format!("{} (D bit)", NAME),
         };
-        let job = Job { slot, base_gfn: base, src: vm.data[i], dst: vm.copies[i], stop: vm.code + guest::MAILBOX_GPA + STOP_OFFSET, gap_ms };
+        let job = Job {
+            slot,
+            base_gfn: base,
+            src: vm.data[i],
+            dst: vm.copies[i],
+            stop: vm.code + guest::MAILBOX_GPA + STOP_OFFSET,
+            gap_ms,
+        };
         let (r, clean) = phase(vendor, &job, tracking);
         out.push((name, r));
         // A verdict failure (lost writes) leaves both CPUs idle and the next phase can
@@ -471,7 +479,10 @@ fn phase_inner(vendor: &mut dyn Vendor, job: &Job, tracking: Tracking, clean: &m
     // The copy against guest memory, page for page: a differing word is a lost write.
     let (mut lost, mut bad_pages) = (0u64, 0u64);
     for p in 0..NPAGES {
-        let diff = (0..4096u64).step_by(4).filter(|&o| read_word(job.src + p * 4096 + o) != read_word(job.dst + p * 4096 + o)).count();
+        let diff = (0..4096u64)
+            .step_by(4)
+            .filter(|&o| read_word(job.src + p * 4096 + o) != read_word(job.dst + p * 4096 + o))
+            .count();
         lost += diff as u64;
         bad_pages += (diff > 0) as u64;
     }
@@ -521,6 +532,10 @@ fn phase_inner(vendor: &mut dyn Vendor, job: &Job, tracking: Tracking, clean: &m
     if ok {
         Ok(figures)
     } else {
-        Err(format!("{}{}", figures, if vcpu.self_stopped { ", the harvester never stopped the guest" } else { "" }))
+        Err(format!(
+            "{}{}",
+            figures,
+            if vcpu.self_stopped { ", the harvester never stopped the guest" } else { "" }
+        ))
     }
 }

@@ -23,7 +23,8 @@ const SLOT_B: usize = 2;
 const SLOT_HUGE: usize = 3;
 const SLOT_C: usize = 4;
 /// (base gfn, pages, huge pages allowed)
-const LAYOUT: [(u64, u64, bool); 5] = [(0, 16, false), (0x100, 64, false), (0x200, 32, false), (0x400, 512, true), (0x800, 128, false)];
+const LAYOUT: [(u64, u64, bool); 5] =
+    [(0, 16, false), (0x100, 64, false), (0x200, 32, false), (0x400, 512, true), (0x800, 128, false)];
 /// A guest-physical address in no memslot.
 const HOLE_GPA: u64 = 0x0100_0000;
 
@@ -115,7 +116,8 @@ pub fn run_all(vendor: &mut dyn Vendor, pool: &mut FramePool, tally: &mut Tally)
         Err(e) => return tally.report("setup", Err(format!("nested MMU: {:?}", e))),
     };
     mmu.huge_ok = huge_ok;
-    let mut h = Harness { vendor, mmu, last: Stats::default(), fault_log: Vec::new(), fault_infos: Vec::new() };
+    let mut h =
+        Harness { vendor, mmu, last: Stats::default(), fault_log: Vec::new(), fault_infos: Vec::new() };
     h.mmu.set_slots(slots, h.vendor);
     let code = guest::code();
     for (i, chunk) in code.chunks(4).enumerate() {
@@ -247,7 +249,12 @@ fn demand_faults(h: &mut Harness<'_>) -> Outcome {
         expect,
         warm
     );
-    if first.faults == addrs.len() as u64 && distinct.len() == addrs.len() && second.faults == 0 && sum == expect && again == expect {
+    if first.faults == addrs.len() as u64
+        && distinct.len() == addrs.len()
+        && second.faults == 0
+        && sum == expect
+        && again == expect
+    {
         Ok(figures)
     } else {
         Err(figures)
@@ -473,7 +480,9 @@ fn guest_paging(h: &mut Harness<'_>, rng: &mut XorShift, format: NestedFormat) -
     // permission (a real CPU takes an EPT violation there), so on that model the page
     // directory write cannot be seen and is reported, not required.
     let (pd_ok, note) = match format {
-        NestedFormat::Ept { ad: false } => (true, ", page directory not required: Bochs does not write-check guest A/D updates"),
+        NestedFormat::Ept { ad: false } => {
+            (true, ", page directory not required: Bochs does not write-check guest A/D updates")
+        }
         _ => (pd_every_round, ""),
     };
     let figures = format!(
@@ -513,9 +522,10 @@ fn budget(h: &mut Harness<'_>) -> Outcome {
     h.start();
     let alive = h.command(OP_READ, &slot_gpas(SLOT_A, 0..2), 0).is_ok();
     match r {
-        Err(RunError::Budget) if alive => {
-            Ok(format!("spinning guest stopped by the run budget after {} exit(s), guest restarted fine", exits))
-        }
+        Err(RunError::Budget) if alive => Ok(format!(
+            "spinning guest stopped by the run budget after {} exit(s), guest restarted fine",
+            exits
+        )),
         other => Err(format!("result {:?}, alive after restart {}", other, alive)),
     }
 }

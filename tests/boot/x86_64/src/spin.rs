@@ -27,7 +27,11 @@ unsafe impl<T: Send> Sync for SpinLock<T> {}
 impl<T> SpinLock<T> {
     /// An unlocked lock around `value`.
     pub const fn new(value: T) -> Self {
-        SpinLock { locked: AtomicBool::new(false), contended: AtomicU64::new(0), value: UnsafeCell::new(value) }
+        SpinLock {
+            locked: AtomicBool::new(false),
+            contended: AtomicU64::new(0),
+            value: UnsafeCell::new(value),
+        }
     }
 
     /// Spins until the lock is free, then takes it.
