@@ -124,12 +124,16 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if !exec {
             spte |= XD;
         }
-        let h = self.install_leaf(page, frame, j, slot_id, gfn, spte)?;
-        if writable {
-            if !dirty.note_writable(slot_id, gfn, h) {
-                return Ok(ShadowFault::Retry);
-            }
-            self.mem.table(frame)[j].fetch_or(RW, Ordering::AcqRel);
+        // Log, then grant: the tracker hears of the leaf before it is
+        // stored writable, so the leaf goes in once, with W or without (a
+        // refusal, a full ring, maps it read-only and retries).
+        let granted = writable && dirty.note_writable(slot_id, gfn, handle(frame, j));
+        if granted {
+            spte |= RW;
+        }
+        self.install_leaf(page, frame, j, slot_id, gfn, spte)?;
+        if writable && !granted {
+            return Ok(ShadowFault::Retry);
         }
         if emulate {
             return Ok(ShadowFault::Emulate { gpa });
@@ -446,6 +450,43 @@ mod tests {
         assert_eq!(mmu.page_fault(&ac, Gva(0), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
         assert_eq!(mmu.page_fault(&a, Gva(0), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
         assert_eq!((mmu.root_hpa(), mmu.stats().root_hits), (root_a, hits), "no switch for EFLAGS.AC");
+        mmu.take_flush().flush(&mut NoTlb);
+    }
+
+    /// A tracker whose ring is full: every leaf it is asked to let become
+    /// writable is refused.
+    struct FullRing(u32);
+
+    impl DirtyTracker for FullRing {
+        fn write_protected(&self, _: SlotId) -> bool {
+            false
+        }
+        fn note_writable(&mut self, _: SlotId, _: Gfn, _: PteHandle) -> bool {
+            self.0 += 1;
+            false
+        }
+        fn mark(&mut self, _: SlotId, _: Gfn) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_writable_leaf_the_tracker_refuses_is_mapped_read_only_and_retried() {
+        let (mut mmu, a, _) = two_spaces();
+        // Make gva 0 writable and dirty in the guest: the leaf would be writable.
+        mmu.guest().write(Gpa(4 << 12), 8, (0x20 << 12) | P | RW | US | A | D).unwrap();
+        mmu.load_cr3(&a).unwrap();
+        let (read, write) = (AccessKind::user(AccessOp::Read), AccessKind::user(AccessOp::Write));
+        let mut full = FullRing(0);
+        assert_eq!(mmu.page_fault(&a, Gva(0), read, &mut full), Ok(ShadowFault::Retry));
+        assert_eq!(mmu.page_fault(&a, Gva(0), write, &mut full), Ok(ShadowFault::Retry));
+        assert_eq!(full.0, 2, "each fault asked before granting write");
+        mmu.take_flush().flush(&mut NoTlb);
+        // Reads go on through the read-only leaf; writes fault until the ring drains.
+        assert_eq!(mmu.hw_access(&a, Gva(8), read).unwrap().gpa, Gpa(host_of(0x20).0 + 8));
+        assert!(mmu.hw_access(&a, Gva(8), write).is_err(), "no write without a logged page");
+        assert_eq!(mmu.page_fault(&a, Gva(0), write, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
+        assert!(mmu.hw_access(&a, Gva(8), write).is_ok());
         mmu.take_flush().flush(&mut NoTlb);
     }
 }
