@@ -323,6 +323,9 @@ struct Root {
     key: RootKey,
     kind: RootKind,
     generation: u64,
+    /// The CPU state the root last served, whose key is `key`: a fault
+    /// with the same state needs no key built and compared.
+    cpu: GuestCpu,
 }
 
 /// The shadow-paging MMU of one guest address-space family.
@@ -681,6 +684,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         }
         if let Some(pos) = self.roots.find(&key) {
             self.roots.promote(pos);
+            self.roots.set_current_cpu(*cpu);
             self.stats.root_hits += 1;
             return Ok(());
         }
@@ -731,7 +735,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
                     let i = match self.get_page(gfn, role) {
                         Ok(i) => i,
                         Err(e) => {
-                            let partial = Root { key, kind: RootKind::Pae { frame, pds }, generation: gen };
+                            let partial =
+                                Root { key, kind: RootKind::Pae { frame, pds }, generation: gen, cpu: *cpu };
                             self.release_root(partial);
                             return Err(e);
                         }
@@ -745,7 +750,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
                 RootKind::Pae { frame, pds }
             }
         };
-        Ok(Root { key, kind, generation: gen })
+        Ok(Root { key, kind, generation: gen, cpu: *cpu })
     }
 
     fn release_root(&mut self, root: Root) {
@@ -768,18 +773,23 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
 
     #[inline]
     fn ensure_root(&mut self, cpu: &GuestCpu) -> Result<(), ShadowError> {
-        let key = self.root_key(cpu);
-        match self.roots.first() {
-            // root_valid's answer without a call while no root page went invalid.
-            Some(r)
-                if r.key == key
-                    && r.generation == self.generation.current()
-                    && (!self.stale_roots || self.root_valid(r)) =>
-            {
-                Ok(())
-            }
-            _ => self.switch_root(cpu),
+        let gen = self.generation.current();
+        // root_valid's answer without a call while no root page went invalid.
+        let Some(r) =
+            self.roots.first().filter(|r| r.generation == gen && (!self.stale_roots || self.root_valid(r)))
+        else {
+            return self.switch_root(cpu);
+        };
+        // The state the root last served: its fields compared as they are,
+        // where the key needs a role built from them first.
+        if r.cpu == *cpu {
+            return Ok(());
         }
+        if r.key != self.root_key(cpu) {
+            return self.switch_root(cpu);
+        }
+        self.roots.set_current_cpu(*cpu);
+        Ok(())
     }
 
     // ----- pages -----

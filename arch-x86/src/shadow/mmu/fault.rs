@@ -124,12 +124,16 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if !exec {
             spte |= XD;
         }
-        let h = self.install_leaf(page, frame, j, slot_id, gfn, spte)?;
-        if writable {
-            if !dirty.note_writable(slot_id, gfn, h) {
-                return Ok(ShadowFault::Retry);
-            }
-            self.mem.table(frame)[j].fetch_or(RW, Ordering::AcqRel);
+        // Log, then grant: the tracker hears of the leaf before it is
+        // stored writable, so the leaf goes in once, with W or without (a
+        // refusal, a full ring, maps it read-only and retries).
+        let granted = writable && dirty.note_writable(slot_id, gfn, handle(frame, j));
+        if granted {
+            spte |= RW;
+        }
+        self.install_leaf(page, frame, j, slot_id, gfn, spte)?;
+        if writable && !granted {
+            return Ok(ShadowFault::Retry);
         }
         if emulate {
             return Ok(ShadowFault::Emulate { gpa });
@@ -370,4 +374,119 @@ fn mark_ad_written(
         }
     }
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::mode::{Privilege, A, D, P, RW, US};
+    use super::super::super::ram::SimGuestRam;
+    use super::*;
+    use crate::format::PageSize;
+    use crate::frame::SimMemory;
+    use crate::testing::LinearHost;
+    use mmu_generic::addr::Hva;
+    use mmu_generic::backend::NoTlb;
+    use mmu_generic::memslot::MemslotsBuilder;
+
+    type Mmu = ShadowMmu<SimMemory, SimGuestRam, LinearHost>;
+
+    /// Two 4-level address spaces: PML4 at gfn 1 maps gva 0 to gfn 0x20
+    /// (a user page, read-only), PML4 at gfn 5 maps it to gfn 0x21.
+    fn two_spaces() -> (Mmu, GuestCpu, GuestCpu) {
+        let ram = SimGuestRam::new(&[(Gfn(0), 64)]);
+        for (pml4, pt, data) in [(1u64, 4u64, 0x20u64), (5, 8, 0x21)] {
+            let e = P | RW | US | A;
+            ram.write(Gpa(pml4 << 12), 8, ((pml4 + 1) << 12) | e).unwrap();
+            ram.write(Gpa((pml4 + 1) << 12), 8, ((pml4 + 2) << 12) | e).unwrap();
+            ram.write(Gpa((pml4 + 2) << 12), 8, (pt << 12) | e).unwrap();
+            ram.write(Gpa(pt << 12), 8, (data << 12) | P | US | A | D).unwrap();
+        }
+        let mut b = MemslotsBuilder::new();
+        b.create(Memslot::new(SlotId(0), Gfn(0), 64, Hva(0x4000_0000), SlotFlags::empty())).unwrap();
+        let mmu = ShadowMmu::new(
+            ShadowConfig::new(CpuFeatures::typical()),
+            SimMemory::new(Pfn(0x8_0000), 256),
+            ram,
+            LinearHost::new(0x10_0000, PageSize::Size4K),
+            b.build().unwrap(),
+        );
+        (mmu, GuestCpu::new(GuestMode::Four, 1 << 12), GuestCpu::new(GuestMode::Four, 5 << 12))
+    }
+
+    fn host_of(gfn: u64) -> Gpa {
+        Gpa((0x4_0000 + gfn + 0x10_0000) << 12)
+    }
+
+    #[test]
+    fn a_fault_under_another_cr3_or_other_controls_uses_their_root() {
+        let (mut mmu, a, b) = two_spaces();
+        let read = AccessKind::user(AccessOp::Read);
+        mmu.load_cr3(&a).unwrap();
+        let root_a = mmu.root_hpa();
+        assert_eq!(mmu.page_fault(&a, Gva(0), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
+        // The embedder faults with another CR3 without loading it first.
+        assert_eq!(mmu.page_fault(&b, Gva(0), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
+        assert_ne!(mmu.root_hpa(), root_a, "the fault switched to the root of its CR3");
+        assert_eq!(mmu.hw_access(&b, Gva(0x10), read).unwrap().gpa, Gpa(host_of(0x21).0 + 0x10));
+        mmu.load_cr3(&a).unwrap();
+        assert_eq!(mmu.root_hpa(), root_a);
+        assert_eq!(mmu.hw_access(&a, Gva(0x10), read).unwrap().gpa, Gpa(host_of(0x20).0 + 0x10));
+
+        // CR0.WP cleared without a CR3 load: a supervisor write to the
+        // read-only user page is allowed, through a root of its own (a
+        // writable supervisor leaf must not appear under WP = 1).
+        let sup_write = AccessKind { op: AccessOp::Write, privilege: Privilege::Supervisor };
+        let nowp = GuestCpu { cr0_wp: false, ..a };
+        assert_eq!(mmu.page_fault(&nowp, Gva(0), sup_write, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
+        assert_ne!(mmu.root_hpa(), root_a, "CR0.WP is part of the root's role");
+        mmu.load_cr3(&a).unwrap();
+        mmu.take_flush().flush(&mut NoTlb);
+        assert!(mmu.hw_access(&a, Gva(0), sup_write).is_err(), "under WP = 1 the page stays read-only");
+
+        // EFLAGS.AC is no part of the root: a fault with it set keeps the
+        // root, and so does the next one with it clear.
+        let hits = mmu.stats().root_hits;
+        let ac = GuestCpu { eflags_ac: true, ..a };
+        assert_eq!(mmu.page_fault(&ac, Gva(0), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
+        assert_eq!(mmu.page_fault(&a, Gva(0), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
+        assert_eq!((mmu.root_hpa(), mmu.stats().root_hits), (root_a, hits), "no switch for EFLAGS.AC");
+        mmu.take_flush().flush(&mut NoTlb);
+    }
+
+    /// A tracker whose ring is full: every leaf it is asked to let become
+    /// writable is refused.
+    struct FullRing(u32);
+
+    impl DirtyTracker for FullRing {
+        fn write_protected(&self, _: SlotId) -> bool {
+            false
+        }
+        fn note_writable(&mut self, _: SlotId, _: Gfn, _: PteHandle) -> bool {
+            self.0 += 1;
+            false
+        }
+        fn mark(&mut self, _: SlotId, _: Gfn) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_writable_leaf_the_tracker_refuses_is_mapped_read_only_and_retried() {
+        let (mut mmu, a, _) = two_spaces();
+        // Make gva 0 writable and dirty in the guest: the leaf would be writable.
+        mmu.guest().write(Gpa(4 << 12), 8, (0x20 << 12) | P | RW | US | A | D).unwrap();
+        mmu.load_cr3(&a).unwrap();
+        let (read, write) = (AccessKind::user(AccessOp::Read), AccessKind::user(AccessOp::Write));
+        let mut full = FullRing(0);
+        assert_eq!(mmu.page_fault(&a, Gva(0), read, &mut full), Ok(ShadowFault::Retry));
+        assert_eq!(mmu.page_fault(&a, Gva(0), write, &mut full), Ok(ShadowFault::Retry));
+        assert_eq!(full.0, 2, "each fault asked before granting write");
+        mmu.take_flush().flush(&mut NoTlb);
+        // Reads go on through the read-only leaf; writes fault until the ring drains.
+        assert_eq!(mmu.hw_access(&a, Gva(8), read).unwrap().gpa, Gpa(host_of(0x20).0 + 8));
+        assert!(mmu.hw_access(&a, Gva(8), write).is_err(), "no write without a logged page");
+        assert_eq!(mmu.page_fault(&a, Gva(0), write, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
+        assert!(mmu.hw_access(&a, Gva(8), write).is_ok());
+        mmu.take_flush().flush(&mut NoTlb);
+    }
 }

@@ -14,6 +14,7 @@
 use alloc::vec::Vec;
 
 use super::{Root, RootKey};
+use crate::shadow::mode::GuestCpu;
 
 /// The index hash of a root key: its words folded, one multiply. Roots that
 /// differ only in role bits left out here share a probe run, which the key
@@ -54,6 +55,15 @@ impl RootCache {
     #[inline]
     pub fn first(&self) -> Option<&Root> {
         self.roots.first()
+    }
+
+    /// Records that the current root serves `cpu` (whose key is its key).
+    #[inline]
+    pub fn set_current_cpu(&mut self, cpu: GuestCpu) {
+        if let Some(r) = self.roots.first_mut() {
+            debug_assert_eq!(r.key.role.mode, cpu.mode, "a root serves only its own mode");
+            r.cpu = cpu;
+        }
     }
 
     /// Roots held, the current one included.
@@ -240,7 +250,7 @@ mod tests {
 
     use super::super::{Root, RootKey, RootKind};
     use super::*;
-    use crate::shadow::mode::{GuestCpu, GuestMode, PteAccess};
+    use crate::shadow::mode::{GuestMode, PteAccess};
     use crate::shadow::page::Role;
 
     fn root(n: u64) -> Root {
@@ -252,7 +262,7 @@ mod tests {
             pdptrs: [n / 5, 0, 0, 0],
             role: Role::for_cpu(&cpu, 4 + (n % 2) as u8, false, PteAccess::all(), 0),
         };
-        Root { key, kind: RootKind::Page(n as u32), generation: 0 }
+        Root { key, kind: RootKind::Page(n as u32), generation: 0, cpu }
     }
 
     /// The plain model: keys in recency order, most recent first.
