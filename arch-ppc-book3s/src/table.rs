@@ -165,17 +165,18 @@ pub trait HashTable {
 pub struct InMemoryHpt {
     geom: HptGeometry,
     format: HpteFormat,
-    /// Two doublewords per HPTE, big-endian values.
-    words: Vec<AtomicU64>,
+    /// One HPTE per element (so one bounds check covers both doublewords),
+    /// big-endian values.
+    hptes: Vec<[AtomicU64; 2]>,
 }
 
 impl InMemoryHpt {
     /// An empty table of the given size and layout.
     pub fn new(geom: HptGeometry, format: HpteFormat) -> Self {
-        let n = (geom.hptes() * 2) as usize;
-        let mut words = Vec::with_capacity(n);
-        words.resize_with(n, || AtomicU64::new(0));
-        Self { geom, format, words }
+        let n = geom.hptes() as usize;
+        let mut hptes = Vec::with_capacity(n);
+        hptes.resize_with(n, || [AtomicU64::new(0), AtomicU64::new(0)]);
+        Self { geom, format, hptes }
     }
 
     /// The table's size.
@@ -195,7 +196,7 @@ impl InMemoryHpt {
     /// (HTABORG) or the partition-table entry, after checking it is aligned
     /// to the table's size (the allocator decides the placement).
     pub fn base_address(&self) -> usize {
-        self.words.as_ptr() as usize
+        self.hptes.as_ptr() as usize
     }
 
     /// Number of HPTEs.
@@ -209,15 +210,14 @@ impl InMemoryHpt {
     }
 
     #[inline]
-    fn dw(&self, ptex: u64) -> Option<(&AtomicU64, &AtomicU64)> {
-        let i = usize::try_from(ptex).ok()?.checked_mul(2)?;
-        Some((self.words.get(i)?, self.words.get(i + 1)?))
+    fn dw(&self, ptex: u64) -> Option<&[AtomicU64; 2]> {
+        self.hptes.get(usize::try_from(ptex).ok()?)
     }
 
     /// The two doublewords as the table holds them (its layout), CPU order.
     #[inline]
     pub fn load_raw(&self, ptex: u64) -> Option<(u64, u64)> {
-        let (v, r) = self.dw(ptex)?;
+        let [v, r] = self.dw(ptex)?;
         Some((u64::from_be(v.load(Ordering::Acquire)), u64::from_be(r.load(Ordering::Acquire))))
     }
 
@@ -228,13 +228,13 @@ impl InMemoryHpt {
     pub fn group_occupancy(&self, group: u64) -> u8 {
         let words = usize::try_from(group)
             .ok()
-            .and_then(|g| g.checked_mul(16))
-            .and_then(|i| self.words.get(i..i.checked_add(16)?));
+            .and_then(|g| g.checked_mul(8))
+            .and_then(|i| self.hptes.get(i..i.checked_add(8)?));
         let Some(words) = words else { return 0 };
         let busy = (HPTE_V_VALID | HPTE_V_ABSENT).to_be();
         let mut m = 0;
-        for k in 0..8 {
-            m |= u8::from(words[2 * k].load(Ordering::Acquire) & busy != 0) << k;
+        for (k, [v, _]) in words.iter().enumerate() {
+            m |= u8::from(v.load(Ordering::Acquire) & busy != 0) << k;
         }
         m
     }
@@ -247,7 +247,7 @@ impl InMemoryHpt {
 
     /// The 16 bytes of the entry exactly as they sit in memory (big-endian).
     pub fn memory_image(&self, ptex: u64) -> Option<[u8; 16]> {
-        let (v, r) = self.dw(ptex)?;
+        let [v, r] = self.dw(ptex)?;
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&v.load(Ordering::Acquire).to_ne_bytes());
         b[8..].copy_from_slice(&r.load(Ordering::Acquire).to_ne_bytes());
@@ -258,7 +258,7 @@ impl InMemoryHpt {
     /// pairs with a stale dword 1.
     pub fn store(&self, ptex: u64, h: Hpte) -> Result<(), ConvertError> {
         let (v, r) = self.format.encode(h)?;
-        if let Some((dv, dr)) = self.dw(ptex) {
+        if let Some([dv, dr]) = self.dw(ptex) {
             dr.store(r.to_be(), Ordering::Release);
             dv.store(v.to_be(), Ordering::Release);
         }
@@ -269,7 +269,7 @@ impl InMemoryHpt {
     /// [`HpteFormat::encode`] made it), dword 1 first as [`InMemoryHpt::store`] does.
     #[inline]
     pub fn store_encoded(&self, ptex: u64, (v, r): (u64, u64)) {
-        if let Some((dv, dr)) = self.dw(ptex) {
+        if let Some([dv, dr]) = self.dw(ptex) {
             dr.store(r.to_be(), Ordering::Release);
             dv.store(v.to_be(), Ordering::Release);
         }
@@ -278,7 +278,7 @@ impl InMemoryHpt {
     /// Empties the entry, dword 0 (V) first.
     #[inline]
     pub fn clear(&self, ptex: u64) {
-        if let Some((dv, dr)) = self.dw(ptex) {
+        if let Some([dv, dr]) = self.dw(ptex) {
             dv.store(0, Ordering::Release);
             dr.store(0, Ordering::Release);
         }
@@ -291,7 +291,7 @@ impl InMemoryHpt {
     #[inline]
     pub fn invalidate_take_r(&self, ptex: u64) -> u64 {
         match self.dw(ptex) {
-            Some((dv, dr)) => {
+            Some([dv, dr]) => {
                 dv.store(0, Ordering::Release);
                 u64::from_be(dr.swap(0, Ordering::AcqRel))
             }
@@ -304,7 +304,7 @@ impl InMemoryHpt {
     #[inline]
     pub fn clear_r_bits(&self, ptex: u64, bits: u64) -> u64 {
         match self.dw(ptex) {
-            Some((_, dr)) => u64::from_be(dr.fetch_and((!bits).to_be(), Ordering::AcqRel)),
+            Some([_, dr]) => u64::from_be(dr.fetch_and((!bits).to_be(), Ordering::AcqRel)),
             None => 0,
         }
     }
@@ -312,7 +312,7 @@ impl InMemoryHpt {
     /// Atomically ORs `bits` into dword 1; returns the old dword 1.
     pub fn set_r_bits(&self, ptex: u64, bits: u64) -> u64 {
         match self.dw(ptex) {
-            Some((_, dr)) => u64::from_be(dr.fetch_or(bits.to_be(), Ordering::AcqRel)),
+            Some([_, dr]) => u64::from_be(dr.fetch_or(bits.to_be(), Ordering::AcqRel)),
             None => 0,
         }
     }
@@ -321,7 +321,7 @@ impl InMemoryHpt {
     /// R/C the hardware sets meanwhile; returns the old dword 1.
     pub fn update_r(&self, ptex: u64, mask: u64, bits: u64) -> u64 {
         match self.dw(ptex) {
-            Some((_, dr)) => {
+            Some([_, dr]) => {
                 let old = dr.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
                     Some(((u64::from_be(w) & !mask) | (bits & mask)).to_be())
                 });
@@ -335,7 +335,7 @@ impl InMemoryHpt {
     /// Takes the per-HPTE lock bit if free; true on success.
     pub fn try_lock(&self, ptex: u64) -> bool {
         match self.dw(ptex) {
-            Some((dv, _)) => {
+            Some([dv, _]) => {
                 dv.fetch_or(HPTE_V_HVLOCK.to_be(), Ordering::Acquire) & HPTE_V_HVLOCK.to_be() == 0
             }
             None => false,
@@ -351,7 +351,7 @@ impl InMemoryHpt {
 
     /// Releases the per-HPTE lock bit.
     pub fn unlock(&self, ptex: u64) {
-        if let Some((dv, _)) = self.dw(ptex) {
+        if let Some([dv, _]) = self.dw(ptex) {
             dv.fetch_and((!HPTE_V_HVLOCK).to_be(), Ordering::Release);
         }
     }

@@ -3,8 +3,8 @@
 //! against the plain model with the table's invariants checked throughout.
 
 use arch_ppc_book3s::guest::{
-    GuestConfig, GuestHpt, HvaIdentity, WimgPolicy, RMAP_CHANGED, RMAP_HANDLE_BIT, RMAP_PRESENT,
-    RMAP_REFERENCED,
+    GuestConfig, GuestHpt, HvaIdentity, PageResolver, WimgPolicy, RMAP_CHANGED, RMAP_HANDLE_BIT,
+    RMAP_PRESENT, RMAP_REFERENCED,
 };
 use arch_ppc_book3s::hash::{HptGeometry, SegmentSize, VirtAddr};
 use arch_ppc_book3s::hpte::{
@@ -14,7 +14,7 @@ use arch_ppc_book3s::hpte::{
 use arch_ppc_book3s::model::{HptModel, ModelSlot};
 use arch_ppc_book3s::pagesize::PageSizes;
 use arch_ppc_book3s::papr::*;
-use mmu_generic::addr::{Gfn, GfnRange, Hva};
+use mmu_generic::addr::{Gfn, GfnRange, Hva, Pfn};
 use mmu_generic::backend::{FlushToken, MmuBackend, NoTlb};
 use mmu_generic::memslot::{Memslot, MemslotsBuilder, SlotFlags, SlotId};
 use mmu_generic::pte_list::PteHandle;
@@ -87,6 +87,62 @@ fn h_enter_return_codes() {
     assert_eq!(r(&mut g, &[0, 12, 0x2000, 0x6000 | HPTE_R_M]), H_PTEG_FULL, "group full");
     assert_eq!(call(&mut g, 0x9999, &[]).status, H_FUNCTION);
     g.check_invariants().expect("invariants");
+}
+
+/// Host frames aligned to every page size (at 1 GiB), wherever the slot's host mapping is.
+struct AlignedFrames;
+
+impl PageResolver for AlignedFrames {
+    fn resolve(&mut self, _: &Memslot, gfn: Gfn, _: Hva, _: u64) -> Option<Pfn> {
+        Some(Pfn((1 << 18) + gfn.0))
+    }
+}
+
+/// A guest of one slot of 264 pages at gfn 0 (not a whole number of 64 KiB pages), backed at `hva`.
+fn guest_at<R: PageResolver>(format: HpteFormat, hva: u64, resolver: R) -> GuestHpt<R> {
+    let mut b = MemslotsBuilder::new();
+    b.create(Memslot::new(SlotId(0), Gfn(0), 0x108, Hva(hva), SlotFlags::empty())).expect("ok");
+    let (geometry, sizes) = (HptGeometry::from_pft_size(18).expect("ok"), PageSizes::qemu_pseries_default());
+    GuestHpt::new(
+        GuestConfig { geometry, format, sizes, wimg: WimgPolicy::RequireM },
+        b.build().expect("ok"),
+        resolver,
+    )
+    .expect("ok")
+}
+
+#[test]
+fn h_enter_refuses_host_pages_the_layout_cannot_hold_or_that_are_misaligned() {
+    let small = [0, 8, 0x80, 0x5000 | HPTE_R_M];
+    let large = [0, 16, 0x100 | HPTE_V_LARGE, 0x1_0000 | 0x1000 | HPTE_R_M];
+    let r = |format, hva, args: &[u64]| {
+        let mut g = guest_at(format, hva, HvaIdentity);
+        let st = call(&mut g, H_ENTER, args).status;
+        g.check_invariants().expect("invariants");
+        st
+    };
+    // Host-real 2^57: inside the pre-3.0 RPN field, past the narrower ISA 3.0 one.
+    assert_eq!(r(HpteFormat::PreIsa300, 1 << 57, &small), H_SUCCESS);
+    assert_eq!(r(HpteFormat::Isa300, 1 << 57, &small), H_PARAMETER, "RPN past the 3.0 field");
+    assert_eq!(r(HpteFormat::Isa300, (1 << 57) - 0x10_0000, &small), H_SUCCESS, "just inside it");
+    // 2^60: past both.
+    assert_eq!(r(HpteFormat::PreIsa300, 1 << 60, &small), H_PARAMETER, "RPN past the field");
+    // A host mapping 4 KiB off a 64 KiB boundary holds 4 KiB pages only.
+    assert_eq!(r(HpteFormat::PreIsa300, 0x4000_0000, &large), H_SUCCESS);
+    assert_eq!(r(HpteFormat::PreIsa300, 0x4000_1000, &large), H_PARAMETER, "misaligned host page");
+    assert_eq!(r(HpteFormat::PreIsa300, 0x4000_1000, &small), H_SUCCESS);
+    // The host-virtual alignment counts even when the frames behind it are aligned.
+    let mut g = guest_at(HpteFormat::PreIsa300, 0x4000_1000, AlignedFrames);
+    let mut f = FlushToken::new();
+    assert_eq!(g.hcall(H_ENTER, &large, &mut f).status, H_PARAMETER, "misaligned host mapping");
+    assert_eq!(g.hcall(H_ENTER, &small, &mut f).status, H_SUCCESS);
+    f.flush(&mut NoTlb);
+    g.check_invariants().expect("invariants");
+    // The last whole 64 KiB page of the slot, and the next, half in it.
+    let last = [0, 16, 0x100 | HPTE_V_LARGE, 0xf_0000 | 0x1000 | HPTE_R_M];
+    assert_eq!(r(HpteFormat::Isa300, 0x4000_0000, &last), H_SUCCESS, "last page of the slot");
+    let past = [0, 16, 0x100 | HPTE_V_LARGE, 0x10_0000 | 0x1000 | HPTE_R_M];
+    assert_eq!(r(HpteFormat::Isa300, 0x4000_0000, &past), H_PARAMETER, "half past the slot");
 }
 
 #[test]

@@ -38,6 +38,20 @@ impl<R: PageResolver> GuestHpt<R> {
         r: u64,
         lost: bool,
     ) {
+        let bits = self.fold_bits(ptex, v, guest_r, r, lost);
+        if bits != 0 && idx != NO_RMAP {
+            // Words change only under `&mut self` (see `revmap`): a plain OR.
+            if let Some(w) = self.rmap.get_mut(idx as usize) {
+                *w.get_mut() |= bits;
+            }
+        }
+    }
+
+    /// The per-gfn bits ([`RMAP_REFERENCED`], [`RMAP_CHANGED`]) that keep an
+    /// HPTE's R and C `r` for the host; a C that is `lost` to the hardware
+    /// goes to the dirty-log queue instead while one runs.
+    #[inline]
+    pub(super) fn fold_bits(&mut self, ptex: u64, v: Option<u64>, guest_r: u64, r: u64, lost: bool) -> u64 {
         let mut bits = 0;
         if r & HPTE_R_R != 0 {
             bits |= RMAP_REFERENCED;
@@ -57,11 +71,7 @@ impl<R: PageResolver> GuestHpt<R> {
                 bits |= RMAP_CHANGED;
             }
         }
-        if bits != 0 && idx != NO_RMAP {
-            if let Some(w) = self.rmap.get(idx as usize) {
-                w.fetch_or(bits, Ordering::AcqRel);
-            }
-        }
+        bits
     }
 
     /// Routes the C bits the guest takes away from the hardware (H_REMOVE,

@@ -133,7 +133,9 @@ pub struct GuestHpt<R: PageResolver = HvaIdentity> {
     /// absent), bit `k` for slot `k`: H_ENTER's duplicate check and slot
     /// choice read this byte instead of the group's 16 doublewords. Kept
     /// by the only two places that fill or empty a slot, H_ENTER and
-    /// [`GuestHpt::remove_viewed`]; the hardware changes only R and C.
+    /// `remove_viewed`; the hardware changes only R and C. Dense (a byte
+    /// per group, apart from `rev`): the two groups of a pair share few
+    /// cache lines with anything else H_ENTER touches.
     busy: Vec<u8>,
     rev: Vec<RevEntry>,
     slots: Memslots,
@@ -142,6 +144,11 @@ pub struct GuestHpt<R: PageResolver = HvaIdentity> {
     /// first, since a guest's pages are mostly in one slot.
     last_slot: usize,
     rmap: Vec<AtomicU64>,
+    /// Dword-0 bits H_ENTER refuses for this layout: a reserved B, and the
+    /// AVPN bits an ISA 3.0 table lacks (one mask test for both).
+    pteh_reserved: u64,
+    /// Host frame-number bits the layout cannot hold ([`translate::pfn_unfit`]).
+    pfn_unfit: u64,
     sizes: PageSizes,
     wimg: WimgPolicy,
     resolver: R,
@@ -184,6 +191,8 @@ impl<R: PageResolver> GuestHpt<R> {
             index,
             last_slot: 0,
             rmap,
+            pteh_reserved: hcall::pteh_reserved(config.format),
+            pfn_unfit: translate::pfn_unfit(config.format),
             sizes: config.sizes,
             wimg: config.wimg,
             resolver,

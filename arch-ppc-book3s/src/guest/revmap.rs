@@ -97,8 +97,9 @@ impl<R: PageResolver> GuestHpt<R> {
         }
     }
 
-    /// Writes the reverse-map entry `e` of a new entry at `ptex` and links
-    /// it on chain `idx` (`e`'s links and chain are set here): one write of
+    /// Writes the reverse-map entry `e` of a new entry at `ptex` (which the
+    /// caller has checked is in the table), links it on chain `idx` (`e`'s
+    /// links and chain are set here) and marks its slot busy: one write of
     /// the entry, where [`GuestHpt::link`] edits an entry already written.
     // Always inlined: H_ENTER is its hot caller, and the entry is then built in place.
     #[inline(always)]
@@ -117,27 +118,32 @@ impl<R: PageResolver> GuestHpt<R> {
             (e.forw, e.back) = (ptex, ptex);
         }
         self.rev[ptex as usize] = e;
+        if let Some(b) = self.busy.get_mut((ptex >> 3) as usize) {
+            *b |= 1 << (ptex & 7);
+        }
     }
 
     /// Unlinks the entry at `ptex` whose reverse-map entry `e` the caller
-    /// has already taken out of the table (and reset).
+    /// has already taken out of the table (and reset), ORing `fold`
+    /// ([`RMAP_REFERENCED`], [`RMAP_CHANGED`]) into the chain's word in the
+    /// same write.
     #[inline]
-    pub(super) fn unlink_taken(&mut self, ptex: u32, e: &RevEntry) {
-        let idx = e.rmap;
-        if idx == NO_RMAP {
-            return;
-        }
+    pub(super) fn unlink_taken(&mut self, ptex: u32, e: &RevEntry, fold: u64) {
         let (next, prev) = (e.forw, e.back);
-        if next == ptex {
+        // NO_RMAP (an entry on no chain) is past every word.
+        let Some(word) = self.rmap.get_mut(e.rmap as usize) else { return };
+        let w = word.get_mut();
+        let head = (*w & RMAP_INDEX) as u32;
+        let set = if next == ptex {
             // The only entry of its chain.
-            self.set_head(idx, None);
-            return;
-        }
-        self.rev[next as usize].back = prev;
-        self.rev[prev as usize].forw = next;
-        let head = (*self.rmap[idx as usize].get_mut() & RMAP_INDEX) as u32;
-        if head == ptex {
-            self.set_head(idx, Some(next));
+            0
+        } else {
+            RMAP_PRESENT | u64::from(if head == ptex { next } else { head })
+        };
+        *w = (*w & (RMAP_REFERENCED | RMAP_CHANGED)) | fold | set;
+        if next != ptex {
+            self.rev[next as usize].back = prev;
+            self.rev[prev as usize].forw = next;
         }
     }
 

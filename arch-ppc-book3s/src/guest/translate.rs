@@ -1,21 +1,22 @@
 //! From the guest's entry to the hardware's: the memslot that holds the page,
 //! the host frames behind it ([`PageResolver`]), WIMG and protection.
 
-use mmu_generic::addr::{Gfn, Pfn};
+use mmu_generic::addr::{Gfn, Hva, Pfn, PAGE_SHIFT};
 use mmu_generic::memslot::{Memslot, SlotFlags};
 
 use super::revmap::SlotIndex;
 use super::{GuestHpt, WimgPolicy};
-use crate::hpte::{make_readonly, Hpte, HPTE_R_M, HPTE_R_RPN, HPTE_R_WIMG};
+use crate::hpte::{make_readonly, Hpte, HpteFormat, HPTE_R_M, HPTE_R_RPN, HPTE_R_RPN_3_0, HPTE_R_WIMG};
 use crate::pagesize::PageSizePair;
 use crate::papr::HptError;
 
 /// The host frames behind guest memory.
 pub trait PageResolver {
     /// The first host frame of `npages` host-contiguous frames backing guest
-    /// frames `gfn..gfn + npages` of `slot` (the whole range is in the slot),
-    /// or `None` if they are not resident or not contiguous.
-    fn resolve(&mut self, slot: &Memslot, gfn: Gfn, npages: u64) -> Option<Pfn>;
+    /// frames `gfn..gfn + npages` of `slot` (the whole range is in the slot,
+    /// and `hva` is the host-virtual address of `gfn` there), or `None` if
+    /// they are not resident or not contiguous.
+    fn resolve(&mut self, slot: &Memslot, gfn: Gfn, hva: Hva, npages: u64) -> Option<Pfn>;
 }
 
 /// A resolver for a hypervisor whose host-virtual addresses equal host-real
@@ -24,8 +25,9 @@ pub trait PageResolver {
 pub struct HvaIdentity;
 
 impl PageResolver for HvaIdentity {
-    fn resolve(&mut self, slot: &Memslot, gfn: Gfn, _npages: u64) -> Option<Pfn> {
-        slot.gfn_to_hva(gfn).map(|h| Pfn(h.page()))
+    #[inline]
+    fn resolve(&mut self, _slot: &Memslot, _gfn: Gfn, hva: Hva, _npages: u64) -> Option<Pfn> {
+        Some(Pfn(hva.page()))
     }
 }
 
@@ -42,23 +44,35 @@ pub(super) struct HwEntry {
     pub(super) table: (u64, u64),
 }
 
+/// The frame-number bits of a host page the table's layout cannot hold: past
+/// the 64-bit address space (`Pfn::hpa` fails) or past the RPN field (the
+/// ISA 3.0 field is narrower, Power ISA 3.0B Book III 5.7.7.1).
+pub(super) const fn pfn_unfit(format: HpteFormat) -> u64 {
+    let rpn = match format {
+        HpteFormat::PreIsa300 => HPTE_R_RPN,
+        HpteFormat::Isa300 => HPTE_R_RPN_3_0,
+    };
+    !(rpn >> PAGE_SHIFT) | !(u64::MAX >> PAGE_SHIFT)
+}
+
 impl<R: PageResolver> GuestHpt<R> {
-    /// The entry of the slot index that holds `gfn`: the last one found
-    /// first, then a binary search (which updates it).
+    /// The slot index entry that holds `gfn`: the last one found first,
+    /// then a binary search (which updates it).
     #[inline]
-    fn slot_position(&mut self, gfn: Gfn) -> Option<usize> {
-        if let Some(s) = self.index.get(self.last_slot) {
-            if gfn.0.wrapping_sub(s.base) < s.npages {
-                return Some(self.last_slot);
+    fn slot_index(&mut self, gfn: u64) -> Option<&SlotIndex> {
+        let hint = self.last_slot;
+        match self.index.get(hint) {
+            Some(s) if gfn.wrapping_sub(s.base) < s.npages => Some(s),
+            _ => {
+                let pos = self.index.partition_point(|s| s.base <= gfn).checked_sub(1)?;
+                let s = self.index.get(pos)?;
+                if gfn - s.base >= s.npages {
+                    return None;
+                }
+                self.last_slot = pos;
+                Some(s)
             }
         }
-        let pos = self.index.partition_point(|s| s.base <= gfn.0).checked_sub(1)?;
-        let s = self.index.get(pos)?;
-        if gfn.0 - s.base >= s.npages {
-            return None;
-        }
-        self.last_slot = pos;
-        Some(pos)
     }
 
     /// Computes the hardware dword 1 for the guest's `guest_r`, and the
@@ -66,34 +80,39 @@ impl<R: PageResolver> GuestHpt<R> {
     #[inline]
     pub(super) fn hardware_r(&mut self, v: u64, guest_r: u64) -> Result<HwEntry, HptError> {
         let ps = self.sizes.decode(v, guest_r).ok_or(HptError::Parameter)?;
-        let gpa = Hpte::new(v, guest_r).real_address(ps.actual_shift);
-        let gfn = Gfn(gpa >> 12);
-        let pos = self.slot_position(gfn).ok_or(HptError::Parameter)?;
-        let SlotIndex { base, first, slot, .. } = &self.index[pos];
-        if !slot.allows_page(gfn, ps.actual_shift) {
+        let (wimg, format, unfit) = (self.wimg, self.hpt.format(), self.pfn_unfit);
+        let size_mask = (1u64 << ps.actual_shift) - 1;
+        let gfn = Hpte::new(v, guest_r).real_address(ps.actual_shift) >> PAGE_SHIFT;
+        let s = self.slot_index(gfn).ok_or(HptError::Parameter)?;
+        let (off, pages) = (gfn - s.base, ps.npages());
+        // The whole page in the slot, its host-virtual address aligned to
+        // the page (what `Memslot::allows_page` asks; `off` is in the slot).
+        let hva = s.slot.hva().0.checked_add(off << PAGE_SHIFT).ok_or(HptError::Parameter)?;
+        if s.npages - off < pages || hva & size_mask != 0 {
             return Err(HptError::Parameter);
         }
         let mut r = guest_r;
-        match self.wimg {
+        match wimg {
             WimgPolicy::RequireM if guest_r & HPTE_R_WIMG != HPTE_R_M => return Err(HptError::Parameter),
             WimgPolicy::RequireM => {}
             WimgPolicy::ForceM => r = (r & !HPTE_R_WIMG) | HPTE_R_M,
         }
-        let size = 1u64 << ps.actual_shift;
-        let pfn = self.resolver.resolve(slot, gfn, ps.npages()).ok_or(HptError::Parameter)?;
-        let hpa = pfn.hpa().ok_or(HptError::Parameter)?;
-        if hpa & (size - 1) != 0 || hpa & !HPTE_R_RPN != 0 {
+        let ro = s.slot.flags().contains(SlotFlags::READONLY);
+        // Inside the slot (checked above), so the word exists.
+        let idx = s.first + off as u32;
+        let slot = s.slot;
+        let pfn = self.resolver.resolve(&slot, Gfn(gfn), Hva(hva), pages).ok_or(HptError::Parameter)?;
+        // One test: an address, aligned to the page, that the layout holds.
+        if pfn.0 & (unfit | (pages - 1)) != 0 {
             return Err(HptError::Parameter);
         }
-        r = (r & !(HPTE_R_RPN & !(size - 1))) | hpa;
-        let ro = slot.flags().contains(SlotFlags::READONLY);
+        r = (r & !(HPTE_R_RPN & !size_mask)) | (pfn.0 << PAGE_SHIFT);
         if ro {
             r = make_readonly(r);
         }
-        // Inside the slot (checked above), so the word exists.
-        let idx = first + (gfn.0 - base) as u32;
-        // The hardware layout must be able to hold it (ISA 3.0's narrower RPN).
-        let table = self.hpt.format().encode(Hpte::new(v, r)).map_err(|_| HptError::Parameter)?;
+        // B, AVPN (H_ENTER's mask) and RPN (above) fit the layout.
+        let table = format.encode_fitting(Hpte::new(v, r));
+        debug_assert_eq!(Ok(table), format.encode(Hpte::new(v, r)));
         Ok(HwEntry { r, idx, ro, ps, table })
     }
 }

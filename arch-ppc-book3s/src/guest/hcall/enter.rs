@@ -40,6 +40,18 @@ pub fn same_virtual_page(mask: u64, a: (u64, Hpte, PageSizePair), b: (u64, Hpte,
     (a.1.v ^ b.1.v) & (HPTE_V_B | HPTE_V_AVPN) & !ign == 0
 }
 
+/// The dword-0 bits H_ENTER refuses with H_PARAMETER for a table in
+/// `format`: B = 0b10 or 0b11 (reserved, LoPAPR 14.5.4.1.1; B's high bit),
+/// and for ISA 3.0 the AVPN bits above a 68-bit virtual address, which its
+/// narrower field cannot hold.
+pub(in crate::guest) const fn pteh_reserved(format: HpteFormat) -> u64 {
+    let b_reserved = 1 << 63;
+    match format {
+        HpteFormat::PreIsa300 => b_reserved,
+        HpteFormat::Isa300 => b_reserved | (HPTE_V_AVPN & !HPTE_V_COMMON_BITS),
+    }
+}
+
 impl<R: PageResolver> GuestHpt<R> {
     // ---- the hypercalls -----------------------------------------------------------------------
 
@@ -52,54 +64,40 @@ impl<R: PageResolver> GuestHpt<R> {
     /// second translation of a virtual page already in the PTEG pair.
     /// H_PTEG_FULL: no free slot in the group, or H_EXACT's slot is in use.
     pub fn h_enter(&mut self, flags: u64, ptex: u64, pteh: u64, ptel: u64) -> Result<u64, HptError> {
-        if flags & !H_ENTER_FLAGS != 0 {
+        // What the arguments alone show wrong, in one test.
+        if flags & !H_ENTER_FLAGS != 0 || pteh & self.pteh_reserved != 0 || ptel & HPTE_R_TS != 0 {
             return Err(HptError::Parameter);
         }
-        self.in_range(ptex)?;
-        if pteh >> 62 > 1 || ptel & HPTE_R_TS != 0 {
+        // `ptex` is in the table exactly when its group is; then so is the
+        // secondary group. The primary group's occupancy also picks the slot.
+        let mask = self.hpt.geometry().pteg_mask();
+        let g = ptex >> 3;
+        let (Some(&taken), Some(&other)) = (self.busy.get(g as usize), self.busy.get((g ^ mask) as usize))
+        else {
             return Err(HptError::Parameter);
-        }
-        if self.hpt.format() == HpteFormat::Isa300 && pteh & HPTE_V_AVPN & !HPTE_V_COMMON_BITS != 0 {
-            return Err(HptError::Parameter);
-        }
+        };
         let v = (pteh & !(HPTE_V_HVLOCK | HPTE_V_ABSENT)) | HPTE_V_VALID;
         let HwEntry { idx, ro, ps, table: hw, .. } = self.hardware_r(v, ptel)?;
 
         // No second translation of the same virtual page in the PTEG pair:
         // the MMU would find two matches (a machine check on real hardware).
-        // Only the entries the guest sees as valid (valid or absent) are
-        // read and decoded; the primary group's occupancy also picks the slot.
-        let mask = self.hpt.geometry().pteg_mask();
-        let new = (ptex, Hpte::new(v, ptel), ps);
-        let g = ptex >> 3;
-        // In range (checked above), so are both groups.
-        let taken = self.busy[g as usize];
-        for (grp, busy) in [(g, taken), (g ^ mask, self.busy[(g ^ mask) as usize])] {
-            let mut busy = busy;
-            while busy != 0 {
-                let i = grp * 8 + u64::from(busy.trailing_zeros());
-                busy &= busy - 1;
-                let e = self.guest_view(i);
-                if let Some(eps) = self.sizes.decode(e.v, e.r) {
-                    if same_virtual_page(mask, new, (i, e, eps)) {
-                        return Err(HptError::Parameter);
-                    }
-                }
-            }
+        if taken | other != 0 && self.translates_in_pair((ptex, Hpte::new(v, ptel), ps), taken, other) {
+            return Err(HptError::Parameter);
         }
 
-        let slot = if flags & H_EXACT != 0 {
+        let k = if flags & H_EXACT != 0 {
             if taken & (1 << (ptex & 7)) != 0 {
                 return Err(HptError::PtegFull);
             }
-            ptex
+            ptex & 7
         } else {
             // The first free slot of the group.
             if taken == 0xff {
                 return Err(HptError::PtegFull);
             }
-            (ptex & !7) + u64::from(taken.trailing_ones())
+            u64::from(taken.trailing_ones())
         };
+        let slot = (ptex & !7) | k;
         let entry = RevEntry {
             guest_r: AtomicU64::new(ptel),
             hv_ro: ro,
@@ -108,8 +106,31 @@ impl<R: PageResolver> GuestHpt<R> {
         };
         self.link_new(idx, slot as u32, entry);
         self.hpt.store_encoded(slot, hw);
-        self.busy[g as usize] |= 1 << (slot & 7);
         self.max_npages = self.max_npages.max(ps.npages());
         Ok(slot)
+    }
+
+    /// Whether an entry the guest sees as valid (valid or absent) in the
+    /// PTEG pair of `new` translates its virtual page; `taken` and `other`
+    /// are the occupancy of its primary and secondary group. Only those
+    /// entries are read and decoded. Out of line: H_ENTER's own path then
+    /// keeps its values in registers.
+    #[inline(never)]
+    fn translates_in_pair(&self, new: (u64, Hpte, PageSizePair), taken: u8, other: u8) -> bool {
+        let mask = self.hpt.geometry().pteg_mask();
+        let g = new.0 >> 3;
+        for (grp, mut busy) in [(g, taken), (g ^ mask, other)] {
+            while busy != 0 {
+                let i = grp * 8 + u64::from(busy.trailing_zeros());
+                busy &= busy - 1;
+                let e = self.guest_view(i);
+                if let Some(eps) = self.sizes.decode(e.v, e.r) {
+                    if same_virtual_page(mask, new, (i, e, eps)) {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
     }
 }

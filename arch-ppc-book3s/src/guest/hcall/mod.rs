@@ -17,6 +17,7 @@ mod protect;
 mod read;
 mod remove;
 
+pub(super) use enter::pteh_reserved;
 pub use enter::{same_virtual_page, H_ENTER_FLAGS};
 pub use read::ReadResult;
 

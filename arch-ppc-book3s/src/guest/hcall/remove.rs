@@ -5,7 +5,7 @@ use mmu_generic::addr::{Gfn, GfnRange};
 use mmu_generic::backend::FlushToken;
 
 use crate::guest::{GuestHpt, PageResolver};
-use crate::hpte::{Hpte, HPTE_R_C, HPTE_R_R};
+use crate::hpte::{Hpte, HPTE_R_C, HPTE_R_R, HPTE_V_VALID};
 use crate::papr::{
     HptError, RemoveCond, BULK_END, BULK_FLAGS, BULK_MAX, BULK_NOT_FOUND, BULK_PARM, BULK_PTEX, BULK_REQUEST,
     BULK_RESPONSE, BULK_SUCCESS, BULK_TYPE, H_ANDCOND, H_AVPN,
@@ -14,19 +14,22 @@ use crate::papr::{
 impl<R: PageResolver> GuestHpt<R> {
     fn remove_one(&mut self, ptex: u64, cond: RemoveCond, flush: &mut FlushToken) -> Result<Hpte, HptError> {
         let hw = self.hpt.load(ptex).unwrap_or_default();
-        let view = self.view_of(ptex, hw);
-        if !view.valid() || !cond.matches(view.v) {
+        let v = Self::guest_v(hw.v);
+        if v & HPTE_V_VALID == 0 || !cond.matches(v) {
             return Err(HptError::NotFound);
         }
-        Ok(self.remove_viewed(ptex, hw, view, flush))
+        Ok(self.remove_viewed(ptex, hw, v, flush))
     }
 
-    /// Removes the entry at `ptex` (hardware entry `hw`, guest view `view`,
-    /// valid for the guest, both read by the caller); returns it as the
-    /// guest saw it, with its final R and C.
-    fn remove_viewed(&mut self, ptex: u64, hw: Hpte, view: Hpte, flush: &mut FlushToken) -> Hpte {
+    /// Removes the entry at `ptex` (in the table; hardware entry `hw`, guest
+    /// dword 0 `v`, valid for the guest, both read by the caller); returns it
+    /// as the guest saw it, with its final R and C.
+    fn remove_viewed(&mut self, ptex: u64, hw: Hpte, v: u64, flush: &mut FlushToken) -> Hpte {
         // The reverse-map entry is read once and left reset.
         let mut e = core::mem::take(&mut self.rev[ptex as usize]);
+        if let Some(b) = self.busy.get_mut((ptex >> 3) as usize) {
+            *b &= !(1 << (ptex & 7));
+        }
         let gr = *e.guest_r.get_mut();
         let rc = if hw.valid() {
             // V off first; R/C can still change until the invalidation
@@ -34,23 +37,22 @@ impl<R: PageResolver> GuestHpt<R> {
             // empty once it is).
             let r = self.hpt.invalidate_take_r(ptex);
             let shift = u32::from(e.shift);
-            let page = Hpte::new(view.v, gr);
+            let page = Hpte::new(v, gr);
             debug_assert_eq!(self.sizes.decode(page.v, page.r).map(|ps| ps.actual_shift), Some(shift));
             if let Some(range) = GfnRange::from_len(Gfn(page.real_address(shift) >> 12), 1 << (shift - 12)) {
                 flush.add_range(range);
             }
-            self.fold_entry(ptex, e.rmap, Some(hw.v), gr, r, true);
-            self.unlink_taken(ptex as u32, &e);
+            // R and C stay the host's: folded into the chain's word as it
+            // is unlinked (one write of the word).
+            let fold = self.fold_bits(ptex, Some(hw.v), gr, r, true);
+            self.unlink_taken(ptex as u32, &e, fold);
             r
         } else {
             // Absent: already invalid and unlinked, its R/C already taken.
             self.hpt.clear(ptex);
             hw.r
         };
-        if let Some(b) = self.busy.get_mut((ptex >> 3) as usize) {
-            *b &= !(1 << (ptex & 7));
-        }
-        Hpte::new(view.v, gr | (rc & (HPTE_R_R | HPTE_R_C)))
+        Hpte::new(v, gr | (rc & (HPTE_R_R | HPTE_R_C)))
     }
 
     /// H_REMOVE(flags, ptex, avpn): returns the removed entry (guest view,
@@ -66,15 +68,15 @@ impl<R: PageResolver> GuestHpt<R> {
         if flags & !(H_AVPN | H_ANDCOND) != 0 {
             return Err(HptError::Parameter);
         }
-        self.in_range(ptex)?;
-        let hw = self.hpt.load(ptex).unwrap_or_default();
-        let view = self.view_of(ptex, hw);
-        let avpn_ok = flags & H_AVPN == 0 || RemoveCond::Avpn(avpn).matches(view.v);
-        let and_ok = flags & H_ANDCOND == 0 || RemoveCond::AndCond(avpn).matches(view.v);
-        if !(view.valid() && avpn_ok && and_ok) {
+        // Only an entry outside the table has no hardware entry.
+        let hw = self.hpt.load(ptex).ok_or(HptError::Parameter)?;
+        let v = Self::guest_v(hw.v);
+        let avpn_ok = flags & H_AVPN == 0 || RemoveCond::Avpn(avpn).matches(v);
+        let and_ok = flags & H_ANDCOND == 0 || RemoveCond::AndCond(avpn).matches(v);
+        if !(v & HPTE_V_VALID != 0 && avpn_ok && and_ok) {
             return Err(HptError::NotFound);
         }
-        Ok(self.remove_viewed(ptex, hw, view, flush))
+        Ok(self.remove_viewed(ptex, hw, v, flush))
     }
 
     /// H_READ(flags, ptex): the entry, or with H_READ_4 the four of the
