@@ -100,8 +100,13 @@ impl PageResolver for AlignedFrames {
 
 /// A guest of one slot of 264 pages at gfn 0 (not a whole number of 64 KiB pages), backed at `hva`.
 fn guest_at<R: PageResolver>(format: HpteFormat, hva: u64, resolver: R) -> GuestHpt<R> {
+    guest_sized(0x108, format, hva, resolver)
+}
+
+/// A guest of one slot of `npages` pages at gfn 0, backed at `hva`.
+fn guest_sized<R: PageResolver>(npages: u64, format: HpteFormat, hva: u64, resolver: R) -> GuestHpt<R> {
     let mut b = MemslotsBuilder::new();
-    b.create(Memslot::new(SlotId(0), Gfn(0), 0x108, Hva(hva), SlotFlags::empty())).expect("ok");
+    b.create(Memslot::new(SlotId(0), Gfn(0), npages, Hva(hva), SlotFlags::empty())).expect("ok");
     let (geometry, sizes) = (HptGeometry::from_pft_size(18).expect("ok"), PageSizes::qemu_pseries_default());
     GuestHpt::new(
         GuestConfig { geometry, format, sizes, wimg: WimgPolicy::RequireM },
@@ -143,6 +148,12 @@ fn h_enter_refuses_host_pages_the_layout_cannot_hold_or_that_are_misaligned() {
     assert_eq!(r(HpteFormat::Isa300, 0x4000_0000, &last), H_SUCCESS, "last page of the slot");
     let past = [0, 16, 0x100 | HPTE_V_LARGE, 0x10_0000 | 0x1000 | HPTE_R_M];
     assert_eq!(r(HpteFormat::Isa300, 0x4000_0000, &past), H_PARAMETER, "half past the slot");
+    // A 64 KiB page one frame longer than what is left of the slot: 15 of its 16 frames in it.
+    for (args, want) in [(&last, H_SUCCESS), (&past, H_PARAMETER)] {
+        let mut g = guest_sized(0x10f, HpteFormat::PreIsa300, 0x4000_0000, HvaIdentity);
+        assert_eq!(call(&mut g, H_ENTER, args).status, want, "one frame past the slot: {args:x?}");
+        g.check_invariants().expect("invariants");
+    }
 }
 
 #[test]
