@@ -149,7 +149,15 @@ fn leaf_range(gfn: u64, size: PageSize) -> GfnRange {
 /// reports the same bitmap on both, leaves them in the same state, reports
 /// every page written (no lost write) and, where the leaf was 4 KiB, nothing
 /// else.
-fn run_case<F: TdpFormat + Clone>(format: F, tracking: Tracking, base: u64, seed: u64) {
+/// What the rounds of the cases met (so a test can show it reached them).
+#[derive(Default, Debug)]
+struct Seen {
+    huge: usize,
+    tracked: usize,
+    obsolete_rounds: usize,
+}
+
+fn run_case<F: TdpFormat + Clone>(format: F, tracking: Tracking, base: u64, seed: u64, seen: &mut Seen) {
     let npages = 4 * 512 + 100; // the last chain word is partial
     let slot = Memslot::new(SlotId(0), Gfn(base), npages, Hva(base << 12), SlotFlags::DIRTY_LOG);
     let mut a = Side::new(format.clone(), slot, tracking);
@@ -158,8 +166,15 @@ fn run_case<F: TdpFormat + Clone>(format: F, tracking: Tracking, base: u64, seed
     let mut rng = SmallRng::seed_from_u64(seed);
     let tracked_ok = a.mmu.format().accessed_mask() == 0;
     let mut rounds = 0;
+    let mut touched = Vec::new();
     for step in 0..400 {
-        let gfn = base + rng.gen_range(0..npages);
+        // Half the operations go to a page touched before: tracking,
+        // rewriting and re-protecting the same leaves.
+        let gfn = match touched.len() {
+            n if n > 0 && rng.gen_bool(0.5) => touched[rng.gen_range(0..n)],
+            _ => base + rng.gen_range(0..npages),
+        };
+        touched.push(gfn);
         let ctx = |what: &str| {
             alloc::format!("seed {seed} step {step} {tracking:?} base {base:#x}: {what} {gfn:#x}")
         };
@@ -271,13 +286,22 @@ fn run_case<F: TdpFormat + Clone>(format: F, tracking: Tracking, base: u64, seed
                     flush.expect("bitmap mode").flush(&mut NoTlb);
                     outs.push(out);
                 }
-                assert_eq!(outs[0], outs[1], "{}", ctx("walk and reverse map report differently"));
-                assert_eq!(
-                    a.leaves(&slot),
-                    b.leaves(&slot),
-                    "{}",
+                let differ = outs[0].iter().zip(&outs[1]).position(|(x, y)| x != y);
+                assert!(
+                    outs[0].len() == outs[1].len() && differ.is_none(),
+                    "{}: bitmap word {differ:?}",
+                    ctx("walk and reverse map report differently")
+                );
+                let (la, lb) = (a.leaves(&slot), b.leaves(&slot));
+                let differ = la.iter().zip(&lb).find(|(x, y)| x != y);
+                assert!(
+                    la.len() == lb.len() && differ.is_none(),
+                    "{}: {differ:?}",
                     ctx("walk and reverse map leave different leaves")
                 );
+                seen.huge += la.iter().filter(|(_, l)| l.npages > 1).count();
+                seen.tracked += la.iter().filter(|(_, l)| l.access_tracked).count();
+                seen.obsolete_rounds += usize::from(a.old_root.is_some());
                 for p in 0..npages {
                     let g = base + p;
                     let reported = outs[0].get((p / 64) as usize).is_some_and(|w| w >> (p % 64) & 1 != 0);
@@ -315,10 +339,57 @@ fn npt() -> Npt {
 
 #[test]
 fn the_walked_round_reports_and_protects_as_the_reverse_map_round_does() {
+    let (mut npt_seen, mut ept_seen) = (Seen::default(), Seen::default());
     for seed in 0..24 {
         let base = if seed % 2 == 0 { 0x1000 } else { 0x100d };
-        run_case(npt(), Tracking::WriteProtect, base, seed);
-        run_case(npt(), Tracking::HardwareDirty, base, seed);
-        run_case(Ept::new(WalkLength::Four, width(), false), Tracking::WriteProtect, base, seed);
+        run_case(npt(), Tracking::WriteProtect, base, seed, &mut npt_seen);
+        run_case(npt(), Tracking::HardwareDirty, base, seed, &mut npt_seen);
+        let ept = Ept::new(WalkLength::Four, width(), false);
+        run_case(ept, Tracking::WriteProtect, base, seed, &mut ept_seen);
+    }
+    // The rounds met huge leaves, access-tracked ones and obsolete roots.
+    assert!(npt_seen.huge > 0 && npt_seen.obsolete_rounds > 0, "{npt_seen:?}");
+    assert!(ept_seen.tracked > 0 && ept_seen.obsolete_rounds > 0, "{ept_seen:?}");
+}
+
+/// A write fault before `zap_all`, then a round while the old root is still
+/// there (vCPUs may run on it): the walk from the new root cannot see the
+/// old leaves, so the round must still reach them (through the reverse map).
+/// Write protection leaves the old leaf read-only; a dirty-bit round reports
+/// the page written before the zap and a page written through the old root
+/// after it.
+#[test]
+fn a_round_with_an_obsolete_root_still_in_use_reaches_its_leaves() {
+    for tracking in [Tracking::WriteProtect, Tracking::HardwareDirty] {
+        let base = 0x1000;
+        let slot = Memslot::new(SlotId(0), Gfn(base), 1024, Hva(base << 12), SlotFlags::DIRTY_LOG);
+        let mut side = Side::new(npt(), slot, tracking);
+        let (g, g2) = (base + 5, base + 700);
+        let FaultOutcome::Mapped(m) = side.fault(g, Access::WRITE) else {
+            panic!("{tracking:?}: no mapping")
+        };
+        // Under dirty-bit tracking a read maps writable with D clear.
+        side.fault(g2, Access::READ);
+        let old = side.mmu.root();
+        side.mmu.zap_all(&mut FlushRecorder::default(), |_| {});
+        assert!(!side.mmu.obsolete.is_empty());
+        let through_old = tracking == Tracking::HardwareDirty;
+        if through_old {
+            assert!(side.hw(old, g2, Access::WRITE).is_some(), "the old root still maps {g2:#x} writable");
+        }
+        let mut out = Vec::new();
+        let log = side.logs.get_mut(&SlotId(0)).expect("logged");
+        log.get_and_clear(&mut side.mmu, &mut out).expect("bitmap mode").flush(&mut NoTlb);
+        let reported = |p: u64| out[(p / 64) as usize] >> (p % 64) & 1 != 0;
+        assert!(reported(g - base), "{tracking:?}: the page written before zap_all is not reported");
+        assert_eq!(reported(g2 - base), through_old, "{tracking:?}: the write through the old root");
+        let leaf = side.mmu.leaf(m.handle).expect("the obsolete leaf stays until reclaimed");
+        match tracking {
+            Tracking::WriteProtect => {
+                assert!(!leaf.writable, "the obsolete leaf is still writable");
+                assert!(side.hw(old, g, Access::WRITE).is_none(), "a vCPU on the old root writes unlogged");
+            }
+            Tracking::HardwareDirty => assert!(!leaf.dirty, "the obsolete leaf kept its D bit"),
+        }
     }
 }
