@@ -23,7 +23,11 @@
 //! round hands the bitmap over in the same sweep. A round reaches a chained page's leaves through the
 //! back end's reverse map, so a leaf zapped and refaulted with a new handle
 //! is not missed, and every leaf mapping the page (shadow paging may have
-//! several) is protected or harvested.
+//! several) is protected or harvested. A back end whose tables can be walked
+//! by guest frame may take whole chain words instead
+//! ([`MmuBackend::round_chain_words`]: x86 TDP walks its current root, one
+//! table line per eight pages instead of a reverse-map head per page), and
+//! declines whenever the walk could miss a leaf the reverse map knows.
 //!
 //! Under dirty-bit tracking a round harvests the dirty bit of **every** live
 //! leaf of a chained page, writable or not, before the page leaves the
@@ -382,7 +386,9 @@ impl SlotDirtyLog {
     /// protected and the chain empties (the fault logged those pages); under
     /// dirty-bit tracking the D bit of every live leaf of each chained page
     /// is harvested, and a page stays chained while one of its leaves is
-    /// still writable.
+    /// still writable. The chain's non-empty words go to the back end in
+    /// batches ([`MmuBackend::round_chain_words`]); if it declines, the rest
+    /// of the round visits each page's leaves through its reverse map.
     ///
     /// Word `w` of the bitmap is handed over only after every chained page
     /// of words up to `w` was visited, so what a visit marks is in it; a mark
@@ -616,7 +622,7 @@ impl Sink<'_> {
 /// Chain words a round hands the back end per call of
 /// [`MmuBackend::round_chain_words`]: enough for a walk to keep several
 /// table lines in flight before its atomics.
-const BATCH_WORDS: usize = 16;
+const BATCH_WORDS: usize = 256;
 
 /// Non-empty words of the chain, gathered for the back end's walk
 /// ([`MmuBackend::round_chain_words`]), or for the reverse-map path when it

@@ -29,20 +29,22 @@ use super::TdpMmu;
 use crate::format::{level_frames, level_index, Access, TdpFormat, ENTRIES};
 use crate::frame::{FrameMemory, Table};
 
-/// Leaves a walk collects before it changes them.
+/// Leaf entries a walk finds before it reads and changes them.
 const HITS: usize = 64;
 
-/// A leaf the walk found that needs an atomic: its entry, the value read, its
-/// first guest frame and level.
+/// An entry where the leaf of some chained frames is (or was): the entry,
+/// the first guest frame and level it maps at, and the word (index in the
+/// call) and frames of that word it covers.
 #[derive(Clone, Copy)]
-struct Hit<'a> {
+struct Found<'a> {
     entry: &'a AtomicU64,
-    seen: u64,
     gfn: u64,
     level: u8,
+    word: usize,
+    covered: u64,
 }
 
-/// What a hit's slot holds before the walk fills it (never changed).
+/// What a `Found` holds before the walk fills it (never changed).
 static UNUSED: AtomicU64 = AtomicU64::new(0);
 
 /// The leaf table the walk reached last and the first guest frame it maps.
@@ -55,6 +57,12 @@ struct LastTable<'a> {
 impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     /// [`MmuBackend::round_chain_words`](mmu_generic::backend::MmuBackend::round_chain_words)
     /// for this engine, over the words of the slot of frames `slot`.
+    ///
+    /// Three passes over up to [`HITS`] entries at a time: find each chained
+    /// frame's entry (the walk reads only the upper levels, hot in cache,
+    /// and a 4 KiB leaf table is reused for every frame it maps); read the
+    /// entries, independent loads whose misses overlap; then change those
+    /// that need it, each line now in cache.
     pub(super) fn round_words(
         &self,
         slot: GfnRange,
@@ -66,91 +74,111 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         if !self.obsolete.is_empty() || writable.len() < words.len() {
             return ChainWords::NotHandled;
         }
-        let harvest = matches!(round, ChainRound::HarvestDirty(_));
-        let f = &self.format;
-        let dirty = f.dirty_mask();
-        let mut hits = [Hit { entry: &UNUSED, seen: 0, gfn: 0, level: 1 }; HITS];
+        if matches!(round, ChainRound::HarvestDirty(_)) {
+            writable[..words.len()].fill(0);
+        }
+        let mut found = [Found { entry: &UNUSED, gfn: 0, level: 1, word: 0, covered: 0 }; HITS];
         let mut n = 0usize;
         let mut last: Option<LastTable<'_>> = None;
-        for (word, keep) in words.iter().zip(writable.iter_mut()) {
-            if harvest {
-                *keep = 0;
-            }
-            // Only the slot's frames, whatever the caller passed.
-            let mut bits = word.mask & word_bits(word.first.0, slot.start.0, slot.len());
+        for (i, word) in words.iter().enumerate() {
+            // Only the slot's frames, whatever the caller passed (a word
+            // inside the slot needs no clipping).
+            let inside =
+                word.first >= slot.start && word.first.0.checked_add(64).is_some_and(|e| e <= slot.end.0);
+            let mut bits = if inside {
+                word.mask
+            } else {
+                word.mask & word_bits(word.first.0, slot.start.0, slot.len())
+            };
             while bits != 0 {
                 let gfn = word.first.0.wrapping_add(bits.trailing_zeros() as u64);
-                let Some((entry, e, level)) = self.round_leaf(gfn, &mut last) else {
+                if let Some(t) = last.filter(|t| gfn.wrapping_sub(t.base) < ENTRIES as u64) {
+                    // The common case: a 4 KiB entry of the leaf table the
+                    // walk reached before, one frame.
+                    found[n] = Found {
+                        entry: &t.table[level_index(gfn, 1)],
+                        gfn,
+                        level: 1,
+                        word: i,
+                        covered: bits & bits.wrapping_neg(),
+                    };
+                    bits &= bits - 1;
+                    n += 1;
+                    if n == HITS {
+                        self.change(&found[..n], &mut round, writable, flush);
+                        n = 0;
+                    }
+                    continue;
+                }
+                let Some((entry, level)) = self.round_entry(gfn, &mut last) else {
                     bits &= bits - 1;
                     continue;
                 };
-                // The chained frames of this word the leaf maps (all of them
-                // for a huge leaf covering the word).
+                // The chained frames of this word the entry maps (all of
+                // them for a huge leaf covering the word).
                 let span = level_frames(level);
                 let start = gfn & !(span - 1);
                 let covered = word_bits(word.first.0, start, span) & bits;
                 bits &= !covered;
-                let present = f.is_present(e);
-                let access = if present { f.leaf_access(e) } else { f.tracked_access(e) };
-                let w = access.contains(Access::WRITE);
-                let need = if harvest {
-                    *keep |= if w { covered } else { 0 };
-                    present && e & dirty != 0
-                } else {
-                    w
-                };
-                // A huge leaf reached again from the next word: once is enough.
-                if !need || n > 0 && core::ptr::eq(hits[n - 1].entry, entry) {
-                    continue;
-                }
-                hits[n] = Hit { entry, seen: e, gfn: start, level };
+                found[n] = Found { entry, gfn: start, level, word: i, covered };
                 n += 1;
                 if n == HITS {
-                    self.change(&hits[..n], &mut round, flush);
+                    self.change(&found[..n], &mut round, writable, flush);
                     n = 0;
                 }
             }
         }
-        self.change(&hits[..n], &mut round, flush);
+        self.change(&found[..n], &mut round, writable, flush);
         ChainWords::Done
     }
 
-    /// The second pass: one atomic per hit. Write protection takes the
-    /// permission away with a compare-exchange (the processor may set A/D
-    /// meanwhile; then again from the new value); a harvest clears D with
-    /// `fetch_and` and reports the leaf's frames if it was set.
-    fn change(&self, hits: &[Hit<'_>], round: &mut ChainRound<'_>, flush: &mut FlushToken) {
+    /// Reads the entries found, then changes each leaf that needs it with one
+    /// atomic. Write protection takes the permission away with a
+    /// compare-exchange (the processor may set A/D meanwhile: then again
+    /// from the new value); a harvest clears D with `fetch_and`, reports the
+    /// leaf's frames if it was set, and notes in `writable` the chained
+    /// frames whose leaf stays writable.
+    fn change(
+        &self,
+        found: &[Found<'_>],
+        round: &mut ChainRound<'_>,
+        writable: &mut [u64],
+        flush: &mut FlushToken,
+    ) {
+        let mut seen = [0u64; HITS];
+        for (e, x) in seen.iter_mut().zip(found) {
+            *e = x.entry.load(Ordering::Acquire);
+        }
         let f = &self.format;
-        for hit in hits {
-            let range = GfnRange { start: Gfn(hit.gfn), end: Gfn(hit.gfn + level_frames(hit.level)) };
+        let d = f.dirty_mask();
+        // A huge leaf met again from the next word: changed once, and its
+        // write permission as the first meeting found it.
+        let mut prev: Option<(&AtomicU64, bool)> = None;
+        for (x, &e) in found.iter().zip(&seen) {
+            if !self.is_any_leaf(e, x.level) {
+                continue;
+            }
+            let present = f.is_present(e);
+            let access = if present { f.leaf_access(e) } else { f.tracked_access(e) };
+            let w = access.contains(Access::WRITE);
+            let again = prev.filter(|&(p, _)| core::ptr::eq(p, x.entry));
+            prev = Some((x.entry, again.map_or(w, |(_, w)| w)));
+            let range = GfnRange { start: Gfn(x.gfn), end: Gfn(x.gfn + level_frames(x.level)) };
             match round {
                 ChainRound::WriteProtect => {
-                    let mut cur = hit.seen;
-                    loop {
-                        let present = f.is_present(cur);
-                        let access = if present { f.leaf_access(cur) } else { f.tracked_access(cur) };
-                        if !access.contains(Access::WRITE) {
-                            break;
-                        }
-                        let next = if present {
-                            f.with_leaf_access(cur, access - Access::WRITE)
-                        } else {
-                            f.with_tracked_access(cur, access - Access::WRITE)
-                        };
-                        match hit.entry.compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire) {
-                            Ok(_) => {
-                                if present {
-                                    flush.add_range(range);
-                                }
-                                break;
-                            }
-                            Err(now) => cur = now,
-                        }
+                    if w && again.is_none() {
+                        self.take_write(x.entry, e, range, flush);
                     }
                 }
                 ChainRound::HarvestDirty(report) => {
-                    let d = f.dirty_mask();
-                    if hit.entry.fetch_and(!d, Ordering::AcqRel) & d != 0 {
+                    if again.map_or(w, |(_, w)| w) {
+                        writable[x.word] |= x.covered;
+                    }
+                    if again.is_none()
+                        && present
+                        && e & d != 0
+                        && x.entry.fetch_and(!d, Ordering::AcqRel) & d != 0
+                    {
                         // A cached translation would let the processor skip
                         // setting the bit again.
                         flush.add_range(range);
@@ -161,21 +189,43 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         }
     }
 
-    /// The leaf (present or access-tracked) of the current root that maps
-    /// `gfn`: its entry, value and level. Reuses `last` when `gfn` lies in
-    /// the leaf table reached before; a walk that reaches a 4 KiB leaf
-    /// table records it there.
+    /// Takes write permission from the leaf `entry` (present, or the saved
+    /// permissions of an access-tracked one), read as `cur`, mapping `range`.
+    fn take_write(&self, entry: &AtomicU64, mut cur: u64, range: GfnRange, flush: &mut FlushToken) {
+        let f = &self.format;
+        loop {
+            let present = f.is_present(cur);
+            let access = if present { f.leaf_access(cur) } else { f.tracked_access(cur) };
+            if !access.contains(Access::WRITE) {
+                return;
+            }
+            let next = if present {
+                f.with_leaf_access(cur, access - Access::WRITE)
+            } else {
+                f.with_tracked_access(cur, access - Access::WRITE)
+            };
+            match entry.compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    if present {
+                        flush.add_range(range);
+                    }
+                    return;
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The entry of the current root where the leaf mapping `gfn` is, if
+    /// the tables reach that far, with its level: a 4 KiB entry is not read
+    /// here (it may be empty), a huge or access-tracked one above was.
+    /// Reuses `last` when `gfn` lies in the 4 KiB leaf table reached before,
+    /// and records there a leaf table the walk reaches.
     #[inline]
-    fn round_leaf<'a>(
-        &'a self,
-        gfn: u64,
-        last: &mut Option<LastTable<'a>>,
-    ) -> Option<(&'a AtomicU64, u64, u8)> {
+    fn round_entry<'a>(&'a self, gfn: u64, last: &mut Option<LastTable<'a>>) -> Option<(&'a AtomicU64, u8)> {
         if let Some(t) = *last {
             if gfn.wrapping_sub(t.base) < ENTRIES as u64 {
-                let entry = &t.table[level_index(gfn, 1)];
-                let e = entry.load(Ordering::Acquire);
-                return self.is_any_leaf(e, 1).then_some((entry, e, 1));
+                return Some((&t.table[level_index(gfn, 1)], 1));
             }
         }
         let f = &self.format;
@@ -187,19 +237,20 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         let mut level = f.walk_length().levels();
         loop {
             let entry = &table[level_index(gfn, level)];
+            if level == 1 {
+                *last = Some(LastTable { table, base: gfn & !(ENTRIES as u64 - 1) });
+                return Some((entry, 1));
+            }
             let e = entry.load(Ordering::Acquire);
             if !f.is_present(e) {
-                return (level <= 3 && f.is_tracked(e)).then_some((entry, e, level));
+                return (level <= 3 && f.is_tracked(e)).then_some((entry, level));
             }
-            if level == 1 || f.is_leaf(e, level) {
-                return Some((entry, e, level));
+            if f.is_leaf(e, level) {
+                return Some((entry, level));
             }
             // A non-leaf entry holds its table's 4 KiB-aligned address.
             table = self.mem.table_at(Pfn((e & addr_mask) >> 12))?;
             level -= 1;
-            if level == 1 {
-                *last = Some(LastTable { table, base: gfn & !(ENTRIES as u64 - 1) });
-            }
         }
     }
 }
