@@ -621,8 +621,10 @@ impl Sink<'_> {
 
 /// Chain words a round hands the back end per call of
 /// [`MmuBackend::round_chain_words`]: enough for a walk to keep several
-/// table lines in flight before its atomics.
-const BATCH_WORDS: usize = 256;
+/// table lines in flight before its atomics. The batch and the back end's
+/// walk live on the stack of a round under the MMU lock: 64 words keep them
+/// near 5 KiB; 256 measured 3-4 % faster for four times the stack.
+const BATCH_WORDS: usize = 64;
 
 /// Non-empty words of the chain, gathered for the back end's walk
 /// ([`MmuBackend::round_chain_words`]), or for the reverse-map path when it
