@@ -230,6 +230,32 @@ fn split_1g(c: &mut Criterion) {
     });
 }
 
+/// The timed part of `write_protect_all_leaves`: every leaf of the slot,
+/// found through the reverse map and write-protected. Not inlined, so that
+/// `valgrind --tool=callgrind --toggle-collect=*protect_every_leaf*` counts
+/// exactly this.
+#[inline(never)]
+fn protect_every_leaf(mmu: &mut TdpMmu<Npt, SimMemory>, slot: &Memslot) -> u64 {
+    let mut flush = FlushToken::new();
+    let mut hits = Vec::new();
+    mmu.for_each_leaf(slot, slot.gfns(), &mut |h| hits.push(h));
+    let mut n = 0u64;
+    for h in hits {
+        n += mmu.write_protect(h, &mut flush) as u64;
+    }
+    flush.flush(&mut FlushRecorder::default());
+    n
+}
+
+/// The timed part of `writable_chain_round`: the log's round (protect what
+/// the chain holds, hand the bitmap over). Not inlined, for callgrind's
+/// `--toggle-collect=*chain_round*`.
+#[inline(never)]
+fn chain_round(log: &mut SlotDirtyLog, mmu: &mut TdpMmu<Npt, SimMemory>, out: &mut Vec<u64>) {
+    let flush = log.get_and_clear(mmu, out).expect("bitmap mode");
+    flush.flush(&mut FlushRecorder::default());
+}
+
 fn dirty_log_round(c: &mut Criterion) {
     let gib: u64 = std::env::var("ARCH_X86_BENCH_GIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
     let npages = gib * GIB;
@@ -275,14 +301,7 @@ fn dirty_log_round(c: &mut Criterion) {
                 // Untimed: the guest's first writes after a round made these
                 // writable again (what the fault path does).
                 let t = std::time::Instant::now();
-                let mut flush = FlushToken::new();
-                let mut hits = Vec::new();
-                mmu.for_each_leaf(&slot, slot.gfns(), &mut |h| hits.push(h));
-                let mut n = 0u64;
-                for h in hits {
-                    n += mmu.write_protect(h, &mut flush) as u64;
-                }
-                flush.flush(&mut FlushRecorder::default());
+                let n = protect_every_leaf(&mut mmu, &slot);
                 total += t.elapsed();
                 black_box(n);
                 for h in hs {
@@ -329,8 +348,7 @@ fn dirty_log_round(c: &mut Criterion) {
                 flush.flush(&mut FlushRecorder::default());
                 let log = logs[0].as_mut().expect("logged");
                 let t = std::time::Instant::now();
-                let flush = log.get_and_clear(&mut mmu, &mut out).expect("bitmap mode");
-                flush.flush(&mut FlushRecorder::default());
+                chain_round(log, &mut mmu, &mut out);
                 total += t.elapsed();
                 let reported: u64 = out.iter().map(|w| w.count_ones() as u64).sum();
                 assert_eq!(reported, written.len() as u64);

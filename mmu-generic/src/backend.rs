@@ -21,6 +21,7 @@
 //! walking the reverse map (write protection, access tracking, zapping,
 //! splitting) never allocate under the MMU lock.
 
+use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::{Gfn, GfnRange};
@@ -202,6 +203,51 @@ impl Drop for FlushToken {
     }
 }
 
+/// One word of a slot's writable chain, as a dirty-log round hands it to
+/// [`MmuBackend::round_chain_words`]: the 64 guest frames from `first`, of
+/// which bit `i` of `mask` chains `first + i`. Every chained frame lies in
+/// the slot (the word of a slot's last, partial 64 pages has no bit past its
+/// end).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ChainWord {
+    /// Guest frame of bit 0.
+    pub first: Gfn,
+    /// The chained frames.
+    pub mask: u64,
+}
+
+/// What a round does to the leaves of the chained frames it hands over.
+pub enum ChainRound<'a> {
+    /// Write-protect every leaf that maps a chained frame (present leaves,
+    /// and the saved permissions of access-tracked ones).
+    WriteProtect,
+    /// Test and clear the dirty bit of every live leaf that maps a chained
+    /// frame, writable or not, calling the function with the whole range of
+    /// each leaf whose bit was set (a huge leaf's range reaches past the
+    /// word), and report which chained frames still have a writable leaf.
+    HarvestDirty(&'a mut dyn FnMut(GfnRange)),
+}
+
+impl fmt::Debug for ChainRound<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::WriteProtect => "WriteProtect",
+            Self::HarvestDirty(_) => "HarvestDirty",
+        })
+    }
+}
+
+/// How a back end answered [`MmuBackend::round_chain_words`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[must_use = "NotHandled leaves the words untouched: the caller must take its own path"]
+pub enum ChainWords {
+    /// The back end did nothing: the caller visits the frames' leaves through
+    /// the reverse map.
+    NotHandled,
+    /// Every leaf of every chained frame was protected or harvested.
+    Done,
+}
+
 /// Why a back-end operation on a leaf failed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum BackendError {
@@ -284,6 +330,34 @@ pub trait MmuBackend {
     /// [`MmuBackend::zap`] hand the final bits to its caller instead.
     fn drain_lost_dirty(&mut self, gfns: GfnRange, f: &mut dyn FnMut(GfnRange)) {
         let _ = (gfns, f);
+    }
+
+    /// One step of a dirty-log round over whole words of the writable chain
+    /// of `slot` at once ([`ChainWord`]): write-protect, or harvest the dirty
+    /// bits of, every leaf that maps a chained frame, recording the flushes
+    /// in `flush`. Under [`ChainRound::HarvestDirty`] `writable[i]` receives
+    /// the frames of `words[i].mask` that still have a writable leaf (those
+    /// stay chained); under write protection it is left as it is. `writable`
+    /// is as long as `words`.
+    ///
+    /// A back end whose tables can be walked by guest frame answers from a
+    /// walk (one table line per eight 4 KiB leaves, the upper levels hot in
+    /// cache) instead of a reverse-map look-up per frame. It must reach every
+    /// leaf the reverse map would: where some of them are outside the walk
+    /// (tables of an obsolete generation that vCPUs may still use), it answers
+    /// [`ChainWords::NotHandled`] and changes nothing. The default always
+    /// answers so, and the round then visits each frame's leaves through
+    /// [`MmuBackend::for_each_leaf`].
+    fn round_chain_words(
+        &mut self,
+        slot: &Memslot,
+        words: &[ChainWord],
+        round: ChainRound<'_>,
+        writable: &mut [u64],
+        flush: &mut FlushToken,
+    ) -> ChainWords {
+        let _ = (slot, words, round, writable, flush);
+        ChainWords::NotHandled
     }
 
     /// A dirty-bit log starts (`on`) or stops on one slot: what

@@ -11,7 +11,9 @@
 use core::sync::atomic::Ordering;
 
 use mmu_generic::addr::GfnRange;
-use mmu_generic::backend::{BackendError, Caps, FlushToken, Leaf, MmuBackend};
+use mmu_generic::backend::{
+    BackendError, Caps, ChainRound, ChainWord, ChainWords, FlushToken, Leaf, MmuBackend,
+};
 use mmu_generic::memslot::Memslot;
 use mmu_generic::pte_list::PteHandle;
 
@@ -138,5 +140,22 @@ impl<F: TdpFormat, M: FrameMemory> MmuBackend for TdpMmu<F, M> {
     fn zap(&mut self, h: PteHandle, flush: &mut FlushToken) -> Option<Leaf> {
         let pos = self.pos_of(h)?;
         self.zap_leaf(pos, flush)
+    }
+
+    /// Walks the current root (`dirty.rs`); declines while obsolete tables,
+    /// which the walk cannot see, remain, and for a slot the engine does not
+    /// hold as it is (the reverse map files nothing under it then).
+    fn round_chain_words(
+        &mut self,
+        slot: &Memslot,
+        words: &[ChainWord],
+        round: ChainRound<'_>,
+        writable: &mut [u64],
+        flush: &mut FlushToken,
+    ) -> ChainWords {
+        if self.slots.get(slot.id()).map(|s| s.gfns()) != Some(slot.gfns()) {
+            return ChainWords::NotHandled;
+        }
+        self.round_words(slot.gfns(), words, round, writable, flush)
     }
 }

@@ -13,6 +13,7 @@
 //! | `map.rs` | installing leaves, explicit maps, splitting huge pages |
 //! | `zap.rs` | zapping ranges, unmapping, zap-all by generation |
 //! | `backend.rs` | [`MmuBackend`](mmu_generic::backend::MmuBackend) for the generic drivers |
+//! | `dirty.rs` | the dirty-log round over chain words through a table walk |
 //!
 //! A leaf is named by the [`PteHandle`] `frame id × 512 + index`; the reverse
 //! map files it under its slot, its first guest frame and its level.
@@ -43,6 +44,7 @@
 //!   reports it.
 
 mod backend;
+mod dirty;
 mod fault;
 mod map;
 mod zap;
@@ -452,5 +454,7 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     }
 }
 
+#[cfg(test)]
+mod dirty_tests;
 #[cfg(test)]
 mod tests;
