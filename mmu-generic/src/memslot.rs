@@ -810,6 +810,44 @@ mod tests {
     }
 
     #[test]
+    fn lookup_matches_a_scan_on_adversarial_layouts() {
+        // Adjacent one-page slots from gfn 0, one-page gaps, a run of many
+        // slots inside one bucket, and a slot ending at the top of the
+        // valid gfn space: every frame at and around each edge is probed.
+        let top = 1u64 << 52;
+        let layouts: [Vec<(u64, u64)>; 5] = [
+            (0..40).map(|i| (i, 1)).collect(),
+            (0..40).map(|i| (2 * i, 1)).collect(),
+            (0..30).map(|i| (i, 1)).chain([(1000, 1 << 20), (top - 3, 3)]).collect(),
+            (0..12).map(|i| (i * 3, 2)).chain((0..20).map(|i| (top - 100 + 5 * i, 1 + i % 4))).collect(),
+            // Pairs of touching slots wider than a bucket, then a gap: the
+            // second of two candidates starts inside a bucket.
+            (0..16u64).map(|i| if i % 2 == 0 { (i * 32, 20) } else { (i * 32 - 12, 30) }).collect(),
+        ];
+        for (l, layout) in layouts.iter().enumerate() {
+            let slots: Vec<Memslot> = layout
+                .iter()
+                .enumerate()
+                .map(|(i, &(g, n))| slot(i as u16, g, n, (i as u64) << 32))
+                .collect();
+            let s = set(&slots).unwrap();
+            let mut hint = SlotHint::default();
+            for m in &slots {
+                let (b, e) = (m.base_gfn().0, m.base_gfn().0 + m.npages());
+                for probe in [b.wrapping_sub(2), b.wrapping_sub(1), b, b + 1, e - 1, e, e + 1, u64::MAX] {
+                    let want = slots.iter().find(|s| s.contains(Gfn(probe))).map(|s| s.id());
+                    assert_eq!(s.lookup(Gfn(probe)).map(|s| s.id()), want, "layout {l} gfn {probe:#x}");
+                    assert_eq!(
+                        s.lookup_hinted(Gfn(probe), &mut hint).map(|s| s.id()),
+                        want,
+                        "hinted {probe:#x}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn lookup_spans_the_whole_gfn_space_with_the_widest_buckets() {
         // Nine slots spread over 2^52 frames: buckets of 2^47 frames, whose
         // split offsets are the largest a bucket word holds.
