@@ -92,33 +92,20 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
             };
             while bits != 0 {
                 let gfn = word.first.0.wrapping_add(bits.trailing_zeros() as u64);
-                if let Some(t) = last.filter(|t| gfn.wrapping_sub(t.base) < ENTRIES as u64) {
-                    // The common case: a 4 KiB entry of the leaf table the
-                    // walk reached before, one frame.
-                    found[n] = Found {
-                        entry: &t.table[level_index(gfn, 1)],
-                        gfn,
-                        level: 1,
-                        word: i,
-                        covered: bits & bits.wrapping_neg(),
-                    };
-                    bits &= bits - 1;
-                    n += 1;
-                    if n == HITS {
-                        self.change(&found[..n], &mut round, writable, flush);
-                        n = 0;
-                    }
-                    continue;
-                }
                 let Some((entry, level)) = self.round_entry(gfn, &mut last) else {
                     bits &= bits - 1;
                     continue;
                 };
-                // The chained frames of this word the entry maps (all of
-                // them for a huge leaf covering the word).
+                // The chained frames of this word the entry maps: one for a
+                // 4 KiB entry (the common case, in the leaf table reached
+                // before), all of them for a huge leaf covering the word.
                 let span = level_frames(level);
                 let start = gfn & !(span - 1);
-                let covered = word_bits(word.first.0, start, span) & bits;
+                let covered = if level == 1 {
+                    bits & bits.wrapping_neg()
+                } else {
+                    word_bits(word.first.0, start, span) & bits
+                };
                 bits &= !covered;
                 found[n] = Found { entry, gfn: start, level, word: i, covered };
                 n += 1;
