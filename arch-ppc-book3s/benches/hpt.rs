@@ -3,6 +3,8 @@
 //! * `hcall/*`: H_ENTER + H_REMOVE per pair of calls on the guest table (full
 //!   argument checking, host translation, reverse map) against the raw
 //!   in-memory table (no checks, no reverse map);
+//! * `hcall_half_full_groups/*`: the same, into PTEGs already holding four
+//!   entries, so the duplicate check and the slot search have work;
 //! * `rc_harvest/*`: one dirty-log round over 1 GiB of 4 KiB HPTEs with 1 %
 //!   written, through `MmuBackend` (reverse-map walk) against a scan of every
 //!   HPTE of the table;
@@ -56,6 +58,46 @@ fn hcalls(c: &mut Criterion) {
         })
     });
     let mut t = InMemoryHpt::new(HptGeometry::from_pft_size(24).expect("size"), HpteFormat::Isa300);
+    grp.bench_function("raw_table_enter_remove", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            let ptex = (i % groups) * 8;
+            let slot = t.enter(ptex, Hpte::new((i & 0xffff) << 7, (i & 0xffff) << 12), false).expect("enter");
+            black_box(t.remove(slot, RemoveCond::Absolute).expect("remove"));
+        })
+    });
+    grp.finish();
+    black_box(f.is_needed());
+}
+
+/// The same pairs into groups already half full: H_ENTER's duplicate
+/// check decodes the four entries of the primary group (the secondary is
+/// empty), and both tables pick the fifth slot.
+fn hcalls_occupied(c: &mut Criterion) {
+    const FILLED: u64 = 4;
+    let mut g = guest(24, 1 << 16);
+    let groups = 1u64 << (24 - 7);
+    let mut t = InMemoryHpt::new(HptGeometry::from_pft_size(24).expect("size"), HpteFormat::Isa300);
+    for grp in 0..groups {
+        for k in 0..FILLED {
+            // AVPNs above the loop's 16 bits, so no pair ever duplicates.
+            let avpn = (1 << 20) | (grp << 2) | k;
+            let gfn = (grp * FILLED + k) & 0xffff;
+            g.h_enter(0, grp * 8, avpn << 7, (gfn << 12) | HPTE_R_M).expect("fill guest");
+            t.enter(grp * 8, Hpte::new(avpn << 7, gfn << 12), false).expect("fill raw");
+        }
+    }
+    let mut i = 0u64;
+    let mut f = FlushToken::new();
+    let mut grp = c.benchmark_group("hcall_half_full_groups");
+    grp.bench_function("guest_enter_remove", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            let ptex = (i % groups) * 8;
+            let slot = g.h_enter(0, ptex, (i & 0xffff) << 7, ((i & 0xffff) << 12) | HPTE_R_M).expect("enter");
+            black_box(g.h_remove(0, slot, 0, &mut f).expect("remove"));
+        })
+    });
     grp.bench_function("raw_table_enter_remove", |b| {
         b.iter(|| {
             i = i.wrapping_add(1);
@@ -141,6 +183,6 @@ fn pr_flush(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
-    targets = hcalls, rc_harvest, pr_flush
+    targets = hcalls, hcalls_occupied, rc_harvest, pr_flush
 }
 criterion_main!(benches);

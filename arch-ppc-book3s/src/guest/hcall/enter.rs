@@ -119,11 +119,22 @@ impl<R: PageResolver> GuestHpt<R> {
     fn translates_in_pair(&self, new: (u64, Hpte, PageSizePair), taken: u8, other: u8) -> bool {
         let mask = self.hpt.geometry().pteg_mask();
         let g = new.0 >> 3;
+        // Every entry was made by H_ENTER, so none maps a page larger than
+        // `max_npages` frames: an entry whose B and AVPN differ from the new
+        // one's above what the largest page ignores cannot be the same page,
+        // and is passed over on its hardware dword 0 alone (B and AVPN are
+        // the guest's own there), without reading its guest dword 1.
+        let largest = new.2.actual_shift.max(12 + self.max_npages.trailing_zeros());
+        let differs = (HPTE_V_B | HPTE_V_AVPN) & !(avpn_ignored(largest) << 7);
         for (grp, mut busy) in [(g, taken), (g ^ mask, other)] {
             while busy != 0 {
                 let i = grp * 8 + u64::from(busy.trailing_zeros());
                 busy &= busy - 1;
-                let e = self.guest_view(i);
+                let Some(hw) = self.hpt.load(i) else { continue };
+                if (hw.v ^ new.1.v) & differs != 0 {
+                    continue;
+                }
+                let e = self.view_of(i, hw);
                 if let Some(eps) = self.sizes.decode(e.v, e.r) {
                     if same_virtual_page(mask, new, (i, e, eps)) {
                         return true;
