@@ -47,11 +47,21 @@ struct Found<'a> {
 /// What a `Found` holds before the walk fills it (never changed).
 static UNUSED: AtomicU64 = AtomicU64::new(0);
 
-/// The leaf table the walk reached last and the first guest frame it maps.
+/// A table the walk reached last and the first guest frame it maps.
 #[derive(Clone, Copy)]
 struct LastTable<'a> {
     table: &'a Table,
     base: u64,
+}
+
+/// The tables the walk reached last: the 4 KiB leaf table (the round's
+/// loop reuses it for every frame it maps) and the level-2 table above it
+/// (a walk to the next leaf table starts there, one level to read, while
+/// the frame is in the same 1 GiB).
+#[derive(Clone, Copy, Default)]
+struct Reached<'a> {
+    leaf: Option<LastTable<'a>>,
+    dir: Option<LastTable<'a>>,
 }
 
 impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
@@ -60,85 +70,137 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     ///
     /// Three passes over up to [`HITS`] entries at a time: find each chained
     /// frame's entry (the walk reads only the upper levels, hot in cache,
-    /// and a 4 KiB leaf table is reused for every frame it maps); read the
-    /// entries, independent loads whose misses overlap; then change those
-    /// that need it, each line now in cache.
+    /// and a 4 KiB leaf table is reused for every frame it maps) and start
+    /// loading its line; read the entries, independent loads whose misses
+    /// overlap; then change those that need it, each line now in cache.
     pub(super) fn round_words(
         &self,
         slot: GfnRange,
         words: &[ChainWord],
-        mut round: ChainRound<'_>,
+        round: ChainRound<'_>,
         writable: &mut [u64],
         flush: &mut FlushToken,
     ) -> ChainWords {
         if !self.obsolete.is_empty() || writable.len() < words.len() {
             return ChainWords::NotHandled;
         }
-        if matches!(round, ChainRound::HarvestDirty(_)) {
-            writable[..words.len()].fill(0);
+        match round {
+            ChainRound::WriteProtect => self.find(slot, words, |found| self.protect(found, flush)),
+            ChainRound::HarvestDirty(report) => {
+                writable[..words.len()].fill(0);
+                self.find(slot, words, |found| self.harvest(found, report, writable, flush));
+            }
         }
+        ChainWords::Done
+    }
+
+    /// Finds the entries of the chained frames of `words` inside `slot` and
+    /// hands them to `change`, up to [`HITS`] at a time, in frame order.
+    #[inline]
+    fn find<'a>(&'a self, slot: GfnRange, words: &[ChainWord], mut change: impl FnMut(&[Found<'a>])) {
         let mut found = [Found { entry: &UNUSED, gfn: 0, level: 1, word: 0, covered: 0 }; HITS];
         let mut n = 0usize;
-        let mut last: Option<LastTable<'_>> = None;
+        let mut last = Reached::default();
+        // A word from a frame at most `room` past the slot's first lies
+        // inside the slot.
+        let room = slot.len().checked_sub(64);
         for (i, word) in words.iter().enumerate() {
             // Only the slot's frames, whatever the caller passed (a word
             // inside the slot needs no clipping).
-            let inside =
-                word.first >= slot.start && word.first.0.checked_add(64).is_some_and(|e| e <= slot.end.0);
+            let inside = room.is_some_and(|r| word.first.0.wrapping_sub(slot.start.0) <= r);
             let mut bits = if inside {
                 word.mask
             } else {
                 word.mask & word_bits(word.first.0, slot.start.0, slot.len())
             };
             while bits != 0 {
-                let gfn = word.first.0.wrapping_add(bits.trailing_zeros() as u64);
-                let Some((entry, level)) = self.round_entry(gfn, &mut last) else {
-                    bits &= bits - 1;
-                    continue;
+                let low = bits & bits.wrapping_neg();
+                let gfn = word.first.0.wrapping_add(low.trailing_zeros() as u64);
+                // The common case: a 4 KiB entry of the leaf table reached
+                // before, one chained frame.
+                let hit = match last.leaf {
+                    Some(t) if gfn.wrapping_sub(t.base) < ENTRIES as u64 => {
+                        bits ^= low;
+                        Found { entry: &t.table[level_index(gfn, 1)], gfn, level: 1, word: i, covered: low }
+                    }
+                    _ => {
+                        let Some((entry, level)) = self.round_entry(gfn, &mut last) else {
+                            bits ^= low;
+                            continue;
+                        };
+                        // The chained frames of this word the entry maps:
+                        // one for a 4 KiB entry, all of them for a huge leaf
+                        // covering the word.
+                        let span = level_frames(level);
+                        let start = gfn & !(span - 1);
+                        let covered =
+                            if level == 1 { low } else { word_bits(word.first.0, start, span) & bits };
+                        bits &= !covered;
+                        Found { entry, gfn: start, level, word: i, covered }
+                    }
                 };
-                // The chained frames of this word the entry maps: one for a
-                // 4 KiB entry (the common case, in the leaf table reached
-                // before), all of them for a huge leaf covering the word.
-                let span = level_frames(level);
-                let start = gfn & !(span - 1);
-                let covered = if level == 1 {
-                    bits & bits.wrapping_neg()
-                } else {
-                    word_bits(word.first.0, start, span) & bits
-                };
-                bits &= !covered;
-                found[n] = Found { entry, gfn: start, level, word: i, covered };
+                prefetch(hit.entry);
+                found[n] = hit;
                 n += 1;
                 if n == HITS {
-                    self.change(&found[..n], &mut round, writable, flush);
+                    change(&found);
                     n = 0;
                 }
             }
         }
-        self.change(&found[..n], &mut round, writable, flush);
-        ChainWords::Done
+        change(&found[..n]);
     }
 
-    /// Reads the entries found, then changes each leaf that needs it with one
-    /// atomic. Write protection takes the permission away with a
-    /// compare-exchange (the processor may set A/D meanwhile: then again
-    /// from the new value); a harvest clears D with `fetch_and`, reports the
-    /// leaf's frames if it was set, and notes in `writable` the chained
-    /// frames whose leaf stays writable.
-    fn change(
+    /// Write protection of the entries found: reads them, then takes the
+    /// permission from each writable leaf with a compare-exchange (the
+    /// processor may set A/D meanwhile: then again from the new value).
+    fn protect(&self, found: &[Found<'_>], flush: &mut FlushToken) {
+        let mut seen = [0u64; HITS];
+        read(found, &mut seen);
+        let f = &self.format;
+        // The frames of the 4 KiB leaves protected here, from the lowest to
+        // the highest: one range for the token at the end, as adding each
+        // leaf's frame would come to.
+        let (mut lo, mut hi) = (u64::MAX, 0u64);
+        // A huge leaf met again from the next word: protected once.
+        let mut prev: Option<&AtomicU64> = None;
+        for (x, &e) in found.iter().zip(&seen) {
+            if x.level == 1 {
+                // The common case: a 4 KiB entry, met once in a round.
+                if (f.is_present(e) || f.is_tracked(e)) && self.take_write(x.entry, e) {
+                    lo = lo.min(x.gfn);
+                    hi = hi.max(x.gfn);
+                }
+                continue;
+            }
+            if !self.is_any_leaf(e, x.level) || prev.is_some_and(|p| core::ptr::eq(p, x.entry)) {
+                continue;
+            }
+            prev = Some(x.entry);
+            if self.take_write(x.entry, e) {
+                flush.add_range(GfnRange { start: Gfn(x.gfn), end: Gfn(x.gfn + level_frames(x.level)) });
+            }
+        }
+        if lo <= hi {
+            flush.add_range(GfnRange { start: Gfn(lo), end: Gfn(hi + 1) });
+        }
+    }
+
+    /// D-bit harvest of the entries found: reads them, then clears D with
+    /// `fetch_and` where it is set, reports the leaf's frames if it was, and
+    /// notes in `writable` the chained frames whose leaf stays writable.
+    fn harvest(
         &self,
         found: &[Found<'_>],
-        round: &mut ChainRound<'_>,
+        report: &mut dyn FnMut(GfnRange),
         writable: &mut [u64],
         flush: &mut FlushToken,
     ) {
         let mut seen = [0u64; HITS];
-        for (e, x) in seen.iter_mut().zip(found) {
-            *e = x.entry.load(Ordering::Acquire);
-        }
+        read(found, &mut seen);
         let f = &self.format;
         let d = f.dirty_mask();
-        // A huge leaf met again from the next word: changed once, and its
+        // A huge leaf met again from the next word: harvested once, and its
         // write permission as the first meeting found it.
         let mut prev: Option<(&AtomicU64, bool)> = None;
         for (x, &e) in found.iter().zip(&seen) {
@@ -147,44 +209,32 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
             }
             let present = f.is_present(e);
             let access = if present { f.leaf_access(e) } else { f.tracked_access(e) };
-            let w = access.contains(Access::WRITE);
             let again = prev.filter(|&(p, _)| core::ptr::eq(p, x.entry));
-            prev = Some((x.entry, again.map_or(w, |(_, w)| w)));
-            let range = GfnRange { start: Gfn(x.gfn), end: Gfn(x.gfn + level_frames(x.level)) };
-            match round {
-                ChainRound::WriteProtect => {
-                    if w && again.is_none() {
-                        self.take_write(x.entry, e, range, flush);
-                    }
-                }
-                ChainRound::HarvestDirty(report) => {
-                    if again.map_or(w, |(_, w)| w) {
-                        writable[x.word] |= x.covered;
-                    }
-                    if again.is_none()
-                        && present
-                        && e & d != 0
-                        && x.entry.fetch_and(!d, Ordering::AcqRel) & d != 0
-                    {
-                        // A cached translation would let the processor skip
-                        // setting the bit again.
-                        flush.add_range(range);
-                        report(range);
-                    }
-                }
+            let w = again.map_or(access.contains(Access::WRITE), |(_, w)| w);
+            prev = Some((x.entry, w));
+            if w {
+                writable[x.word] |= x.covered;
+            }
+            if again.is_none() && present && e & d != 0 && x.entry.fetch_and(!d, Ordering::AcqRel) & d != 0 {
+                let range = GfnRange { start: Gfn(x.gfn), end: Gfn(x.gfn + level_frames(x.level)) };
+                // A cached translation would let the processor skip setting
+                // the bit again.
+                flush.add_range(range);
+                report(range);
             }
         }
     }
 
     /// Takes write permission from the leaf `entry` (present, or the saved
-    /// permissions of an access-tracked one), read as `cur`, mapping `range`.
-    fn take_write(&self, entry: &AtomicU64, mut cur: u64, range: GfnRange, flush: &mut FlushToken) {
+    /// permissions of an access-tracked one), read as `cur`. Returns whether
+    /// it took it from a present leaf (whose translations need a flush).
+    fn take_write(&self, entry: &AtomicU64, mut cur: u64) -> bool {
         let f = &self.format;
         loop {
             let present = f.is_present(cur);
             let access = if present { f.leaf_access(cur) } else { f.tracked_access(cur) };
             if !access.contains(Access::WRITE) {
-                return;
+                return false;
             }
             let next = if present {
                 f.with_leaf_access(cur, access - Access::WRITE)
@@ -192,12 +242,7 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
                 f.with_tracked_access(cur, access - Access::WRITE)
             };
             match entry.compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    if present {
-                        flush.add_range(range);
-                    }
-                    return;
-                }
+                Ok(_) => return present,
                 Err(now) => cur = now,
             }
         }
@@ -206,27 +251,30 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     /// The entry of the current root where the leaf mapping `gfn` is, if
     /// the tables reach that far, with its level: a 4 KiB entry is not read
     /// here (it may be empty), a huge or access-tracked one above was.
-    /// Reuses `last` when `gfn` lies in the 4 KiB leaf table reached before,
-    /// and records there a leaf table the walk reaches.
-    #[inline]
-    fn round_entry<'a>(&'a self, gfn: u64, last: &mut Option<LastTable<'a>>) -> Option<(&'a AtomicU64, u8)> {
-        if let Some(t) = *last {
-            if gfn.wrapping_sub(t.base) < ENTRIES as u64 {
-                return Some((&t.table[level_index(gfn, 1)], 1));
-            }
-        }
+    /// Starts from the level-2 table in `last` when `gfn` lies in it, and
+    /// records there the level-2 and leaf tables the walk reaches. Not
+    /// inlined: the round's loop reuses the leaf table for most frames and
+    /// keeps its registers for that.
+    #[inline(never)]
+    fn round_entry<'a>(&'a self, gfn: u64, last: &mut Reached<'a>) -> Option<(&'a AtomicU64, u8)> {
         let f = &self.format;
         if !f.walk_length().covers(gfn) {
             return None;
         }
         let addr_mask = f.phys_width().addr_mask();
-        let mut table = self.table(self.root);
-        let mut level = f.walk_length().levels();
+        let (mut table, mut level) = match last.dir {
+            Some(t) if gfn.wrapping_sub(t.base) < level_frames(3) => (t.table, 2),
+            _ => (self.table(self.root), f.walk_length().levels()),
+        };
         loop {
             let entry = &table[level_index(gfn, level)];
-            if level == 1 {
-                *last = Some(LastTable { table, base: gfn & !(ENTRIES as u64 - 1) });
-                return Some((entry, 1));
+            match level {
+                1 => {
+                    last.leaf = Some(LastTable { table, base: gfn & !(level_frames(2) - 1) });
+                    return Some((entry, 1));
+                }
+                2 => last.dir = Some(LastTable { table, base: gfn & !(level_frames(3) - 1) }),
+                _ => {}
             }
             let e = entry.load(Ordering::Acquire);
             if !f.is_present(e) {
@@ -240,6 +288,30 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
             level -= 1;
         }
     }
+}
+
+/// The entries found, each read once with a plain load: independent loads,
+/// whose misses overlap (the atomics come after them).
+#[inline]
+fn read(found: &[Found<'_>], seen: &mut [u64; HITS]) {
+    for (e, x) in seen.iter_mut().zip(found) {
+        *e = x.entry.load(Ordering::Acquire);
+    }
+}
+
+/// Starts moving the line of `entry` into the cache, so that the read pass
+/// finds it in flight. Only a hint: what any load returns is unchanged.
+#[inline(always)]
+fn prefetch(entry: &AtomicU64) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0` reads nothing architecturally and cannot fault,
+    // whatever the address; SSE, which defines it, is part of the x86_64
+    // baseline, so every processor this code runs on has it.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(entry.as_ptr().cast::<i8>())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = entry;
 }
 
 /// The bits of the word from guest frame `first` that the `span` frames from
