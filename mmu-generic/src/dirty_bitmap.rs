@@ -104,6 +104,20 @@ impl DirtyBitmap {
         })
     }
 
+    /// Appends words `[start, end)` to `out` and clears them, with exclusive
+    /// access: plain reads and writes, a loop the compiler can vectorize.
+    #[inline]
+    pub fn take_words_into(&mut self, start: usize, end: usize, out: &mut Vec<u64>) {
+        out.extend(self.words[start..end].iter_mut().map(|w| with_mut(w, core::mem::take)));
+    }
+
+    /// Appends words `[start, end)` to `out`, with exclusive access (plain
+    /// reads).
+    #[inline]
+    pub fn copy_words_into(&mut self, start: usize, end: usize, out: &mut Vec<u64>) {
+        out.extend(self.words[start..end].iter_mut().map(|w| with_mut(w, |v| *v)));
+    }
+
     /// Word `i`, read with exclusive access (a plain read).
     #[inline]
     pub fn word_mut(&mut self, i: usize) -> u64 {
