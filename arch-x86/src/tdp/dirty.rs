@@ -85,19 +85,26 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
             return ChainWords::NotHandled;
         }
         match round {
-            ChainRound::WriteProtect => self.find(slot, words, |found| self.protect(found, flush)),
+            ChainRound::WriteProtect => self.find::<false>(slot, words, |found| self.protect(found, flush)),
             ChainRound::HarvestDirty(report) => {
                 writable[..words.len()].fill(0);
-                self.find(slot, words, |found| self.harvest(found, report, writable, flush));
+                self.find::<true>(slot, words, |found| self.harvest(found, report, writable, flush));
             }
         }
         ChainWords::Done
     }
 
     /// Finds the entries of the chained frames of `words` inside `slot` and
-    /// hands them to `change`, up to [`HITS`] at a time, in frame order.
+    /// hands them to `change`, up to [`HITS`] at a time, in frame order;
+    /// with their word and the frames of it they cover if `WORDS` (a
+    /// harvest needs them, write protection does not).
     #[inline]
-    fn find<'a>(&'a self, slot: GfnRange, words: &[ChainWord], mut change: impl FnMut(&[Found<'a>])) {
+    fn find<'a, const WORDS: bool>(
+        &'a self,
+        slot: GfnRange,
+        words: &[ChainWord],
+        mut change: impl FnMut(&[Found<'a>]),
+    ) {
         let mut found = [Found { entry: &UNUSED, gfn: 0, level: 1, word: 0, covered: 0 }; HITS];
         let mut n = 0usize;
         let mut last = Reached::default();
@@ -140,7 +147,7 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
                     }
                 };
                 prefetch(hit.entry);
-                found[n] = hit;
+                found[n] = if WORDS { hit } else { Found { word: 0, covered: 0, ..hit } };
                 n += 1;
                 if n == HITS {
                     change(&found);
