@@ -54,14 +54,12 @@ struct LastTable<'a> {
     base: u64,
 }
 
-/// The tables the walk reached last: the 4 KiB leaf table (the round's
-/// loop reuses it for every frame it maps) and the level-2 table above it
-/// (a walk to the next leaf table starts there, one level to read, while
-/// the frame is in the same 1 GiB).
-#[derive(Clone, Copy, Default)]
-struct Reached<'a> {
-    leaf: Option<LastTable<'a>>,
-    dir: Option<LastTable<'a>>,
+/// Where a walk for one frame ended: in the 4 KiB leaf table mapping it
+/// (its entry may be empty), or at a huge or access-tracked leaf above,
+/// with its level.
+enum Reach<'a> {
+    LeafTable(&'a Table),
+    Above(&'a AtomicU64, u8),
 }
 
 impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
@@ -107,7 +105,12 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     ) {
         let mut found = [Found { entry: &UNUSED, gfn: 0, level: 1, word: 0, covered: 0 }; HITS];
         let mut n = 0usize;
-        let mut last = Reached::default();
+        // The 4 KiB leaf table reached last (reused for every frame it
+        // maps) and the level-2 table above it (a walk to the next leaf
+        // table starts there, one level to read, while the frame is in the
+        // same 1 GiB).
+        let mut leaf: Option<LastTable<'_>> = None;
+        let mut dir: Option<LastTable<'_>> = None;
         // A word from a frame at most `room` past the slot's first lies
         // inside the slot.
         let room = slot.len().checked_sub(64);
@@ -125,26 +128,31 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
                 let gfn = word.first.0.wrapping_add(low.trailing_zeros() as u64);
                 // The common case: a 4 KiB entry of the leaf table reached
                 // before, one chained frame.
-                let hit = match last.leaf {
+                let hit = match leaf {
                     Some(t) if gfn.wrapping_sub(t.base) < ENTRIES as u64 => {
                         bits ^= low;
                         Found { entry: &t.table[level_index(gfn, 1)], gfn, level: 1, word: i, covered: low }
                     }
-                    _ => {
-                        let Some((entry, level)) = self.round_entry(gfn, &mut last) else {
+                    _ => match self.round_entry(gfn, &mut dir) {
+                        None => {
                             bits ^= low;
                             continue;
-                        };
-                        // The chained frames of this word the entry maps:
-                        // one for a 4 KiB entry, all of them for a huge leaf
-                        // covering the word.
-                        let span = level_frames(level);
-                        let start = gfn & !(span - 1);
-                        let covered =
-                            if level == 1 { low } else { word_bits(word.first.0, start, span) & bits };
-                        bits &= !covered;
-                        Found { entry, gfn: start, level, word: i, covered }
-                    }
+                        }
+                        Some(Reach::LeafTable(table)) => {
+                            leaf = Some(LastTable { table, base: gfn & !(ENTRIES as u64 - 1) });
+                            bits ^= low;
+                            Found { entry: &table[level_index(gfn, 1)], gfn, level: 1, word: i, covered: low }
+                        }
+                        Some(Reach::Above(entry, level)) => {
+                            // All the chained frames of this word the huge
+                            // leaf covers.
+                            let span = level_frames(level);
+                            let start = gfn & !(span - 1);
+                            let covered = word_bits(word.first.0, start, span) & bits;
+                            bits &= !covered;
+                            Found { entry, gfn: start, level, word: i, covered }
+                        }
+                    },
                 };
                 prefetch(hit.entry);
                 found[n] = if WORDS { hit } else { Found { word: 0, covered: 0, ..hit } };
@@ -255,40 +263,38 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         }
     }
 
-    /// The entry of the current root where the leaf mapping `gfn` is, if
-    /// the tables reach that far, with its level: a 4 KiB entry is not read
-    /// here (it may be empty), a huge or access-tracked one above was.
-    /// Starts from the level-2 table in `last` when `gfn` lies in it, and
-    /// records there the level-2 and leaf tables the walk reaches. Not
-    /// inlined: the round's loop reuses the leaf table for most frames and
-    /// keeps its registers for that.
+    /// Where the leaf mapping `gfn` is under the current root, if the
+    /// tables reach that far: the 4 KiB leaf table (its entry is not read
+    /// here, it may be empty), or a huge or access-tracked entry above,
+    /// which was. Starts from the level-2 table `dir` when `gfn` lies in it,
+    /// and records there the level-2 table the walk reaches. Not inlined:
+    /// the round's loop reuses the leaf table for most frames and keeps its
+    /// registers for that.
     #[inline(never)]
-    fn round_entry<'a>(&'a self, gfn: u64, last: &mut Reached<'a>) -> Option<(&'a AtomicU64, u8)> {
+    fn round_entry<'a>(&'a self, gfn: u64, dir: &mut Option<LastTable<'a>>) -> Option<Reach<'a>> {
         let f = &self.format;
         if !f.walk_length().covers(gfn) {
             return None;
         }
         let addr_mask = f.phys_width().addr_mask();
-        let (mut table, mut level) = match last.dir {
+        let (mut table, mut level) = match *dir {
             Some(t) if gfn.wrapping_sub(t.base) < level_frames(3) => (t.table, 2),
             _ => (self.table(self.root), f.walk_length().levels()),
         };
         loop {
-            let entry = &table[level_index(gfn, level)];
-            match level {
-                1 => {
-                    last.leaf = Some(LastTable { table, base: gfn & !(level_frames(2) - 1) });
-                    return Some((entry, 1));
-                }
-                2 => last.dir = Some(LastTable { table, base: gfn & !(level_frames(3) - 1) }),
-                _ => {}
+            if level == 1 {
+                return Some(Reach::LeafTable(table));
             }
+            if level == 2 {
+                *dir = Some(LastTable { table, base: gfn & !(level_frames(3) - 1) });
+            }
+            let entry = &table[level_index(gfn, level)];
             let e = entry.load(Ordering::Acquire);
             if !f.is_present(e) {
-                return (level <= 3 && f.is_tracked(e)).then_some((entry, level));
+                return (level <= 3 && f.is_tracked(e)).then_some(Reach::Above(entry, level));
             }
             if f.is_leaf(e, level) {
-                return Some((entry, level));
+                return Some(Reach::Above(entry, level));
             }
             // A non-leaf entry holds its table's 4 KiB-aligned address.
             table = self.mem.table_at(Pfn((e & addr_mask) >> 12))?;
