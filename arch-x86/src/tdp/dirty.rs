@@ -9,10 +9,11 @@
 //! levels hot in cache, and eight 4 KiB leaves share each of its lines.
 //!
 //! Two passes, as the reverse-map path does ([`mmu_generic::dirty_log`]'s
-//! batches): the walk only reads, collecting the leaves that need a change;
-//! then one atomic per such leaf. A locked read-modify-write waits for its
-//! line and holds back the loads after it, so the reads of a batch of words
-//! are issued first and their misses overlap.
+//! batches): the walk only finds the leaves of a batch of words and starts
+//! loading their lines (a software prefetch); then one atomic per leaf that
+//! needs a change. A locked read-modify-write waits for its line and holds
+//! back the loads after it, so the lines of the whole batch are requested
+//! first and their misses overlap.
 //!
 //! **Obsolete roots.** [`TdpMmu::zap_all`] leaves the old tables in place
 //! until [`TdpMmu::reclaim_obsolete`]; vCPUs may still run on them, and their
@@ -66,11 +67,11 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     /// [`MmuBackend::round_chain_words`](mmu_generic::backend::MmuBackend::round_chain_words)
     /// for this engine, over the words of the slot of frames `slot`.
     ///
-    /// Three passes over up to [`HITS`] entries at a time: find each chained
+    /// Two passes over up to [`HITS`] entries at a time: find each chained
     /// frame's entry (the walk reads only the upper levels, hot in cache,
     /// and a 4 KiB leaf table is reused for every frame it maps) and start
-    /// loading its line; read the entries, independent loads whose misses
-    /// overlap; then change those that need it, each line now in cache.
+    /// loading its line, so the misses of the batch overlap; then read and
+    /// change those that need it, each line in cache or on its way.
     pub(super) fn round_words(
         &self,
         slot: GfnRange,
@@ -166,12 +167,11 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         change(&found[..n]);
     }
 
-    /// Write protection of the entries found: reads them, then takes the
-    /// permission from each writable leaf with a compare-exchange (the
-    /// processor may set A/D meanwhile: then again from the new value).
+    /// Write protection of the entries found: takes the permission from
+    /// each writable leaf with a compare-exchange (the processor may set A/D
+    /// meanwhile: then again from the new value). The entries are read one
+    /// by one here: their lines were requested as the walk found them.
     fn protect(&self, found: &[Found<'_>], flush: &mut FlushToken) {
-        let mut seen = [0u64; HITS];
-        read(found, &mut seen);
         let f = &self.format;
         // The frames of the 4 KiB leaves protected here, from the lowest to
         // the highest: one range for the token at the end, as adding each
@@ -179,7 +179,8 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         let (mut lo, mut hi) = (u64::MAX, 0u64);
         // A huge leaf met again from the next word: protected once.
         let mut prev: Option<&AtomicU64> = None;
-        for (x, &e) in found.iter().zip(&seen) {
+        for x in found {
+            let e = x.entry.load(Ordering::Acquire);
             if x.level == 1 {
                 // The common case: a 4 KiB entry, met once in a round.
                 if (f.is_present(e) || f.is_tracked(e)) && self.take_write(x.entry, e) {
@@ -201,7 +202,8 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         }
     }
 
-    /// D-bit harvest of the entries found: reads them, then clears D with
+    /// D-bit harvest of the entries found (their lines requested as the walk
+    /// found them): clears D with
     /// `fetch_and` where it is set, reports the leaf's frames if it was, and
     /// notes in `writable` the chained frames whose leaf stays writable.
     fn harvest(
@@ -211,14 +213,13 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
         writable: &mut [u64],
         flush: &mut FlushToken,
     ) {
-        let mut seen = [0u64; HITS];
-        read(found, &mut seen);
         let f = &self.format;
         let d = f.dirty_mask();
         // A huge leaf met again from the next word: harvested once, and its
         // write permission as the first meeting found it.
         let mut prev: Option<(&AtomicU64, bool)> = None;
-        for (x, &e) in found.iter().zip(&seen) {
+        for x in found {
+            let e = x.entry.load(Ordering::Acquire);
             if !self.is_any_leaf(e, x.level) {
                 continue;
             }
@@ -300,15 +301,6 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
             table = self.mem.table_at(Pfn((e & addr_mask) >> 12))?;
             level -= 1;
         }
-    }
-}
-
-/// The entries found, each read once with a plain load: independent loads,
-/// whose misses overlap (the atomics come after them).
-#[inline]
-fn read(found: &[Found<'_>], seen: &mut [u64; HITS]) {
-    for (e, x) in seen.iter_mut().zip(found) {
-        *e = x.entry.load(Ordering::Acquire);
     }
 }
 
