@@ -274,10 +274,20 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     #[inline(never)]
     fn round_entry<'a>(&'a self, gfn: u64, dir: &mut Option<LastTable<'a>>) -> Option<Reach<'a>> {
         let f = &self.format;
+        let addr_mask = f.phys_width().addr_mask();
+        // The common case: the next leaf table under the same level-2 table
+        // (the walk reached `gfn`'s 1 GiB before, so its address is covered).
+        if let Some(t) = *dir {
+            if gfn.wrapping_sub(t.base) < level_frames(3) {
+                let e = t.table[level_index(gfn, 2)].load(Ordering::Acquire);
+                if f.is_present(e) && !f.is_leaf(e, 2) {
+                    return self.mem.table_at(Pfn((e & addr_mask) >> 12)).map(Reach::LeafTable);
+                }
+            }
+        }
         if !f.walk_length().covers(gfn) {
             return None;
         }
-        let addr_mask = f.phys_width().addr_mask();
         let (mut table, mut level) = match *dir {
             Some(t) if gfn.wrapping_sub(t.base) < level_frames(3) => (t.table, 2),
             _ => (self.table(self.root), f.walk_length().levels()),
