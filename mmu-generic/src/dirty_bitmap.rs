@@ -104,6 +104,20 @@ impl DirtyBitmap {
         })
     }
 
+    /// Appends words `[start, end)` to `out` and clears them, with exclusive
+    /// access: plain reads and writes, a loop the compiler can vectorize.
+    #[inline]
+    pub fn take_words_into(&mut self, start: usize, end: usize, out: &mut Vec<u64>) {
+        out.extend(self.words[start..end].iter_mut().map(|w| with_mut(w, core::mem::take)));
+    }
+
+    /// Appends words `[start, end)` to `out`, with exclusive access (plain
+    /// reads).
+    #[inline]
+    pub fn copy_words_into(&mut self, start: usize, end: usize, out: &mut Vec<u64>) {
+        out.extend(self.words[start..end].iter_mut().map(|w| with_mut(w, |v| *v)));
+    }
+
     /// Word `i`, read with exclusive access (a plain read).
     #[inline]
     pub fn word_mut(&mut self, i: usize) -> u64 {
@@ -190,5 +204,23 @@ mod tests {
         b.set(1);
         assert_eq!(b.clear_mask(0, 1), 1);
         assert_eq!(b.word(0), 2);
+    }
+
+    #[test]
+    fn words_handed_over_in_bulk_are_appended_and_cleared_only_when_taken() {
+        let mut b = DirtyBitmap::new(64 * 5);
+        for p in [1, 64, 130, 200, 319] {
+            b.set(p);
+        }
+        let mut out = alloc::vec![7];
+        b.copy_words_into(1, 4, &mut out);
+        assert_eq!(out, [7, 1, 1 << 2, 1 << 8], "copied after what `out` held");
+        assert_eq!(b.count(), 5, "a copy clears nothing");
+        out.clear();
+        b.take_words_into(1, 4, &mut out);
+        assert_eq!(out, [1, 1 << 2, 1 << 8]);
+        assert_eq!((b.word(0), b.word(1), b.word(2), b.word(3), b.word(4)), (2, 0, 0, 0, 1 << 63));
+        b.take_words_into(2, 2, &mut out);
+        assert_eq!(out.len(), 3, "an empty range appends nothing");
     }
 }

@@ -417,7 +417,6 @@ impl SlotDirtyLog {
             harvest,
             rmap: false,
             n: 0,
-            index: [0; BATCH_WORDS],
             words: [ChainWord { first: gfns.start, mask: 0 }; BATCH_WORDS],
         };
         for sw in 0..chain_words.words() {
@@ -486,7 +485,7 @@ impl SlotDirtyLog {
             // The chain is re-protected by `clear`, range by range.
             let bitmap = &mut self.bitmap;
             out.clear();
-            out.extend((0..bitmap.words()).map(|i| bitmap.word_mut(i)));
+            bitmap.copy_words_into(0, bitmap.words(), out);
         }
         Ok(flush)
     }
@@ -590,11 +589,10 @@ impl Sink<'_> {
         if end <= self.emitted {
             return;
         }
-        let bitmap = &mut *self.bitmap;
         if self.take {
-            self.out.extend((self.emitted..end).map(|i| bitmap.take_word_mut(i)));
+            self.bitmap.take_words_into(self.emitted, end, self.out);
         } else {
-            self.out.extend((self.emitted..end).map(|i| bitmap.word_mut(i)));
+            self.bitmap.copy_words_into(self.emitted, end, self.out);
         }
         self.emitted = end;
     }
@@ -636,8 +634,8 @@ struct WordBatch {
     /// The back end declined a batch: this round takes the reverse-map path.
     rmap: bool,
     n: usize,
-    /// Index in the chain of each word gathered, ascending.
-    index: [usize; BATCH_WORDS],
+    /// The words gathered, ascending (word `w` of the chain starts at frame
+    /// `gfns.start + 64 w`).
     words: [ChainWord; BATCH_WORDS],
 }
 
@@ -646,10 +644,15 @@ impl WordBatch {
     /// batch is now full.
     #[inline]
     fn push(&mut self, w: usize, bits: u64) -> bool {
-        self.index[self.n] = w;
         self.words[self.n] = ChainWord { first: Gfn(self.gfns.start.0 + w as u64 * 64), mask: bits };
         self.n += 1;
         self.n == BATCH_WORDS
+    }
+
+    /// The index in the chain of `word`, one of those gathered.
+    #[inline]
+    fn index(&self, word: &ChainWord) -> usize {
+        ((word.first.0 - self.gfns.start.0) / 64) as usize
     }
 
     /// Protects or harvests the leaves of the words gathered, then empties
@@ -692,17 +695,16 @@ impl WordBatch {
             ChainWords::Done => {
                 if harvest {
                     // A page stays chained while a leaf of it is writable.
-                    for ((&w, word), &keep) in
-                        self.index[..n].iter().zip(&self.words[..n]).zip(&writable[..n])
-                    {
-                        chain.clear_mask_mut(w, word.mask & !keep);
+                    for (word, &keep) in self.words[..n].iter().zip(&writable[..n]) {
+                        chain.clear_mask_mut(self.index(word), word.mask & !keep);
                     }
                 }
-                sink.emit_upto(self.index[n - 1] + 1);
+                sink.emit_upto(self.index(&self.words[n - 1]) + 1);
             }
             ChainWords::NotHandled => {
                 self.rmap = true;
-                for (&w, word) in self.index[..n].iter().zip(&self.words[..n]) {
+                for word in &self.words[..n] {
+                    let w = self.index(word);
                     let mut bits = word.mask;
                     while bits != 0 {
                         let offset = w as u64 * 64 + bits.trailing_zeros() as u64;

@@ -9,10 +9,11 @@
 //! levels hot in cache, and eight 4 KiB leaves share each of its lines.
 //!
 //! Two passes, as the reverse-map path does ([`mmu_generic::dirty_log`]'s
-//! batches): the walk only reads, collecting the leaves that need a change;
-//! then one atomic per such leaf. A locked read-modify-write waits for its
-//! line and holds back the loads after it, so the reads of a batch of words
-//! are issued first and their misses overlap.
+//! batches): the walk only finds the leaves of a batch of words and starts
+//! loading their lines (a software prefetch); then one atomic per leaf that
+//! needs a change. A locked read-modify-write waits for its line and holds
+//! back the loads after it, so the lines of the whole batch are requested
+//! first and their misses overlap.
 //!
 //! **Obsolete roots.** [`TdpMmu::zap_all`] leaves the old tables in place
 //! until [`TdpMmu::reclaim_obsolete`]; vCPUs may still run on them, and their
@@ -47,144 +48,209 @@ struct Found<'a> {
 /// What a `Found` holds before the walk fills it (never changed).
 static UNUSED: AtomicU64 = AtomicU64::new(0);
 
-/// The leaf table the walk reached last and the first guest frame it maps.
+/// A table the walk reached last and the first guest frame it maps.
 #[derive(Clone, Copy)]
 struct LastTable<'a> {
     table: &'a Table,
     base: u64,
 }
 
+/// Where a walk for one frame ended: in the 4 KiB leaf table mapping it
+/// (its entry may be empty), or at a huge or access-tracked leaf above,
+/// with its level.
+enum Reach<'a> {
+    LeafTable(&'a Table),
+    Above(&'a AtomicU64, u8),
+}
+
 impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     /// [`MmuBackend::round_chain_words`](mmu_generic::backend::MmuBackend::round_chain_words)
     /// for this engine, over the words of the slot of frames `slot`.
     ///
-    /// Three passes over up to [`HITS`] entries at a time: find each chained
+    /// Two passes over up to [`HITS`] entries at a time: find each chained
     /// frame's entry (the walk reads only the upper levels, hot in cache,
-    /// and a 4 KiB leaf table is reused for every frame it maps); read the
-    /// entries, independent loads whose misses overlap; then change those
-    /// that need it, each line now in cache.
+    /// and a 4 KiB leaf table is reused for every frame it maps) and start
+    /// loading its line, so the misses of the batch overlap; then read and
+    /// change those that need it, each line in cache or on its way.
     pub(super) fn round_words(
         &self,
         slot: GfnRange,
         words: &[ChainWord],
-        mut round: ChainRound<'_>,
+        round: ChainRound<'_>,
         writable: &mut [u64],
         flush: &mut FlushToken,
     ) -> ChainWords {
         if !self.obsolete.is_empty() || writable.len() < words.len() {
             return ChainWords::NotHandled;
         }
-        if matches!(round, ChainRound::HarvestDirty(_)) {
-            writable[..words.len()].fill(0);
+        match round {
+            ChainRound::WriteProtect => self.find::<false>(slot, words, |found| self.protect(found, flush)),
+            ChainRound::HarvestDirty(report) => {
+                writable[..words.len()].fill(0);
+                self.find::<true>(slot, words, |found| self.harvest(found, report, writable, flush));
+            }
         }
+        ChainWords::Done
+    }
+
+    /// Finds the entries of the chained frames of `words` inside `slot` and
+    /// hands them to `change`, up to [`HITS`] at a time, in frame order;
+    /// with their word and the frames of it they cover if `WORDS` (a
+    /// harvest needs them, write protection does not).
+    #[inline]
+    fn find<'a, const WORDS: bool>(
+        &'a self,
+        slot: GfnRange,
+        words: &[ChainWord],
+        mut change: impl FnMut(&[Found<'a>]),
+    ) {
         let mut found = [Found { entry: &UNUSED, gfn: 0, level: 1, word: 0, covered: 0 }; HITS];
         let mut n = 0usize;
-        let mut last: Option<LastTable<'_>> = None;
+        // The 4 KiB leaf table reached last (reused for every frame it
+        // maps) and the level-2 table above it (a walk to the next leaf
+        // table starts there, one level to read, while the frame is in the
+        // same 1 GiB).
+        let mut leaf: Option<LastTable<'_>> = None;
+        let mut dir: Option<LastTable<'_>> = None;
+        // A word from a frame at most `room` past the slot's first lies
+        // inside the slot.
+        let room = slot.len().checked_sub(64);
         for (i, word) in words.iter().enumerate() {
             // Only the slot's frames, whatever the caller passed (a word
             // inside the slot needs no clipping).
-            let inside =
-                word.first >= slot.start && word.first.0.checked_add(64).is_some_and(|e| e <= slot.end.0);
+            let inside = room.is_some_and(|r| word.first.0.wrapping_sub(slot.start.0) <= r);
             let mut bits = if inside {
                 word.mask
             } else {
                 word.mask & word_bits(word.first.0, slot.start.0, slot.len())
             };
             while bits != 0 {
-                let gfn = word.first.0.wrapping_add(bits.trailing_zeros() as u64);
-                let Some((entry, level)) = self.round_entry(gfn, &mut last) else {
-                    bits &= bits - 1;
-                    continue;
+                let low = bits & bits.wrapping_neg();
+                let gfn = word.first.0.wrapping_add(low.trailing_zeros() as u64);
+                // The common case: a 4 KiB entry of the leaf table reached
+                // before, one chained frame.
+                let hit = match leaf {
+                    Some(t) if gfn.wrapping_sub(t.base) < ENTRIES as u64 => {
+                        bits ^= low;
+                        Found { entry: &t.table[level_index(gfn, 1)], gfn, level: 1, word: i, covered: low }
+                    }
+                    _ => match self.round_entry(gfn, &mut dir) {
+                        None => {
+                            bits ^= low;
+                            continue;
+                        }
+                        Some(Reach::LeafTable(table)) => {
+                            leaf = Some(LastTable { table, base: gfn & !(ENTRIES as u64 - 1) });
+                            bits ^= low;
+                            Found { entry: &table[level_index(gfn, 1)], gfn, level: 1, word: i, covered: low }
+                        }
+                        Some(Reach::Above(entry, level)) => {
+                            // All the chained frames of this word the huge
+                            // leaf covers.
+                            let span = level_frames(level);
+                            let start = gfn & !(span - 1);
+                            let covered = word_bits(word.first.0, start, span) & bits;
+                            bits &= !covered;
+                            Found { entry, gfn: start, level, word: i, covered }
+                        }
+                    },
                 };
-                // The chained frames of this word the entry maps: one for a
-                // 4 KiB entry (the common case, in the leaf table reached
-                // before), all of them for a huge leaf covering the word.
-                let span = level_frames(level);
-                let start = gfn & !(span - 1);
-                let covered = if level == 1 {
-                    bits & bits.wrapping_neg()
-                } else {
-                    word_bits(word.first.0, start, span) & bits
-                };
-                bits &= !covered;
-                found[n] = Found { entry, gfn: start, level, word: i, covered };
+                prefetch(hit.entry);
+                found[n] = if WORDS { hit } else { Found { word: 0, covered: 0, ..hit } };
                 n += 1;
                 if n == HITS {
-                    self.change(&found[..n], &mut round, writable, flush);
+                    change(&found);
                     n = 0;
                 }
             }
         }
-        self.change(&found[..n], &mut round, writable, flush);
-        ChainWords::Done
+        change(&found[..n]);
     }
 
-    /// Reads the entries found, then changes each leaf that needs it with one
-    /// atomic. Write protection takes the permission away with a
-    /// compare-exchange (the processor may set A/D meanwhile: then again
-    /// from the new value); a harvest clears D with `fetch_and`, reports the
-    /// leaf's frames if it was set, and notes in `writable` the chained
-    /// frames whose leaf stays writable.
-    fn change(
+    /// Write protection of the entries found: takes the permission from
+    /// each writable leaf with a compare-exchange (the processor may set A/D
+    /// meanwhile: then again from the new value). The entries are read one
+    /// by one here: their lines were requested as the walk found them.
+    fn protect(&self, found: &[Found<'_>], flush: &mut FlushToken) {
+        let f = &self.format;
+        // The frames of the 4 KiB leaves protected here, from the lowest to
+        // the highest: one range for the token at the end, as adding each
+        // leaf's frame would come to.
+        let (mut lo, mut hi) = (u64::MAX, 0u64);
+        // A huge leaf met again from the next word: protected once.
+        let mut prev: Option<&AtomicU64> = None;
+        for x in found {
+            let e = x.entry.load(Ordering::Acquire);
+            if x.level == 1 {
+                // The common case: a 4 KiB entry, met once in a round.
+                if (f.is_present(e) || f.is_tracked(e)) && self.take_write(x.entry, e) {
+                    lo = lo.min(x.gfn);
+                    hi = hi.max(x.gfn);
+                }
+                continue;
+            }
+            if !self.is_any_leaf(e, x.level) || prev.is_some_and(|p| core::ptr::eq(p, x.entry)) {
+                continue;
+            }
+            prev = Some(x.entry);
+            if self.take_write(x.entry, e) {
+                flush.add_range(GfnRange { start: Gfn(x.gfn), end: Gfn(x.gfn + level_frames(x.level)) });
+            }
+        }
+        if lo <= hi {
+            flush.add_range(GfnRange { start: Gfn(lo), end: Gfn(hi + 1) });
+        }
+    }
+
+    /// D-bit harvest of the entries found (their lines requested as the walk
+    /// found them): clears D with
+    /// `fetch_and` where it is set, reports the leaf's frames if it was, and
+    /// notes in `writable` the chained frames whose leaf stays writable.
+    fn harvest(
         &self,
         found: &[Found<'_>],
-        round: &mut ChainRound<'_>,
+        report: &mut dyn FnMut(GfnRange),
         writable: &mut [u64],
         flush: &mut FlushToken,
     ) {
-        let mut seen = [0u64; HITS];
-        for (e, x) in seen.iter_mut().zip(found) {
-            *e = x.entry.load(Ordering::Acquire);
-        }
         let f = &self.format;
         let d = f.dirty_mask();
-        // A huge leaf met again from the next word: changed once, and its
+        // A huge leaf met again from the next word: harvested once, and its
         // write permission as the first meeting found it.
         let mut prev: Option<(&AtomicU64, bool)> = None;
-        for (x, &e) in found.iter().zip(&seen) {
+        for x in found {
+            let e = x.entry.load(Ordering::Acquire);
             if !self.is_any_leaf(e, x.level) {
                 continue;
             }
             let present = f.is_present(e);
             let access = if present { f.leaf_access(e) } else { f.tracked_access(e) };
-            let w = access.contains(Access::WRITE);
             let again = prev.filter(|&(p, _)| core::ptr::eq(p, x.entry));
-            prev = Some((x.entry, again.map_or(w, |(_, w)| w)));
-            let range = GfnRange { start: Gfn(x.gfn), end: Gfn(x.gfn + level_frames(x.level)) };
-            match round {
-                ChainRound::WriteProtect => {
-                    if w && again.is_none() {
-                        self.take_write(x.entry, e, range, flush);
-                    }
-                }
-                ChainRound::HarvestDirty(report) => {
-                    if again.map_or(w, |(_, w)| w) {
-                        writable[x.word] |= x.covered;
-                    }
-                    if again.is_none()
-                        && present
-                        && e & d != 0
-                        && x.entry.fetch_and(!d, Ordering::AcqRel) & d != 0
-                    {
-                        // A cached translation would let the processor skip
-                        // setting the bit again.
-                        flush.add_range(range);
-                        report(range);
-                    }
-                }
+            let w = again.map_or(access.contains(Access::WRITE), |(_, w)| w);
+            prev = Some((x.entry, w));
+            if w {
+                writable[x.word] |= x.covered;
+            }
+            if again.is_none() && present && e & d != 0 && x.entry.fetch_and(!d, Ordering::AcqRel) & d != 0 {
+                let range = GfnRange { start: Gfn(x.gfn), end: Gfn(x.gfn + level_frames(x.level)) };
+                // A cached translation would let the processor skip setting
+                // the bit again.
+                flush.add_range(range);
+                report(range);
             }
         }
     }
 
     /// Takes write permission from the leaf `entry` (present, or the saved
-    /// permissions of an access-tracked one), read as `cur`, mapping `range`.
-    fn take_write(&self, entry: &AtomicU64, mut cur: u64, range: GfnRange, flush: &mut FlushToken) {
+    /// permissions of an access-tracked one), read as `cur`. Returns whether
+    /// it took it from a present leaf (whose translations need a flush).
+    fn take_write(&self, entry: &AtomicU64, mut cur: u64) -> bool {
         let f = &self.format;
         loop {
             let present = f.is_present(cur);
             let access = if present { f.leaf_access(cur) } else { f.tracked_access(cur) };
             if !access.contains(Access::WRITE) {
-                return;
+                return false;
             }
             let next = if present {
                 f.with_leaf_access(cur, access - Access::WRITE)
@@ -192,54 +258,75 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
                 f.with_tracked_access(cur, access - Access::WRITE)
             };
             match entry.compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    if present {
-                        flush.add_range(range);
-                    }
-                    return;
-                }
+                Ok(_) => return present,
                 Err(now) => cur = now,
             }
         }
     }
 
-    /// The entry of the current root where the leaf mapping `gfn` is, if
-    /// the tables reach that far, with its level: a 4 KiB entry is not read
-    /// here (it may be empty), a huge or access-tracked one above was.
-    /// Reuses `last` when `gfn` lies in the 4 KiB leaf table reached before,
-    /// and records there a leaf table the walk reaches.
-    #[inline]
-    fn round_entry<'a>(&'a self, gfn: u64, last: &mut Option<LastTable<'a>>) -> Option<(&'a AtomicU64, u8)> {
-        if let Some(t) = *last {
-            if gfn.wrapping_sub(t.base) < ENTRIES as u64 {
-                return Some((&t.table[level_index(gfn, 1)], 1));
+    /// Where the leaf mapping `gfn` is under the current root, if the
+    /// tables reach that far: the 4 KiB leaf table (its entry is not read
+    /// here, it may be empty), or a huge or access-tracked entry above,
+    /// which was. Starts from the level-2 table `dir` when `gfn` lies in it,
+    /// and records there the level-2 table the walk reaches. Not inlined:
+    /// the round's loop reuses the leaf table for most frames and keeps its
+    /// registers for that.
+    #[inline(never)]
+    fn round_entry<'a>(&'a self, gfn: u64, dir: &mut Option<LastTable<'a>>) -> Option<Reach<'a>> {
+        let f = &self.format;
+        let addr_mask = f.phys_width().addr_mask();
+        // The common case: the next leaf table under the same level-2 table
+        // (the walk reached `gfn`'s 1 GiB before, so its address is covered).
+        if let Some(t) = *dir {
+            if gfn.wrapping_sub(t.base) < level_frames(3) {
+                let e = t.table[level_index(gfn, 2)].load(Ordering::Acquire);
+                if f.is_present(e) && !f.is_leaf(e, 2) {
+                    return self.mem.table_at(Pfn((e & addr_mask) >> 12)).map(Reach::LeafTable);
+                }
             }
         }
-        let f = &self.format;
         if !f.walk_length().covers(gfn) {
             return None;
         }
-        let addr_mask = f.phys_width().addr_mask();
-        let mut table = self.table(self.root);
-        let mut level = f.walk_length().levels();
+        let (mut table, mut level) = match *dir {
+            Some(t) if gfn.wrapping_sub(t.base) < level_frames(3) => (t.table, 2),
+            _ => (self.table(self.root), f.walk_length().levels()),
+        };
         loop {
-            let entry = &table[level_index(gfn, level)];
             if level == 1 {
-                *last = Some(LastTable { table, base: gfn & !(ENTRIES as u64 - 1) });
-                return Some((entry, 1));
+                return Some(Reach::LeafTable(table));
             }
+            if level == 2 {
+                *dir = Some(LastTable { table, base: gfn & !(level_frames(3) - 1) });
+            }
+            let entry = &table[level_index(gfn, level)];
             let e = entry.load(Ordering::Acquire);
             if !f.is_present(e) {
-                return (level <= 3 && f.is_tracked(e)).then_some((entry, level));
+                return (level <= 3 && f.is_tracked(e)).then_some(Reach::Above(entry, level));
             }
             if f.is_leaf(e, level) {
-                return Some((entry, level));
+                return Some(Reach::Above(entry, level));
             }
             // A non-leaf entry holds its table's 4 KiB-aligned address.
             table = self.mem.table_at(Pfn((e & addr_mask) >> 12))?;
             level -= 1;
         }
     }
+}
+
+/// Starts moving the line of `entry` into the cache, so that the read pass
+/// finds it in flight. Only a hint: what any load returns is unchanged.
+#[inline(always)]
+fn prefetch(entry: &AtomicU64) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0` reads nothing architecturally and cannot fault,
+    // whatever the address; SSE, which defines it, is part of the x86_64
+    // baseline, so every processor this code runs on has it.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(entry.as_ptr().cast::<i8>())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = entry;
 }
 
 /// The bits of the word from guest frame `first` that the `span` frames from

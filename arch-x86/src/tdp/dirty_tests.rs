@@ -274,17 +274,40 @@ fn run_case<F: TdpFormat + Clone>(format: F, tracking: Tracking, base: u64, seed
             }
             _ => {
                 rounds += 1;
+                // The present leaves a write-protect round takes write from,
+                // each of which the walked round's flush must cover.
+                let protected: Vec<GfnRange> = match tracking {
+                    Tracking::WriteProtect => a
+                        .leaves(&slot)
+                        .into_iter()
+                        .filter(|(_, l)| l.writable && !l.access_tracked)
+                        .map(|(_, l)| l.gfns())
+                        .collect(),
+                    Tracking::HardwareDirty => Vec::new(),
+                };
                 let mut outs = Vec::new();
+                let mut flushed = FlushRecorder::default();
                 for (i, side) in [&mut a, &mut b].into_iter().enumerate() {
                     let mut out = Vec::new();
                     let log = side.logs.get_mut(&SlotId(0)).expect("logged");
-                    let flush = if i == 0 {
-                        log.get_and_clear(&mut side.mmu, &mut out)
+                    if i == 0 {
+                        let flush = log.get_and_clear(&mut side.mmu, &mut out);
+                        flush.expect("bitmap mode").flush(&mut flushed);
                     } else {
-                        log.get_and_clear(&mut RmapOnly(&mut side.mmu), &mut out)
-                    };
-                    flush.expect("bitmap mode").flush(&mut NoTlb);
+                        let flush = log.get_and_clear(&mut RmapOnly(&mut side.mmu), &mut out);
+                        flush.expect("bitmap mode").flush(&mut NoTlb);
+                    }
                     outs.push(out);
+                }
+                for r in &protected {
+                    let covered = flushed.alls > 0
+                        || flushed.ranges.iter().any(|f| f.start <= r.start && r.end <= f.end);
+                    assert!(
+                        covered,
+                        "{}: {:?}",
+                        ctx(&alloc::format!("leaf {r:?} protected unflushed")),
+                        flushed
+                    );
                 }
                 let differ = outs[0].iter().zip(&outs[1]).position(|(x, y)| x != y);
                 assert!(
@@ -341,7 +364,9 @@ fn npt() -> Npt {
 fn the_walked_round_reports_and_protects_as_the_reverse_map_round_does() {
     let (mut npt_seen, mut ept_seen) = (Seen::default(), Seen::default());
     for seed in 0..24 {
-        let base = if seed % 2 == 0 { 0x1000 } else { 0x100d };
+        // Slots from an aligned frame, from an unaligned one, and across a
+        // 1 GiB boundary (a level-2 table of its own on each side).
+        let base = [0x1000, 0x100d, 0x1000, 0x3_fe0d][seed as usize % 4];
         run_case(npt(), Tracking::WriteProtect, base, seed, &mut npt_seen);
         run_case(npt(), Tracking::HardwareDirty, base, seed, &mut npt_seen);
         let ept = Ept::new(WalkLength::Four, width(), false);
