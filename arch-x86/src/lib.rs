@@ -12,8 +12,9 @@
 //! bare metal). A software walker ([`walk`]) translates exactly as the
 //! processor does, so host tests can play the hardware.
 //!
-//! `no_std` + `alloc`. The only `unsafe` code is [`frame::IdentityMemory`]'s
-//! pointer to a frame.
+//! `no_std` + `alloc`. The `unsafe` code is [`frame::IdentityMemory`]'s
+//! pointer to a frame and the dirty-log round's cache prefetch of a leaf
+//! line (`tdp/dirty.rs`, x86_64 only).
 //!
 //! ## What D-bit dirty logging reports for a guest with paging on
 //!

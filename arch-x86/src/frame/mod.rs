@@ -11,7 +11,8 @@
 //! for host tests (tables anywhere below MAXPHYADDR, only allocated frames
 //! cost memory), and [`IdentityMemory`] hands out frames of identity-mapped
 //! RAM for a bare-metal hypervisor, whose processor walks them for real. The
-//! crate's only `unsafe` code is in the latter.
+//! latter holds the crate's `unsafe` pointer code (the dirty-log round's
+//! cache prefetch is the one other `unsafe` block).
 
 mod identity;
 mod sim;
