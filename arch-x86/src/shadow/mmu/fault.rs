@@ -219,30 +219,35 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if !w.dirty {
             direct_access.remove(PteAccess::WRITE);
         }
+        // The frame of each level comes from the link that leads to it (as
+        // the processor finds the next table), not from the page record:
+        // the record is read beside the table, not before it.
+        let mut frame = self.cache.get(page).frame;
         loop {
             let p = self.cache.get_mut(page);
             if p.write_flood != 0 && Some(p.gfn) != written {
                 p.write_flood = 0;
             }
-            let frame = p.frame;
             let j = hw_index(gva.0, level);
             if level == 1 {
                 return Ok((page, frame, j));
             }
-            let direct = w.leaf_level >= level;
             let e = self.mem.table(frame)[j].load(Ordering::Acquire);
-            if let Some(child) = (e & P != 0).then(|| self.child_page(e)).flatten() {
-                if !direct || self.cache.get(child).role.access == direct_access {
-                    debug_assert!(
-                        self.is_child_for(child, cpu, gva, w, level, direct_access),
-                        "the link at {frame:?}[{j}] names a child the guest walk does not call for"
-                    );
-                    page = child;
-                    level -= 1;
-                    continue;
+            if e & P != 0 {
+                if let Some((f, child)) = self.child_of(e) {
+                    if w.leaf_level < level || self.cache.get(child).role.access == direct_access {
+                        debug_assert!(
+                            self.is_child_for(child, cpu, gva, w, level, direct_access),
+                            "the link at {frame:?}[{j}] names a child the guest walk does not call for"
+                        );
+                        (page, frame) = (child, f);
+                        level -= 1;
+                        continue;
+                    }
                 }
             }
             page = self.link_child(cpu, gva, w, level, direct_access, page, j)?;
+            frame = self.cache.get(page).frame;
             level -= 1;
         }
     }
