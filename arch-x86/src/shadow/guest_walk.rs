@@ -39,6 +39,20 @@ pub trait PhysMemory {
     fn compare_exchange(&self, addr: Gpa, bytes: u64, old: u64, new: u64) -> Result<bool, NotMemory>;
 }
 
+/// A shared reference to memory is that memory: several MMUs (or an MMU and
+/// the test driving it) can work on one guest RAM that outlives them.
+impl<T: PhysMemory + ?Sized> PhysMemory for &T {
+    #[inline]
+    fn read(&self, addr: Gpa, bytes: u64) -> Result<u64, NotMemory> {
+        (**self).read(addr, bytes)
+    }
+
+    #[inline]
+    fn compare_exchange(&self, addr: Gpa, bytes: u64, old: u64, new: u64) -> Result<bool, NotMemory> {
+        (**self).compare_exchange(addr, bytes, old, new)
+    }
+}
+
 /// Reads a `bytes`-wide little-endian field out of a 64-bit word.
 #[inline]
 pub(crate) fn field(word: u64, addr: u64, bytes: u64) -> u64 {
