@@ -113,7 +113,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if writable && (readonly || !host.writable || (!write && dirty.write_protected(slot_id))) {
             writable = false;
         }
-        if writable && !self.cache.surely_none_of(gfn) && !self.allow_write(gfn) {
+        if writable && !self.cache.surely_no_table(gfn) && !self.allow_write(gfn) {
             writable = false;
             emulate = write;
         }
