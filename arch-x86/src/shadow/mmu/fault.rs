@@ -24,7 +24,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         cpu: &GuestCpu,
         gva: Gva,
         access: AccessKind,
-        dirty: &mut dyn DirtyTracker,
+        dirty: &mut (impl DirtyTracker + ?Sized),
     ) -> Result<ShadowFault, ShadowError> {
         self.stats.faults += 1;
         // Hypervisor writes a full ring refused at the last fault: logged
@@ -366,7 +366,7 @@ fn mark_ad_written(
     slots: &Memslots,
     pending: &mut [Option<(SlotId, Gfn)>; 5],
     w: &GuestWalk,
-    dirty: &mut dyn DirtyTracker,
+    dirty: &mut (impl DirtyTracker + ?Sized),
 ) -> bool {
     let mut all = true;
     for l in (0..5u8).filter(|l| w.ad_written >> l & 1 != 0) {
