@@ -20,7 +20,10 @@ use crate::format::ENTRIES;
 /// costs).
 #[derive(Debug)]
 pub struct SimGuestRam {
-    ranges: Vec<Range>,
+    /// The first range, held inline: nearly always the only one, and then
+    /// a read is one bounds check away from its word.
+    first: Range,
+    rest: Vec<Range>,
     reads: AtomicU64,
 }
 
@@ -50,7 +53,7 @@ impl SimGuestRam {
     /// If a range does not fit the address space or the host's memory (a
     /// test's own setup, not guest input).
     pub fn new(ranges: &[(Gfn, u64)]) -> Self {
-        let ranges = ranges
+        let mut ranges = ranges
             .iter()
             .map(|&(g, n)| {
                 let words = n
@@ -63,25 +66,23 @@ impl SimGuestRam {
                     words: (0..words).map(|_| AtomicU64::new(0)).collect(),
                 }
             })
-            .collect();
-        Self { ranges, reads: AtomicU64::new(0) }
+            .collect::<Vec<_>>();
+        let first =
+            if ranges.is_empty() { Range { first_word: 0, words: Box::new([]) } } else { ranges.remove(0) };
+        Self { first, rest: ranges, reads: AtomicU64::new(0) }
     }
 
     #[inline]
     fn word(&self, addr: Gpa) -> Result<&AtomicU64, NotMemory> {
-        // Nearly always one range: tried first without a loop.
-        match self.ranges.split_first() {
-            Some((first, rest)) => match first.word(addr) {
-                Some(w) => Ok(w),
-                None => Self::word_in(rest, addr),
-            },
-            None => Err(NotMemory(addr)),
+        match self.first.word(addr) {
+            Some(w) => Ok(w),
+            None => self.word_in_rest(addr),
         }
     }
 
     #[cold]
-    fn word_in(ranges: &[Range], addr: Gpa) -> Result<&AtomicU64, NotMemory> {
-        ranges.iter().find_map(|r| r.word(addr)).ok_or(NotMemory(addr))
+    fn word_in_rest(&self, addr: Gpa) -> Result<&AtomicU64, NotMemory> {
+        self.rest.iter().find_map(|r| r.word(addr)).ok_or(NotMemory(addr))
     }
 
     /// Writes the `bytes`-wide (1, 2, 4 or 8) little-endian `value` at `addr`,
@@ -123,7 +124,10 @@ impl PhysMemory for SimGuestRam {
         // A plain increment, not a locked add (a walk reads once a level):
         // reads on several threads at once may count as one.
         self.reads.store(self.reads.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
-        Ok(field(self.word(addr)?.load(Ordering::Acquire), addr.0, bytes))
+        match self.first.word(addr) {
+            Some(w) => Ok(field(w.load(Ordering::Acquire), addr.0, bytes)),
+            None => Ok(field(self.word_in_rest(addr)?.load(Ordering::Acquire), addr.0, bytes)),
+        }
     }
 
     #[inline]
