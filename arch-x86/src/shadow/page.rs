@@ -112,7 +112,9 @@ pub(crate) struct ShadowPage {
     pub invalid: bool,
     /// Roots (current or cached) holding the page.
     pub root_count: u32,
-    /// Emulated writes since the page was last used by a fault.
+    /// Emulated writes since the page was last used by a fault. Changed
+    /// through [`PageCache::bump_flood`] and [`PageCache::clear_flood`],
+    /// which keep count of the pages where it is not zero.
     pub write_flood: u8,
     /// Next page of the hash bucket, index + 1.
     pub hash_next: u32,
@@ -155,6 +157,9 @@ pub(crate) struct PageCache {
     pub active: Vec<PageIdx>,
     /// Descriptors of the parent lists.
     pub pool: PteListPool,
+    /// Live pages whose write-flood count is not zero: while none is, a
+    /// fault has no count to reset on its path.
+    flooding: u32,
 }
 
 #[inline]
@@ -179,6 +184,7 @@ impl PageCache {
             by_frame: Vec::new(),
             active: Vec::new(),
             pool: PteListPool::new(),
+            flooding: 0,
         }
     }
 
@@ -230,6 +236,7 @@ impl PageCache {
         };
         self.buckets[b] = i + 1;
         let (gfn, direct) = (self.get(i).gfn, self.get(i).role.direct);
+        self.flooding += u32::from(self.get(i).write_flood != 0);
         if !direct {
             let count = &mut self.tables[filter_of(gfn)];
             *count = count.saturating_add(1);
@@ -279,6 +286,7 @@ impl PageCache {
         let page = &mut self.pages[i as usize];
         // The dead record keeps no leaf-gfn array.
         page.leaf_gfns = None;
+        self.flooding -= u32::from(page.write_flood != 0);
         let (frame, pos) = (page.frame, page.active_pos as usize);
         self.by_frame[frame.0 as usize] = 0;
         self.free.push(i);
@@ -289,6 +297,32 @@ impl PageCache {
             }
         }
         frame
+    }
+
+    /// Counts an emulated write to page `i`'s table; returns the count.
+    pub fn bump_flood(&mut self, i: PageIdx) -> u8 {
+        let p = self.get_mut(i);
+        let was = p.write_flood;
+        p.write_flood = was.saturating_add(1);
+        let now = p.write_flood;
+        self.flooding += u32::from(was == 0);
+        now
+    }
+
+    /// A fault used page `i`: its write-flood count starts again.
+    #[inline]
+    pub fn clear_flood(&mut self, i: PageIdx) {
+        let p = self.get_mut(i);
+        if p.write_flood != 0 {
+            p.write_flood = 0;
+            self.flooding -= 1;
+        }
+    }
+
+    /// Whether some live page has a write-flood count.
+    #[inline]
+    pub fn any_flooding(&self) -> bool {
+        self.flooding != 0
     }
 
     /// Replaces the active list (after a reclaim pass took it) and renumbers.
@@ -402,6 +436,24 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert_eq!(c.active, [b]);
         assert_eq!(c.get(b).active_pos, 0);
+    }
+
+    #[test]
+    fn the_pages_with_a_write_flood_count_are_counted() {
+        let mut c = PageCache::new();
+        let (a, b) = (c.insert(page(1, 1, 0)), c.insert(page(2, 1, 1)));
+        assert!(!c.any_flooding());
+        assert_eq!((c.bump_flood(a), c.bump_flood(a), c.bump_flood(b)), (1, 2, 1));
+        c.clear_flood(a);
+        assert_eq!(c.get(a).write_flood, 0);
+        assert!(c.any_flooding(), "b still has a count");
+        c.clear_flood(a);
+        c.unhash(b);
+        c.remove(b);
+        assert!(!c.any_flooding(), "a removed page takes its count along");
+        c.bump_flood(a);
+        c.clear_flood(a);
+        assert!(!c.any_flooding());
     }
 
     /// The guest-table filter against the hash itself: it never answers
