@@ -197,6 +197,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     /// count, except a page of `written`, the frame a write fault targets:
     /// a guest rewriting a table its own writes are translated through
     /// must still be seen flooding.
+    // One caller, the fault: inlined, its results stay in registers.
+    #[inline(always)]
     pub(super) fn fetch_path(
         &mut self,
         cpu: &GuestCpu,
@@ -368,6 +370,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     /// Sets leaf `j` of `page` (whose table is `frame`) to `spte` (write
     /// permission added by the caller), keeping A/D if it already mapped
     /// the same frame.
+    // One caller, the fault: inlined, its results stay in registers.
+    #[inline(always)]
     pub(super) fn install_leaf(
         &mut self,
         page: PageIdx,
