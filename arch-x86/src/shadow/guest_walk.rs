@@ -39,6 +39,20 @@ pub trait PhysMemory {
     fn compare_exchange(&self, addr: Gpa, bytes: u64, old: u64, new: u64) -> Result<bool, NotMemory>;
 }
 
+/// A shared reference to memory is that memory: several MMUs (or an MMU and
+/// the test driving it) can work on one guest RAM that outlives them.
+impl<T: PhysMemory + ?Sized> PhysMemory for &T {
+    #[inline]
+    fn read(&self, addr: Gpa, bytes: u64) -> Result<u64, NotMemory> {
+        (**self).read(addr, bytes)
+    }
+
+    #[inline]
+    fn compare_exchange(&self, addr: Gpa, bytes: u64, old: u64, new: u64) -> Result<bool, NotMemory> {
+        (**self).compare_exchange(addr, bytes, old, new)
+    }
+}
+
 /// Reads a `bytes`-wide little-endian field out of a 64-bit word.
 #[inline]
 pub(crate) fn field(word: u64, addr: u64, bytes: u64) -> u64 {
@@ -228,13 +242,6 @@ pub(crate) fn walk_into<P: PagingMode, Mem: PhysMemory + ?Sized>(
     if !P::va_ok(va.0) {
         return Err(WalkFault::BadAddress(va));
     }
-    // The level the loop starts at: below the PDPTE registers for PAE.
-    let top = if P::MODE == GuestMode::Pae { 2 } else { P::MODE.root_level() };
-    let write = access.op == AccessOp::Write;
-    let pf = |present, rsvd, level| WalkFault::PageFault {
-        code: PfErrorCode::for_access(cpu, access, present, rsvd),
-        level,
-    };
     let mut lv = Levels::<P, Mem> {
         mem,
         cpu,
@@ -244,29 +251,72 @@ pub(crate) fn walk_into<P: PagingMode, Mem: PhysMemory + ?Sized>(
         has_xd: cpu.has_xd(),
         plain: P::reserved_bits(1, false, cpu, feat),
         allowed: PteAccess::all(),
-        unset: 0,
+        all: u64::MAX,
         _mode: core::marker::PhantomData,
     };
-    for _ in 0..MAX_RESTARTS {
-        lv.allowed = PteAccess::all();
-        lv.unset = 0;
+    // The first attempt straight, not as the first turn of the restart
+    // loop: what the loop would hoist out of its turns (the error codes'
+    // ingredients, every level's masks) is then only worked out by a walk
+    // that faults or restarts.
+    if lv.attempt(set_ad, out)? {
+        return Ok(());
+    }
+    // (Levels passed by value: the fast path's stays in registers.)
+    Levels::restart(lv, set_ad, out)
+}
+
+impl<P: PagingMode, Mem: PhysMemory + ?Sized> Levels<'_, P, Mem> {
+    /// The walk after an attempt whose A/D update found an entry changed.
+    #[cold]
+    #[inline(never)]
+    fn restart(mut self, set_ad: bool, out: &mut GuestWalk) -> Result<(), WalkFault> {
+        for _ in 1..MAX_RESTARTS {
+            if self.attempt(set_ad, out)? {
+                return Ok(());
+            }
+        }
+        Err(WalkFault::Contended)
+    }
+
+    /// The page fault for this access: present or not, reserved bit or not.
+    #[inline(always)]
+    fn fault(&self, present: bool, rsvd: bool, level: u8) -> WalkFault {
+        page_fault(self.cpu, self.access, present, rsvd, level)
+    }
+
+    /// A table at `addr` (of `level`) outside memory.
+    #[inline(always)]
+    fn not_memory(&self, addr: Gpa, level: u8) -> WalkFault {
+        table_not_in_memory(self.cpu, self.access, addr, level)
+    }
+
+    /// One walk from the root: `Ok(true)` when it translated (`out` filled),
+    /// `Ok(false)` when an entry changed under its A/D update (walk again).
+    #[inline(always)]
+    fn attempt(&mut self, set_ad: bool, out: &mut GuestWalk) -> Result<bool, WalkFault> {
+        let (mem, cpu, feat, va, access) = (self.mem, self.cpu, self.feat, self.va, self.access);
+        // The level the walk starts at: below the PDPTE registers for PAE.
+        let top = if P::MODE == GuestMode::Pae { 2 } else { P::MODE.root_level() };
+        let write = access.op == AccessOp::Write;
+        self.allowed = PteAccess::all();
+        self.all = u64::MAX;
         let steps = &mut out.steps;
         let mut table = if P::MODE == GuestMode::Pae {
             // The PDPTE registers: no A bit, no access rights (SDM §4.4.1).
-            let i = P::index(va.0, 3);
+            let i = P::index(va, 3);
             let e = cpu.pdptrs[i];
             let pdpt = P::root_addr(cpu.cr3, feat);
             steps[2] = WalkStep {
                 table_gfn: Gpa(pdpt).gfn(),
                 entry_addr: Gpa(pdpt + 8 * i as u64),
                 entry: e,
-                access_above: lv.allowed,
+                access_above: self.allowed,
             };
             if e & P == 0 {
-                return Err(pf(false, false, 3));
+                return Err(self.fault(false, false, 3));
             }
             if pdpte_reserved(e, feat) {
-                return Err(pf(true, true, 3));
+                return Err(self.fault(true, true, 3));
             }
             P::table_addr(e, feat)
         } else {
@@ -282,7 +332,7 @@ pub(crate) fn walk_into<P: PagingMode, Mem: PhysMemory + ?Sized>(
             macro_rules! descend {
                 ($l:literal) => {
                     if top >= $l {
-                        let e = lv.step($l, table, steps)?;
+                        let e = self.step($l, table, steps)?;
                         if P::is_leaf(e, $l, cpu, feat) {
                             break 'walk (e, $l);
                         }
@@ -294,17 +344,17 @@ pub(crate) fn walk_into<P: PagingMode, Mem: PhysMemory + ?Sized>(
             descend!(4);
             descend!(3);
             descend!(2);
-            (lv.step(1, table, steps)?, 1)
+            (self.step(1, table, steps)?, 1)
         };
-        let allowed = lv.allowed;
-        let mut unset = lv.unset;
+        let allowed = self.allowed;
         if !permits(cpu, allowed, access) {
-            return Err(pf(true, false, 0));
+            return Err(self.fault(true, false, 0));
         }
-        unset |= u8::from(write && leaf & D == 0) << (level - 1);
-        let mut restart = false;
         let mut ad_written = 0u8;
-        if set_ad && unset != 0 {
+        // Every entry has A (and the leaf of a write D): nothing to set,
+        // nearly always. Otherwise the levels that lack one.
+        if set_ad && (self.all & A == 0 || (write && leaf & D == 0)) {
+            let unset = unset_levels(steps, level, top, write);
             for l in level..=top {
                 if unset & (1 << (l - 1)) == 0 {
                     continue;
@@ -317,22 +367,10 @@ pub(crate) fn walk_into<P: PagingMode, Mem: PhysMemory + ?Sized>(
                         step.entry = new;
                         ad_written |= 1 << (l - 1);
                     }
-                    Ok(false) => {
-                        restart = true;
-                        break;
-                    }
-                    Err(_) => {
-                        return Err(WalkFault::TableNotInMemory {
-                            addr: step.entry_addr,
-                            level: l,
-                            code: PfErrorCode::for_access(cpu, access, false, false),
-                        })
-                    }
+                    Ok(false) => return Ok(false),
+                    Err(_) => return Err(self.not_memory(step.entry_addr, l)),
                 }
             }
-        }
-        if restart {
-            continue;
         }
         // Levels below the leaf hold nothing (an earlier attempt of this
         // walk may have gone deeper).
@@ -343,15 +381,14 @@ pub(crate) fn walk_into<P: PagingMode, Mem: PhysMemory + ?Sized>(
         let shift = P::level_shift(level);
         let base = P::page_addr(leaf, level, feat);
         out.mode = P::MODE;
-        out.gpa = Gpa(base | (va.0 & ((1u64 << shift) - 1)));
+        out.gpa = Gpa(base | (va & ((1u64 << shift) - 1)));
         out.leaf_level = level;
         out.page_shift = shift;
         out.access = allowed;
         out.dirty = out.steps[level as usize - 1].entry & D != 0;
         out.ad_written = ad_written;
-        return Ok(());
+        Ok(true)
     }
-    Err(WalkFault::Contended)
 }
 
 /// What one walk carries from level to level.
@@ -369,9 +406,8 @@ struct Levels<'a, P: PagingMode, Mem: PhysMemory + ?Sized> {
     plain: u64,
     /// What the entries so far permit together.
     allowed: PteAccess,
-    /// Bit `level - 1`: the entry lacks its A bit (or, the leaf of a
-    /// write, its D bit), which a successful walk sets.
-    unset: u8,
+    /// The entries so far ANDed: whether all have A.
+    all: u64,
     _mode: core::marker::PhantomData<P>,
 }
 
@@ -380,32 +416,68 @@ impl<P: PagingMode, Mem: PhysMemory + ?Sized> Levels<'_, P, Mem> {
     /// translates the address, records it in `steps`, and returns it.
     #[inline(always)]
     fn step(&mut self, level: u8, table: u64, steps: &mut [WalkStep; 5]) -> Result<u64, WalkFault> {
-        let (cpu, access) = (self.cpu, self.access);
         let addr = Gpa(table + P::index(self.va, level) as u64 * P::ENTRY_BYTES);
-        let e = self.mem.read(addr, P::ENTRY_BYTES).map_err(|_| WalkFault::TableNotInMemory {
-            addr,
-            level,
-            code: PfErrorCode::for_access(cpu, access, false, false),
-        })?;
+        let Ok(e) = self.mem.read(addr, P::ENTRY_BYTES) else {
+            return Err(self.not_memory(addr, level));
+        };
         steps[level as usize - 1] =
             WalkStep { table_gfn: Gpa(table).gfn(), entry_addr: addr, entry: e, access_above: self.allowed };
         if e & P == 0 {
-            return Err(WalkFault::PageFault {
-                code: PfErrorCode::for_access(cpu, access, false, false),
-                level,
-            });
+            return Err(self.fault(false, false, level));
         }
-        let rsvd = if e & PS == 0 { self.plain } else { P::reserved_bits(level, true, cpu, self.feat) };
-        if e & rsvd != 0 {
-            return Err(WalkFault::PageFault {
-                code: PfErrorCode::for_access(cpu, access, true, true),
-                level,
-            });
+        // Bit 7 clear: the walk's one mask. Set: the level's own, asked out
+        // of line (else the masks of every level are worked out up front).
+        let reserved = if e & PS == 0 {
+            e & self.plain != 0
+        } else {
+            large_reserved::<P>(e, level, self.cpu, self.feat)
+        };
+        if reserved {
+            return Err(self.fault(true, true, level));
         }
         self.allowed &= PteAccess::of_entry(e, self.has_xd);
-        self.unset |= u8::from(e & A == 0) << (level - 1);
+        self.all &= e;
         Ok(e)
     }
+}
+
+// The walk's faults are built out of line, from values: the walk's state
+// stays in registers, and nothing of the error codes is worked out before
+// a walk faults.
+
+/// The page fault `access` takes under `cpu` at `level`.
+#[cold]
+#[inline(never)]
+fn page_fault(cpu: &GuestCpu, access: AccessKind, present: bool, rsvd: bool, level: u8) -> WalkFault {
+    WalkFault::PageFault { code: PfErrorCode::for_access(cpu, access, present, rsvd), level }
+}
+
+/// The fault of a table at `addr` (of `level`) outside memory.
+#[cold]
+#[inline(never)]
+fn table_not_in_memory(cpu: &GuestCpu, access: AccessKind, addr: Gpa, level: u8) -> WalkFault {
+    WalkFault::TableNotInMemory { addr, level, code: PfErrorCode::for_access(cpu, access, false, false) }
+}
+
+/// Whether a present entry at `level` with bit 7 set has a reserved bit.
+#[cold]
+#[inline(never)]
+fn large_reserved<P: PagingMode>(e: u64, level: u8, cpu: &GuestCpu, feat: &CpuFeatures) -> bool {
+    e & P::reserved_bits(level, true, cpu, feat) != 0
+}
+
+/// The levels (bit `level - 1`, from the leaf at `leaf` up to `top`) whose
+/// entry lacks its A bit, or for the leaf of a write its D bit: what a
+/// successful walk sets.
+#[cold]
+fn unset_levels(steps: &[WalkStep; 5], leaf: u8, top: u8, write: bool) -> u8 {
+    let mut unset = 0;
+    for l in leaf..=top {
+        let e = steps[l as usize - 1].entry;
+        let want = if l == leaf && write { A | D } else { A };
+        unset |= u8::from(e & want != want) << (l - 1);
+    }
+    unset
 }
 
 /// [`walk`] for the mode `cpu` is in.

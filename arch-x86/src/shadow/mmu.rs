@@ -916,11 +916,12 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         Some(leaf)
     }
 
-    /// The page a present non-leaf shadow entry `e` links to (every link
-    /// the MMU writes names one of its pages' frames).
+    /// The frame and page a present non-leaf shadow entry `e` links to
+    /// (every link the MMU writes names one of its pages' frames).
     #[inline]
-    fn child_page(&self, e: u64) -> Option<PageIdx> {
-        self.mem.frame_of(Pfn((e & SPTE_ADDR) >> 12)).and_then(|f| self.cache.of_frame(f))
+    fn child_of(&self, e: u64) -> Option<(FrameId, PageIdx)> {
+        let f = self.mem.frame_of(Pfn((e & SPTE_ADDR) >> 12))?;
+        Some((f, self.cache.of_frame(f)?))
     }
 
     /// Clears the non-leaf entry `j` of `page` and unlinks the child.

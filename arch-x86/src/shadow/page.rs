@@ -112,7 +112,9 @@ pub(crate) struct ShadowPage {
     pub invalid: bool,
     /// Roots (current or cached) holding the page.
     pub root_count: u32,
-    /// Emulated writes since the page was last used by a fault.
+    /// Emulated writes since the page was last used by a fault. Changed
+    /// through [`PageCache::bump_flood`] and [`PageCache::clear_flood`],
+    /// which keep count of the pages where it is not zero.
     pub write_flood: u8,
     /// Next page of the hash bucket, index + 1.
     pub hash_next: u32,
@@ -129,6 +131,9 @@ pub(crate) const SLOT_SHIFT: u32 = 48;
 /// Buckets of the hash (KVM's `KVM_MMU_HASH_SHIFT` of 12).
 const BUCKETS: usize = 1 << 12;
 
+/// Entries of the guest-table filter: one per `gfn mod TABLE_FILTER`.
+const TABLE_FILTER: usize = 1 << 14;
+
 /// The pages, the hash over guest frames and the parent-list descriptors.
 #[derive(Debug)]
 pub(crate) struct PageCache {
@@ -139,12 +144,27 @@ pub(crate) struct PageCache {
     live: Vec<bool>,
     free: Vec<PageIdx>,
     buckets: Vec<u32>,
+    /// Hashed pages that shadow a guest table (not direct ones), counted by
+    /// `gfn mod TABLE_FILTER`; a count that reaches 255 stays there. What
+    /// KVM's per-gfn write-tracking count answers on the fault path (is
+    /// this frame a shadowed guest table?), indexed by the frame itself:
+    /// consecutive frames share a cache line, where their hash buckets are
+    /// spread over the whole table.
+    tables: Vec<u8>,
     /// Page index + 1 of each shadow frame.
     by_frame: Vec<u32>,
     /// Live pages, roughly in creation order (eviction and obsolete reclaim).
     pub active: Vec<PageIdx>,
     /// Descriptors of the parent lists.
     pub pool: PteListPool,
+    /// Live pages whose write-flood count is not zero: while none is, a
+    /// fault has no count to reset on its path.
+    flooding: u32,
+}
+
+#[inline]
+fn filter_of(gfn: Gfn) -> usize {
+    gfn.0 as usize & (TABLE_FILTER - 1)
 }
 
 #[inline]
@@ -160,9 +180,11 @@ impl PageCache {
             live: Vec::new(),
             free: Vec::new(),
             buckets: vec![0; BUCKETS],
+            tables: vec![0; TABLE_FILTER],
             by_frame: Vec::new(),
             active: Vec::new(),
             pool: PteListPool::new(),
+            flooding: 0,
         }
     }
 
@@ -213,6 +235,12 @@ impl PageCache {
             }
         };
         self.buckets[b] = i + 1;
+        let (gfn, direct) = (self.get(i).gfn, self.get(i).role.direct);
+        self.flooding += u32::from(self.get(i).write_flood != 0);
+        if !direct {
+            let count = &mut self.tables[filter_of(gfn)];
+            *count = count.saturating_add(1);
+        }
         self.get_mut(i).active_pos = self.active.len() as u32;
         if self.by_frame.len() <= frame {
             self.by_frame.resize(frame + 1, 0);
@@ -241,6 +269,14 @@ impl PageCache {
             }
         }
         self.get_mut(i).hash_next = 0;
+        if !self.get(i).role.direct {
+            let count = &mut self.tables[filter_of(gfn)];
+            debug_assert!(*count > 0, "a hashed guest-table page of {gfn} was counted");
+            // A saturated count no longer knows how many it stands for.
+            if *count != u8::MAX {
+                *count -= 1;
+            }
+        }
     }
 
     /// Drops a page that is unhashed; returns its shadow table's frame.
@@ -250,6 +286,7 @@ impl PageCache {
         let page = &mut self.pages[i as usize];
         // The dead record keeps no leaf-gfn array.
         page.leaf_gfns = None;
+        self.flooding -= u32::from(page.write_flood != 0);
         let (frame, pos) = (page.frame, page.active_pos as usize);
         self.by_frame[frame.0 as usize] = 0;
         self.free.push(i);
@@ -262,6 +299,32 @@ impl PageCache {
         frame
     }
 
+    /// Counts an emulated write to page `i`'s table; returns the count.
+    pub fn bump_flood(&mut self, i: PageIdx) -> u8 {
+        let p = self.get_mut(i);
+        let was = p.write_flood;
+        p.write_flood = was.saturating_add(1);
+        let now = p.write_flood;
+        self.flooding += u32::from(was == 0);
+        now
+    }
+
+    /// A fault used page `i`: its write-flood count starts again.
+    #[inline]
+    pub fn clear_flood(&mut self, i: PageIdx) {
+        let p = self.get_mut(i);
+        if p.write_flood != 0 {
+            p.write_flood = 0;
+            self.flooding -= 1;
+        }
+    }
+
+    /// Whether some live page has a write-flood count.
+    #[inline]
+    pub fn any_flooding(&self) -> bool {
+        self.flooding != 0
+    }
+
     /// Replaces the active list (after a reclaim pass took it) and renumbers.
     pub fn set_active(&mut self, active: Vec<PageIdx>) {
         self.active = active;
@@ -271,11 +334,12 @@ impl PageCache {
         }
     }
 
-    /// Whether no hashed page can be of `gfn`: its hash bucket is empty
-    /// (the usual answer for a frame the guest writes).
+    /// Whether no hashed page shadows `gfn` as a guest table (direct pages
+    /// may map it): the usual answer for a frame the guest writes. `false`
+    /// means maybe: frames `TABLE_FILTER` apart share an entry.
     #[inline]
-    pub fn surely_none_of(&self, gfn: Gfn) -> bool {
-        self.buckets[bucket_of(gfn)] == 0
+    pub fn surely_no_table(&self, gfn: Gfn) -> bool {
+        self.tables[filter_of(gfn)] == 0
     }
 
     /// The hashed pages of `gfn`, any role.
@@ -372,5 +436,74 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert_eq!(c.active, [b]);
         assert_eq!(c.get(b).active_pos, 0);
+    }
+
+    #[test]
+    fn the_pages_with_a_write_flood_count_are_counted() {
+        let mut c = PageCache::new();
+        let (a, b) = (c.insert(page(1, 1, 0)), c.insert(page(2, 1, 1)));
+        assert!(!c.any_flooding());
+        assert_eq!((c.bump_flood(a), c.bump_flood(a), c.bump_flood(b)), (1, 2, 1));
+        c.clear_flood(a);
+        assert_eq!(c.get(a).write_flood, 0);
+        assert!(c.any_flooding(), "b still has a count");
+        c.clear_flood(a);
+        c.unhash(b);
+        c.remove(b);
+        assert!(!c.any_flooding(), "a removed page takes its count along");
+        c.bump_flood(a);
+        c.clear_flood(a);
+        assert!(!c.any_flooding());
+    }
+
+    /// The guest-table filter against the hash itself: it never answers
+    /// "none" for a frame some hashed non-direct page shadows, and answers
+    /// "none" for every frame no such page shares an entry with, unless that
+    /// entry saturated.
+    #[test]
+    fn the_table_filter_never_misses_a_shadowed_table_and_forgets_unhashed_ones() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = SmallRng::seed_from_u64(19);
+        let mut c = PageCache::new();
+        let mut hashed: Vec<PageIdx> = Vec::new();
+        let mut frame = 0u32;
+        // Frames near 0 and their aliases TABLE_FILTER and 2 x TABLE_FILTER up.
+        let gfns: Vec<u64> =
+            (0..24u64).flat_map(|g| [g, g + TABLE_FILTER as u64, g + 2 * TABLE_FILTER as u64]).collect();
+        for round in 0..4000 {
+            if hashed.is_empty() || rng.gen_bool(0.55) {
+                let gfn = gfns[rng.gen_range(0..gfns.len())];
+                let mut p = page(gfn, rng.gen_range(1..=4), frame);
+                p.role.direct = rng.gen_bool(0.3);
+                frame += 1;
+                hashed.push(c.insert(p));
+            } else {
+                let i = hashed.swap_remove(rng.gen_range(0..hashed.len()));
+                c.unhash(i);
+                c.remove(i);
+            }
+            for &gfn in &gfns {
+                let tables = |g: u64| hashed.iter().any(|&i| c.get(i).gfn == Gfn(g) && !c.get(i).role.direct);
+                if tables(gfn) {
+                    assert!(
+                        !c.surely_no_table(Gfn(gfn)),
+                        "round {round}: a shadowed table at {gfn:#x} was missed"
+                    );
+                }
+                let entry = filter_of(Gfn(gfn));
+                let sharing = gfns.iter().any(|&g| filter_of(Gfn(g)) == entry && tables(g));
+                if !sharing && c.tables[entry] != u8::MAX {
+                    assert!(c.surely_no_table(Gfn(gfn)), "round {round}: {gfn:#x} still counts a table");
+                }
+            }
+        }
+        // 300 tables of one frame saturate its entry, which then stays.
+        let many: Vec<PageIdx> = (0..300).map(|k| c.insert(page(0x55, 1, frame + k))).collect();
+        for i in many {
+            c.unhash(i);
+            c.remove(i);
+        }
+        assert!(!c.surely_no_table(Gfn(0x55)), "a saturated count is never lowered");
     }
 }

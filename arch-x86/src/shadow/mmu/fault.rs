@@ -24,7 +24,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         cpu: &GuestCpu,
         gva: Gva,
         access: AccessKind,
-        dirty: &mut dyn DirtyTracker,
+        dirty: &mut (impl DirtyTracker + ?Sized),
     ) -> Result<ShadowFault, ShadowError> {
         self.stats.faults += 1;
         // Hypervisor writes a full ring refused at the last fault: logged
@@ -113,7 +113,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if writable && (readonly || !host.writable || (!write && dirty.write_protected(slot_id))) {
             writable = false;
         }
-        if writable && !self.cache.surely_none_of(gfn) && !self.allow_write(gfn) {
+        if writable && !self.cache.surely_no_table(gfn) && !self.allow_write(gfn) {
             writable = false;
             emulate = write;
         }
@@ -197,6 +197,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     /// count, except a page of `written`, the frame a write fault targets:
     /// a guest rewriting a table its own writes are translated through
     /// must still be seen flooding.
+    // One caller, the fault: inlined, its results stay in registers.
+    #[inline(always)]
     pub(super) fn fetch_path(
         &mut self,
         cpu: &GuestCpu,
@@ -219,32 +221,78 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         if !w.dirty {
             direct_access.remove(PteAccess::WRITE);
         }
-        loop {
-            let p = self.cache.get_mut(page);
-            if p.write_flood != 0 && Some(p.gfn) != written {
-                p.write_flood = 0;
+        let mut frame = self.cache.get(page).frame;
+        // Nearly always the whole path is linked, the guest maps a 4 KiB
+        // page (no direct page, whose access would need checking) and no
+        // page has a write-flood count to reset: the links are followed as
+        // the processor follows them, and only the leaf table's page is
+        // looked up.
+        if w.leaf_level == 1 && !self.cache.any_flooding() {
+            if let Some(path) = self.linked_path(cpu, gva, w, frame, level) {
+                return Ok(path);
             }
-            let frame = p.frame;
+        }
+        // The frame of each level comes from the link that leads to it (as
+        // the processor finds the next table), not from the page record:
+        // the record is read beside the table, not before it.
+        loop {
+            let p = self.cache.get(page);
+            if p.write_flood != 0 && Some(p.gfn) != written {
+                self.cache.clear_flood(page);
+            }
             let j = hw_index(gva.0, level);
             if level == 1 {
                 return Ok((page, frame, j));
             }
-            let direct = w.leaf_level >= level;
             let e = self.mem.table(frame)[j].load(Ordering::Acquire);
-            if let Some(child) = (e & P != 0).then(|| self.child_page(e)).flatten() {
-                if !direct || self.cache.get(child).role.access == direct_access {
-                    debug_assert!(
-                        self.is_child_for(child, cpu, gva, w, level, direct_access),
-                        "the link at {frame:?}[{j}] names a child the guest walk does not call for"
-                    );
-                    page = child;
-                    level -= 1;
-                    continue;
+            if e & P != 0 {
+                if let Some((f, child)) = self.child_of(e) {
+                    if w.leaf_level < level || self.cache.get(child).role.access == direct_access {
+                        debug_assert!(
+                            self.is_child_for(child, cpu, gva, w, level, direct_access),
+                            "the link at {frame:?}[{j}] names a child the guest walk does not call for"
+                        );
+                        (page, frame) = (child, f);
+                        level -= 1;
+                        continue;
+                    }
                 }
             }
             page = self.link_child(cpu, gva, w, level, direct_access, page, j)?;
+            frame = self.cache.get(page).frame;
             level -= 1;
         }
+    }
+
+    /// The leaf page, its frame and the leaf index on the path of `gva` from
+    /// the table `frame` at `level`, if every link on it is present: for a
+    /// guest walk `w` to a 4 KiB page, whose path has no direct page.
+    #[inline]
+    fn linked_path(
+        &self,
+        cpu: &GuestCpu,
+        gva: Gva,
+        w: &GuestWalk,
+        mut frame: FrameId,
+        mut level: u8,
+    ) -> Option<(PageIdx, FrameId, usize)> {
+        while level > 1 {
+            let j = hw_index(gva.0, level);
+            let e = self.mem.table(frame)[j].load(Ordering::Acquire);
+            if e & P == 0 {
+                return None;
+            }
+            let child = self.mem.frame_of(Pfn((e & SPTE_ADDR) >> 12))?;
+            debug_assert!(
+                self.cache
+                    .of_frame(child)
+                    .is_some_and(|c| self.is_child_for(c, cpu, gva, w, level, w.access)),
+                "the link at {frame:?}[{j}] names a child the guest walk does not call for"
+            );
+            frame = child;
+            level -= 1;
+        }
+        Some((self.cache.of_frame(frame)?, frame, hw_index(gva.0, 1)))
     }
 
     /// Links entry `j` of `page` (of `level`, on the path of `gva`) to the
@@ -322,6 +370,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     /// Sets leaf `j` of `page` (whose table is `frame`) to `spte` (write
     /// permission added by the caller), keeping A/D if it already mapped
     /// the same frame.
+    // One caller, the fault: inlined, its results stay in registers.
+    #[inline(always)]
     pub(super) fn install_leaf(
         &mut self,
         page: PageIdx,
@@ -361,7 +411,7 @@ fn mark_ad_written(
     slots: &Memslots,
     pending: &mut [Option<(SlotId, Gfn)>; 5],
     w: &GuestWalk,
-    dirty: &mut dyn DirtyTracker,
+    dirty: &mut (impl DirtyTracker + ?Sized),
 ) -> bool {
     let mut all = true;
     for l in (0..5u8).filter(|l| w.ad_written >> l & 1 != 0) {
@@ -450,6 +500,38 @@ mod tests {
         assert_eq!(mmu.page_fault(&ac, Gva(0), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
         assert_eq!(mmu.page_fault(&a, Gva(0), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
         assert_eq!((mmu.root_hpa(), mmu.stats().root_hits), (root_a, hits), "no switch for EFLAGS.AC");
+        mmu.take_flush().flush(&mut NoTlb);
+    }
+
+    /// A fault through a shadowed table resets its write-flood count, also
+    /// on the fault path that follows present links without looking pages
+    /// up: two emulated writes, a fault, two more writes, and the table is
+    /// still shadowed (three writes in a row zap it).
+    #[test]
+    fn a_fault_through_a_table_resets_its_write_flood_count() {
+        let (mut mmu, a, _) = two_spaces();
+        let read = AccessKind::user(AccessOp::Read);
+        mmu.load_cr3(&a).unwrap();
+        assert_eq!(mmu.page_fault(&a, Gva(0), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
+        let pt_entry_5 = Gpa((4 << 12) + 8 * 5);
+        for round in 0..3 {
+            mmu.emulated_write(pt_entry_5, 8, 0).unwrap();
+            mmu.emulated_write(pt_entry_5, 8, 0).unwrap();
+            assert!(mmu.is_write_tracked(Gfn(4)), "round {round}: two writes do not zap the table");
+            assert_eq!(mmu.page_fault(&a, Gva(0), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
+        }
+        assert_eq!(mmu.stats().flood_zaps, 0);
+        // Without faults in between, the third write zaps it.
+        for _ in 0..3 {
+            mmu.emulated_write(pt_entry_5, 8, 0).unwrap();
+        }
+        assert!(!mmu.is_write_tracked(Gfn(4)));
+        assert_eq!(mmu.stats().flood_zaps, 1);
+        // Its count went with it: the next fault rebuilds the path and is
+        // served, and later faults take the linked path again.
+        assert_eq!(mmu.page_fault(&a, Gva(0), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
+        assert!(!mmu.cache.any_flooding(), "the zapped page's count left with it");
+        assert_eq!(mmu.page_fault(&a, Gva(0), read, &mut NoDirtyLog), Ok(ShadowFault::Fixed));
         mmu.take_flush().flush(&mut NoTlb);
     }
 

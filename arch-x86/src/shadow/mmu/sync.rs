@@ -48,9 +48,8 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         for i in pages {
             let role = self.cache.get(i).role;
             let eb = role.mode.entry_bytes();
-            let p = self.cache.get_mut(i);
-            p.write_flood = p.write_flood.saturating_add(1);
-            if (offset % eb) + bytes > eb || p.write_flood >= FLOOD_LIMIT {
+            let flood = self.cache.bump_flood(i);
+            if (offset % eb) + bytes > eb || flood >= FLOOD_LIMIT {
                 self.stats.flood_zaps += 1;
                 self.zap_page(i, ZapReason::Range);
                 continue;
