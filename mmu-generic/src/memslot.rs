@@ -72,6 +72,10 @@ impl Memslot {
         Self { id, base_gfn, npages, hva, flags }
     }
 
+    /// Holds no gfn and starts above every valid one: fills an index
+    /// line's unused half.
+    const NONE: Self = Self::new(SlotId(0), Gfn(u64::MAX), 0, Hva(0), SlotFlags::empty());
+
     /// The slot's number.
     pub const fn id(&self) -> SlotId {
         self.id
@@ -232,6 +236,8 @@ impl fmt::Display for MemslotError {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SlotHint {
     generation: u64,
+    /// The copy the last lookup returned, as a half-line index into the
+    /// set's `lines`: the line that lookup left in the cache.
     index: u32,
 }
 
@@ -279,6 +285,11 @@ pub struct Memslots {
     /// A direct index over the covered gfn span, one [`Bucket`] word per
     /// `1 << bucket_shift` gfns (and one past the last).
     buckets: Vec<Bucket>,
+    /// Copies of slots, two to a cache line: first, one [`Line`] per
+    /// bucket (not the one past the last) with its first two candidates;
+    /// then every slot in gfn order (from line `buckets.len() - 1`, or 0
+    /// without buckets). A lookup returns a copy, so it reads one line.
+    lines: Vec<Line>,
     bucket_base: u64,
     bucket_shift: u32,
     /// Indices into `by_gfn`, sorted by hva start then slot id.
@@ -336,22 +347,54 @@ impl Memslots {
     /// The slot that holds `gfn`.
     #[inline]
     pub fn lookup(&self, gfn: Gfn) -> Option<&Memslot> {
-        self.index_of(gfn).map(|i| &self.by_gfn[i])
+        self.find(gfn).map(|(_, slot)| slot)
     }
 
     /// The slot that holds `gfn`, trying the hint's slot first and updating it.
     #[inline]
     pub fn lookup_hinted(&self, gfn: Gfn, hint: &mut SlotHint) -> Option<&Memslot> {
         if hint.generation == self.generation {
-            if let Some(slot) = self.by_gfn.get(hint.index as usize) {
+            if let Some(slot) = self.copy(hint.index as usize) {
                 if slot.contains(gfn) {
                     return Some(slot);
                 }
             }
         }
-        let i = self.index_of(gfn)?;
-        *hint = SlotHint { generation: self.generation, index: i as u32 };
-        Some(&self.by_gfn[i])
+        let (at, slot) = self.find(gfn)?;
+        // Fewer than 2^32 halves: at most two buckets and one half a slot.
+        *hint = SlotHint { generation: self.generation, index: at as u32 };
+        Some(slot)
+    }
+
+    /// The copy at half-line `at` of `lines`.
+    #[inline]
+    fn copy(&self, at: usize) -> Option<&Memslot> {
+        self.lines.get(at >> 1).map(|line| &line.0[at & 1])
+    }
+
+    /// The slot that holds `gfn` and the half-line of the copy returned.
+    #[inline]
+    fn find(&self, gfn: Gfn) -> Option<(usize, &Memslot)> {
+        if self.starts.len() > LINEAR_SCAN_MAX {
+            let b = usize::try_from(gfn.0.wrapping_sub(self.bucket_base) >> self.bucket_shift)
+                .unwrap_or(usize::MAX);
+            // A gfn past the buckets (or below them, wrapped) may land on
+            // the gfn-ordered copies instead: any line's pick is right.
+            if let Some(line) = self.lines.get(b) {
+                // A line's first slot ends before its second starts, so only
+                // the one starting at or below `gfn` can hold it; no branch
+                // on which (a coin toss for the predictor).
+                let at = 2 * b + usize::from(gfn.0 >= line.0[1].base_gfn.0);
+                let slot = &line.0[at & 1];
+                if slot.contains(gfn) {
+                    return Some((at, slot));
+                }
+            }
+        }
+        // A third candidate in the bucket, a gfn outside every slot, or a
+        // small set: the bucket words decide, and the ordered copy answers.
+        let at = 2 * self.buckets.len().saturating_sub(1) + self.index_of(gfn)?;
+        Some((at, self.copy(at)?))
     }
 
     #[inline]
@@ -552,6 +595,12 @@ impl MemslotsBuilder {
         let starts: Vec<u64> = by_gfn.iter().map(|s| s.base_gfn.0).collect();
         let sizes: Vec<u64> = by_gfn.iter().map(|s| s.npages).collect();
         let (buckets, bucket_base, bucket_shift) = bucket_index(&starts, &sizes);
+        let copy = |i: usize| by_gfn.get(i).copied().unwrap_or(Memslot::NONE);
+        let lines = buckets[..buckets.len().saturating_sub(1)]
+            .iter()
+            .map(|b| Line([copy(b.first()), copy(b.first() + 1)]))
+            .chain((0..by_gfn.len()).step_by(2).map(|i| Line([copy(i), copy(i + 1)])))
+            .collect();
         Ok(Memslots {
             generation: self.generations.next(),
             generations: self.generations.clone(),
@@ -559,6 +608,7 @@ impl MemslotsBuilder {
             starts,
             sizes,
             buckets,
+            lines,
             bucket_base,
             bucket_shift,
             by_hva,
@@ -567,6 +617,20 @@ impl MemslotsBuilder {
         })
     }
 }
+
+/// One cache line of copies: two slots of the set in gfn order, the first
+/// ending before the second starts, or [`Memslot::NONE`] in place of either.
+///
+/// A bucket's line holds its first two candidates (slots `lo` and `lo + 1`
+/// of its [`Bucket`] word). Most buckets have no more (about two buckets a
+/// slot), so a lookup reads that line and returns one of its copies; when
+/// neither holds the gfn, the bucket word decides.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Line([Memslot; 2]);
+
+// Two slots fill a line exactly.
+const _: () = assert!(core::mem::size_of::<Line>() == 64);
 
 /// One word of the direct index over the gfn span: the first slot that ends
 /// above the bucket's first gfn (`lo`), and where the slot after it starts.
@@ -825,23 +889,32 @@ mod tests {
             (0..16u64).map(|i| if i % 2 == 0 { (i * 32, 20) } else { (i * 32 - 12, 30) }).collect(),
         ];
         for (l, layout) in layouts.iter().enumerate() {
+            // Every field differs from slot to slot, so a lookup that
+            // returns a copy of the wrong slot, or a stale copy, is caught.
             let slots: Vec<Memslot> = layout
                 .iter()
                 .enumerate()
-                .map(|(i, &(g, n))| slot(i as u16, g, n, (i as u64) << 32))
+                .map(|(i, &(g, n))| {
+                    let flags = if i % 3 == 1 { SlotFlags::READONLY } else { SlotFlags::DIRTY_LOG };
+                    Memslot::new(SlotId(i as u16 ^ 0x55), Gfn(g), n, Hva((i as u64) << 32), flags)
+                })
                 .collect();
             let s = set(&slots).unwrap();
             let mut hint = SlotHint::default();
             for m in &slots {
                 let (b, e) = (m.base_gfn().0, m.base_gfn().0 + m.npages());
                 for probe in [b.wrapping_sub(2), b.wrapping_sub(1), b, b + 1, e - 1, e, e + 1, u64::MAX] {
-                    let want = slots.iter().find(|s| s.contains(Gfn(probe))).map(|s| s.id());
-                    assert_eq!(s.lookup(Gfn(probe)).map(|s| s.id()), want, "layout {l} gfn {probe:#x}");
-                    assert_eq!(
-                        s.lookup_hinted(Gfn(probe), &mut hint).map(|s| s.id()),
-                        want,
-                        "hinted {probe:#x}"
-                    );
+                    let want = slots.iter().find(|s| s.contains(Gfn(probe))).copied();
+                    assert_eq!(s.lookup(Gfn(probe)).copied(), want, "layout {l} gfn {probe:#x}");
+                    // Twice: a lookup through the index, then one through
+                    // the hint it left.
+                    for pass in 0..2 {
+                        assert_eq!(
+                            s.lookup_hinted(Gfn(probe), &mut hint).copied(),
+                            want,
+                            "layout {l} hinted {probe:#x} pass {pass}"
+                        );
+                    }
                 }
             }
         }
