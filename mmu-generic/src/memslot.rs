@@ -8,10 +8,14 @@
 //!
 //! Lookup by gfn is the hottest path of a fault. The set is a sorted array:
 //! with a handful of slots a scan wins; beyond that a direct index of about
-//! two buckets a slot names the one or two candidates and where the second
-//! starts, so a lookup reads one index word and the slot it returns; and a
-//! caller-owned [`SlotHint`] (one per vCPU) remembers the last hit without any
-//! shared write, so concurrent lookups never contend on a cache line.
+//! two buckets a slot keeps, per bucket, copies of its first two candidate
+//! slots on one cache line, so a lookup reads that line and returns a copy
+//! from it (a bucket word per bucket settles the rare bucket with more
+//! candidates); and a caller-owned [`SlotHint`] (one per vCPU) remembers the
+//! line of the last hit without any shared write, so concurrent lookups
+//! never contend on a cache line. The copies cost 64 bytes a bucket (two to
+//! four buckets a slot) and 32 bytes a slot for a gfn-ordered copy: 5 MiB
+//! for 32767 evenly spread slots.
 //!
 //! **Generations only go up.** A set's generation comes from a counter
 //! shared by every set and builder that descends from the same
@@ -236,8 +240,8 @@ impl fmt::Display for MemslotError {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SlotHint {
     generation: u64,
-    /// The copy the last lookup returned, as a half-line index into the
-    /// set's `lines`: the line that lookup left in the cache.
+    /// The [`Line`] of the copy the last lookup returned: the line that
+    /// lookup left in the cache.
     index: u32,
 }
 
@@ -285,11 +289,11 @@ pub struct Memslots {
     /// A direct index over the covered gfn span, one [`Bucket`] word per
     /// `1 << bucket_shift` gfns (and one past the last).
     buckets: Vec<Bucket>,
-    /// Copies of slots, two to a cache line: first, one [`Line`] per
-    /// bucket (not the one past the last) with its first two candidates;
-    /// then every slot in gfn order (from line `buckets.len() - 1`, or 0
-    /// without buckets). A lookup returns a copy, so it reads one line.
+    /// The copies of slots that lookups return, two to a cache line: first
+    /// a [`Line`] per bucket (not the one past the last) with its first two
+    /// candidates, then from line `ordered` every slot in gfn order.
     lines: Vec<Line>,
+    ordered: usize,
     bucket_base: u64,
     bucket_shift: u32,
     /// Indices into `by_gfn`, sorted by hva start then slot id.
@@ -354,57 +358,67 @@ impl Memslots {
     #[inline]
     pub fn lookup_hinted(&self, gfn: Gfn, hint: &mut SlotHint) -> Option<&Memslot> {
         if hint.generation == self.generation {
-            if let Some(slot) = self.copy(hint.index as usize) {
-                if slot.contains(gfn) {
-                    return Some(slot);
-                }
+            if let Some(slot) = self.in_line(hint.index as usize, gfn) {
+                return Some(slot);
             }
         }
         let (at, slot) = self.find(gfn)?;
-        // Fewer than 2^32 halves: at most two buckets and one half a slot.
+        // Fewer than 2^32 lines: two a slot, and one per two slots.
         *hint = SlotHint { generation: self.generation, index: at as u32 };
         Some(slot)
     }
 
-    /// The copy at half-line `at` of `lines`.
+    /// The copy on line `at` that holds `gfn`, if one does.
+    ///
+    /// A line's first slot ends before its second starts, so only the one
+    /// starting at or below `gfn` can hold it: one is checked, and without
+    /// a branch on which (a coin toss for the predictor). Every copy is a
+    /// slot of the set, so one that holds `gfn` is the answer, whatever
+    /// line it is on.
     #[inline]
-    fn copy(&self, at: usize) -> Option<&Memslot> {
-        self.lines.get(at >> 1).map(|line| &line.0[at & 1])
+    fn in_line(&self, at: usize, gfn: Gfn) -> Option<&Memslot> {
+        let line = self.lines.get(at)?;
+        let slot = &line.0[usize::from(gfn.0 >= line.0[1].base_gfn.0)];
+        slot.contains(gfn).then_some(slot)
     }
 
-    /// The slot that holds `gfn` and the half-line of the copy returned.
+    /// The slot that holds `gfn` and the line of the copy returned.
     #[inline]
     fn find(&self, gfn: Gfn) -> Option<(usize, &Memslot)> {
-        if self.starts.len() > LINEAR_SCAN_MAX {
+        let i = if self.starts.len() > LINEAR_SCAN_MAX {
+            // Bucket `b`'s line. A gfn past the buckets (or below them,
+            // wrapped) may land on another line, which is as good.
             let b = usize::try_from(gfn.0.wrapping_sub(self.bucket_base) >> self.bucket_shift)
                 .unwrap_or(usize::MAX);
-            // A gfn past the buckets (or below them, wrapped) may land on
-            // the gfn-ordered copies instead: any line's pick is right.
-            if let Some(line) = self.lines.get(b) {
-                // A line's first slot ends before its second starts, so only
-                // the one starting at or below `gfn` can hold it; no branch
-                // on which (a coin toss for the predictor).
-                let at = 2 * b + usize::from(gfn.0 >= line.0[1].base_gfn.0);
-                let slot = &line.0[at & 1];
-                if slot.contains(gfn) {
-                    return Some((at, slot));
-                }
+            if let Some(slot) = self.in_line(b, gfn) {
+                return Some((b, slot));
             }
-        }
-        // A third candidate in the bucket, a gfn outside every slot, or a
-        // small set: the bucket words decide, and the ordered copy answers.
-        let at = 2 * self.buckets.len().saturating_sub(1) + self.index_of(gfn)?;
-        Some((at, self.copy(at)?))
+            // A third candidate in the bucket, or a gfn outside every slot.
+            self.search(gfn)?
+        } else {
+            self.scan(gfn)?
+        };
+        // The ordered copy answers.
+        let at = self.ordered + i / 2;
+        Some((at, &self.lines.get(at)?.0[i & 1]))
     }
 
+    /// The slot that holds `gfn` in a set of at most [`LINEAR_SCAN_MAX`].
     #[inline]
-    fn index_of(&self, gfn: Gfn) -> Option<usize> {
+    fn scan(&self, gfn: Gfn) -> Option<usize> {
+        // A handful of slots: a scan of one cache line wins.
         let starts = &self.starts;
-        if starts.len() <= LINEAR_SCAN_MAX {
-            // A handful of slots: a scan of one cache line wins.
-            let i = starts.iter().rposition(|&s| s <= gfn.0)?;
-            return (gfn.0.wrapping_sub(starts[i]) < self.sizes[i]).then_some(i);
-        }
+        let i = starts.iter().rposition(|&s| s <= gfn.0)?;
+        (gfn.0.wrapping_sub(starts[i]) < self.sizes[i]).then_some(i)
+    }
+
+    /// The slot that holds `gfn` in a larger set, from the bucket words.
+    ///
+    /// Out of line: the pair of copies answers most lookups, and this
+    /// path's state would crowd the registers of a caller's loop.
+    #[inline(never)]
+    fn search(&self, gfn: Gfn) -> Option<usize> {
+        let starts = &self.starts;
         let off = gfn.0.checked_sub(self.bucket_base)?;
         let b = (off >> self.bucket_shift) as usize;
         let e = *self.buckets.get(b)?;
@@ -596,7 +610,8 @@ impl MemslotsBuilder {
         let sizes: Vec<u64> = by_gfn.iter().map(|s| s.npages).collect();
         let (buckets, bucket_base, bucket_shift) = bucket_index(&starts, &sizes);
         let copy = |i: usize| by_gfn.get(i).copied().unwrap_or(Memslot::NONE);
-        let lines = buckets[..buckets.len().saturating_sub(1)]
+        let ordered = buckets.len().saturating_sub(1);
+        let lines = buckets[..ordered]
             .iter()
             .map(|b| Line([copy(b.first()), copy(b.first() + 1)]))
             .chain((0..by_gfn.len()).step_by(2).map(|i| Line([copy(i), copy(i + 1)])))
@@ -609,6 +624,7 @@ impl MemslotsBuilder {
             sizes,
             buckets,
             lines,
+            ordered,
             bucket_base,
             bucket_shift,
             by_hva,
@@ -618,13 +634,14 @@ impl MemslotsBuilder {
     }
 }
 
-/// One cache line of copies: two slots of the set in gfn order, the first
-/// ending before the second starts, or [`Memslot::NONE`] in place of either.
+/// One cache line of copies: two slots of the set, the first ending before
+/// the second starts, or [`Memslot::NONE`] in place of either.
 ///
 /// A bucket's line holds its first two candidates (slots `lo` and `lo + 1`
-/// of its [`Bucket`] word). Most buckets have no more (about two buckets a
-/// slot), so a lookup reads that line and returns one of its copies; when
-/// neither holds the gfn, the bucket word decides.
+/// of its [`Bucket`] word). Most buckets have no third (about two buckets a
+/// slot), so a lookup reads that line and returns a copy from it, and the
+/// [`SlotHint`] it leaves names the line: the next lookup's try of the hint
+/// reads the same line.
 #[derive(Clone, Copy, Debug)]
 #[repr(C, align(64))]
 struct Line([Memslot; 2]);
