@@ -240,8 +240,9 @@ impl fmt::Display for MemslotError {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SlotHint {
     generation: u64,
-    /// The [`Line`] of the copy the last lookup returned: the line that
-    /// lookup left in the cache.
+    /// In a set of more than [`LINEAR_SCAN_MAX`] slots, the [`Line`] of
+    /// the copy the last lookup returned (the line that lookup left in the
+    /// cache); in a smaller one, the slot's place in gfn order.
     index: u32,
 }
 
@@ -351,12 +352,29 @@ impl Memslots {
     /// The slot that holds `gfn`.
     #[inline]
     pub fn lookup(&self, gfn: Gfn) -> Option<&Memslot> {
+        if self.starts.len() <= LINEAR_SCAN_MAX {
+            return self.by_gfn.get(self.scan(gfn)?);
+        }
         self.find(gfn).map(|(_, slot)| slot)
     }
 
     /// The slot that holds `gfn`, trying the hint's slot first and updating it.
     #[inline]
     pub fn lookup_hinted(&self, gfn: Gfn, hint: &mut SlotHint) -> Option<&Memslot> {
+        if self.starts.len() <= LINEAR_SCAN_MAX {
+            // A handful of slots, all on a line or two: the hint names a
+            // slot and a scan finds the others.
+            if hint.generation == self.generation {
+                if let Some(slot) = self.by_gfn.get(hint.index as usize) {
+                    if slot.contains(gfn) {
+                        return Some(slot);
+                    }
+                }
+            }
+            let i = self.scan(gfn)?;
+            *hint = SlotHint { generation: self.generation, index: i as u32 };
+            return self.by_gfn.get(i);
+        }
         if hint.generation == self.generation {
             if let Some(slot) = self.in_line(hint.index as usize, gfn) {
                 return Some(slot);
@@ -382,23 +400,20 @@ impl Memslots {
         slot.contains(gfn).then_some(slot)
     }
 
-    /// The slot that holds `gfn` and the line of the copy returned.
+    /// The slot that holds `gfn` in a set of more than [`LINEAR_SCAN_MAX`]
+    /// slots, and the line of the copy returned.
     #[inline]
     fn find(&self, gfn: Gfn) -> Option<(usize, &Memslot)> {
-        let i = if self.starts.len() > LINEAR_SCAN_MAX {
-            // Bucket `b`'s line. A gfn past the buckets (or below them,
-            // wrapped) may land on another line, which is as good.
-            let b = usize::try_from(gfn.0.wrapping_sub(self.bucket_base) >> self.bucket_shift)
-                .unwrap_or(usize::MAX);
-            if let Some(slot) = self.in_line(b, gfn) {
-                return Some((b, slot));
-            }
-            // A third candidate in the bucket, or a gfn outside every slot.
-            self.search(gfn)?
-        } else {
-            self.scan(gfn)?
-        };
-        // The ordered copy answers.
+        // Bucket `b`'s line. A gfn past the buckets (or below them,
+        // wrapped) may land on another line, which is as good.
+        let b =
+            usize::try_from(gfn.0.wrapping_sub(self.bucket_base) >> self.bucket_shift).unwrap_or(usize::MAX);
+        if let Some(slot) = self.in_line(b, gfn) {
+            return Some((b, slot));
+        }
+        // A third candidate in the bucket, or a gfn outside every slot:
+        // the bucket words decide, and the ordered copy answers.
+        let i = self.search(gfn)?;
         let at = self.ordered + i / 2;
         Some((at, &self.lines.get(at)?.0[i & 1]))
     }
@@ -610,11 +625,13 @@ impl MemslotsBuilder {
         let sizes: Vec<u64> = by_gfn.iter().map(|s| s.npages).collect();
         let (buckets, bucket_base, bucket_shift) = bucket_index(&starts, &sizes);
         let copy = |i: usize| by_gfn.get(i).copied().unwrap_or(Memslot::NONE);
+        // A small set has no buckets, and its lookups read `by_gfn`.
         let ordered = buckets.len().saturating_sub(1);
         let lines = buckets[..ordered]
             .iter()
             .map(|b| Line([copy(b.first()), copy(b.first() + 1)]))
             .chain((0..by_gfn.len()).step_by(2).map(|i| Line([copy(i), copy(i + 1)])))
+            .take(if buckets.is_empty() { 0 } else { usize::MAX })
             .collect();
         Ok(Memslots {
             generation: self.generations.next(),
