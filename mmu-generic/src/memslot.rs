@@ -240,9 +240,9 @@ impl fmt::Display for MemslotError {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SlotHint {
     generation: u64,
-    /// In a set of more than [`LINEAR_SCAN_MAX`] slots, the [`Line`] of
-    /// the copy the last lookup returned (the line that lookup left in the
-    /// cache); in a smaller one, the slot's place in gfn order.
+    /// In a set of more than [`LINEAR_SCAN_MAX`] slots, where the copy the
+    /// last lookup returned is, as `2 * line + half` (the line that lookup
+    /// left in the cache); in a smaller one, the slot's place in gfn order.
     index: u32,
 }
 
@@ -376,46 +376,46 @@ impl Memslots {
             return self.by_gfn.get(i);
         }
         if hint.generation == self.generation {
-            if let Some(slot) = self.in_line(hint.index as usize, gfn) {
-                return Some(slot);
+            let at = hint.index as usize;
+            if let Some(line) = self.lines.get(at >> 1) {
+                let slot = &line.0[at & 1];
+                if slot.contains(gfn) {
+                    return Some(slot);
+                }
             }
         }
         let (at, slot) = self.find(gfn)?;
-        // Fewer than 2^32 lines: two a slot, and one per two slots.
+        // Fewer than 2^32 copies: four a slot, and one per slot.
         *hint = SlotHint { generation: self.generation, index: at as u32 };
         Some(slot)
     }
 
-    /// The copy on line `at` that holds `gfn`, if one does.
-    ///
-    /// A line's first slot ends before its second starts, so only the one
-    /// starting at or below `gfn` can hold it: one is checked, and without
-    /// a branch on which (a coin toss for the predictor). Every copy is a
-    /// slot of the set, so one that holds `gfn` is the answer, whatever
-    /// line it is on.
-    #[inline]
-    fn in_line(&self, at: usize, gfn: Gfn) -> Option<&Memslot> {
-        let line = self.lines.get(at)?;
-        let slot = &line.0[usize::from(gfn.0 >= line.0[1].base_gfn.0)];
-        slot.contains(gfn).then_some(slot)
-    }
-
     /// The slot that holds `gfn` in a set of more than [`LINEAR_SCAN_MAX`]
-    /// slots, and the line of the copy returned.
+    /// slots, and where the copy returned is: its line and half, as
+    /// `2 * line + half`.
     #[inline]
     fn find(&self, gfn: Gfn) -> Option<(usize, &Memslot)> {
         // Bucket `b`'s line. A gfn past the buckets (or below them,
         // wrapped) may land on another line, which is as good.
         let b =
             usize::try_from(gfn.0.wrapping_sub(self.bucket_base) >> self.bucket_shift).unwrap_or(usize::MAX);
-        if let Some(slot) = self.in_line(b, gfn) {
-            return Some((b, slot));
+        if let Some(line) = self.lines.get(b) {
+            // A line's first slot ends before its second starts, so only the
+            // one starting at or below `gfn` can hold it: one is checked,
+            // without a branch on which (a coin toss for the predictor).
+            // Every copy is a slot of the set, so one that holds `gfn` is
+            // the answer, whatever line it is on.
+            let half = usize::from(gfn.0 >= line.0[1].base_gfn.0);
+            let slot = &line.0[half];
+            if slot.contains(gfn) {
+                return Some((2 * b + half, slot));
+            }
         }
         // A third candidate in the bucket, or a gfn outside every slot:
         // the bucket words decide, and the ordered copy answers.
         let i = self.search(gfn)?;
-        let at = self.ordered + i / 2;
-        Some((at, &self.lines.get(at)?.0[i & 1]))
+        let line = self.ordered + i / 2;
+        Some((2 * line + (i & 1), &self.lines.get(line)?.0[i & 1]))
     }
 
     /// The slot that holds `gfn` in a set of at most [`LINEAR_SCAN_MAX`].
@@ -657,7 +657,7 @@ impl MemslotsBuilder {
 /// A bucket's line holds its first two candidates (slots `lo` and `lo + 1`
 /// of its [`Bucket`] word). Most buckets have no third (about two buckets a
 /// slot), so a lookup reads that line and returns a copy from it, and the
-/// [`SlotHint`] it leaves names the line: the next lookup's try of the hint
+/// [`SlotHint`] it leaves names that copy: the next lookup's try of the hint
 /// reads the same line.
 #[derive(Clone, Copy, Debug)]
 #[repr(C, align(64))]
