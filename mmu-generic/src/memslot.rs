@@ -8,7 +8,8 @@
 //!
 //! Lookup by gfn is the hottest path of a fault. The set is a sorted array:
 //! with a handful of slots a scan wins; beyond that a direct index of about
-//! two buckets a slot keeps, per bucket, copies of its first two candidate
+//! two buckets a slot names each bucket's first candidate; and beyond 1024
+//! slots the index keeps, per bucket, copies of its first two candidate
 //! slots on one cache line, so a lookup reads that line and returns a copy
 //! from it (a bucket word per bucket settles the rare bucket with more
 //! candidates); and a caller-owned [`SlotHint`] (one per vCPU) remembers the
@@ -42,6 +43,11 @@ pub const MAX_SLOTS: usize = 32767;
 
 /// Below this many slots a lookup scans instead of bisecting.
 const LINEAR_SCAN_MAX: usize = 8;
+
+/// Above this many slots lookups return copies from the bucket lines: the
+/// bucket words and slots of a smaller set stay in the first-level cache,
+/// where the lines (four times the bytes) would not.
+const LINES_MIN: usize = 1024;
 
 /// A slot's user-chosen number, below [`MAX_SLOTS`].
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
@@ -240,7 +246,7 @@ impl fmt::Display for MemslotError {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SlotHint {
     generation: u64,
-    /// In a set of more than [`LINEAR_SCAN_MAX`] slots, where the copy the
+    /// In a set of more than [`LINES_MIN`] slots, where the copy the
     /// last lookup returned is, as `2 * line + half` (the line that lookup
     /// left in the cache); in a smaller one, the slot's place in gfn order.
     index: u32,
@@ -352,18 +358,23 @@ impl Memslots {
     /// The slot that holds `gfn`.
     #[inline]
     pub fn lookup(&self, gfn: Gfn) -> Option<&Memslot> {
-        if self.starts.len() <= LINEAR_SCAN_MAX {
-            return self.by_gfn.get(self.scan(gfn)?);
+        let n = self.starts.len();
+        if n <= LINEAR_SCAN_MAX {
+            self.by_gfn.get(self.scan(gfn)?)
+        } else if n <= LINES_MIN {
+            self.by_gfn.get(self.bucket_search(gfn)?)
+        } else {
+            self.find(gfn).map(|(_, slot)| slot)
         }
-        self.find(gfn).map(|(_, slot)| slot)
     }
 
     /// The slot that holds `gfn`, trying the hint's slot first and updating it.
     #[inline]
     pub fn lookup_hinted(&self, gfn: Gfn, hint: &mut SlotHint) -> Option<&Memslot> {
-        if self.starts.len() <= LINEAR_SCAN_MAX {
-            // A handful of slots, all on a line or two: the hint names a
-            // slot and a scan finds the others.
+        let n = self.starts.len();
+        if n <= LINES_MIN {
+            // Index and slots fit the first-level cache: the hint names a
+            // slot, and a scan or the bucket words find the others.
             if hint.generation == self.generation {
                 if let Some(slot) = self.by_gfn.get(hint.index as usize) {
                     if slot.contains(gfn) {
@@ -371,7 +382,7 @@ impl Memslots {
                     }
                 }
             }
-            let i = self.scan(gfn)?;
+            let i = if n <= LINEAR_SCAN_MAX { self.scan(gfn)? } else { self.bucket_search(gfn)? };
             *hint = SlotHint { generation: self.generation, index: i as u32 };
             return self.by_gfn.get(i);
         }
@@ -390,7 +401,7 @@ impl Memslots {
         Some(slot)
     }
 
-    /// The slot that holds `gfn` in a set of more than [`LINEAR_SCAN_MAX`]
+    /// The slot that holds `gfn` in a set of more than [`LINES_MIN`]
     /// slots, and where the copy returned is: its line and half, as
     /// `2 * line + half`.
     #[inline]
@@ -433,6 +444,12 @@ impl Memslots {
     /// path's state would crowd the registers of a caller's loop.
     #[inline(never)]
     fn search(&self, gfn: Gfn) -> Option<usize> {
+        self.bucket_search(gfn)
+    }
+
+    /// [`Memslots::search`], inline: the whole lookup of a mid-sized set.
+    #[inline]
+    fn bucket_search(&self, gfn: Gfn) -> Option<usize> {
         let starts = &self.starts;
         let off = gfn.0.checked_sub(self.bucket_base)?;
         let b = (off >> self.bucket_shift) as usize;
@@ -625,13 +642,13 @@ impl MemslotsBuilder {
         let sizes: Vec<u64> = by_gfn.iter().map(|s| s.npages).collect();
         let (buckets, bucket_base, bucket_shift) = bucket_index(&starts, &sizes);
         let copy = |i: usize| by_gfn.get(i).copied().unwrap_or(Memslot::NONE);
-        // A small set has no buckets, and its lookups read `by_gfn`.
+        // A smaller set's lookups read `by_gfn`.
         let ordered = buckets.len().saturating_sub(1);
         let lines = buckets[..ordered]
             .iter()
             .map(|b| Line([copy(b.first()), copy(b.first() + 1)]))
             .chain((0..by_gfn.len()).step_by(2).map(|i| Line([copy(i), copy(i + 1)])))
-            .take(if buckets.is_empty() { 0 } else { usize::MAX })
+            .take(if by_gfn.len() > LINES_MIN { usize::MAX } else { 0 })
             .collect();
         Ok(Memslots {
             generation: self.generations.next(),
@@ -913,7 +930,7 @@ mod tests {
         // slots inside one bucket, and a slot ending at the top of the
         // valid gfn space: every frame at and around each edge is probed.
         let top = 1u64 << 52;
-        let layouts: [Vec<(u64, u64)>; 5] = [
+        let layouts: [Vec<(u64, u64)>; 6] = [
             (0..40).map(|i| (i, 1)).collect(),
             (0..40).map(|i| (2 * i, 1)).collect(),
             (0..30).map(|i| (i, 1)).chain([(1000, 1 << 20), (top - 3, 3)]).collect(),
@@ -921,6 +938,17 @@ mod tests {
             // Pairs of touching slots wider than a bucket, then a gap: the
             // second of two candidates starts inside a bucket.
             (0..16u64).map(|i| if i % 2 == 0 { (i * 32, 20) } else { (i * 32 - 12, 30) }).collect(),
+            // Enough slots for the lines of copies: runs of one-page slots
+            // (many candidates a bucket), touching pairs, gaps, and a slot
+            // at the top of the gfn space.
+            (0..1200u64)
+                .map(|i| match i % 4 {
+                    0 | 1 => (i * 16, 1 + i % 3),
+                    2 => (i * 16, 16),
+                    _ => (i * 16 + 3, 9),
+                })
+                .chain([(top - 7, 7)])
+                .collect(),
         ];
         for (l, layout) in layouts.iter().enumerate() {
             // Every field differs from slot to slot, so a lookup that
