@@ -43,53 +43,35 @@ fn guest(pft_shift: u32, npages: u64) -> GuestHpt {
 }
 
 fn hcalls(c: &mut Criterion) {
-    let mut g = guest(24, 1 << 16);
-    let groups = 1u64 << (24 - 7);
-    let mut i = 0u64;
-    let mut f = FlushToken::new();
-    // One group, so that both rows come from the same run.
-    let mut grp = c.benchmark_group("hcall");
-    grp.bench_function("guest_enter_remove", |b| {
-        b.iter(|| {
-            i = i.wrapping_add(1);
-            let ptex = (i % groups) * 8;
-            let slot = g.h_enter(0, ptex, (i & 0xffff) << 7, ((i & 0xffff) << 12) | HPTE_R_M).expect("enter");
-            black_box(g.h_remove(0, slot, 0, &mut f).expect("remove"));
-        })
-    });
-    let mut t = InMemoryHpt::new(HptGeometry::from_pft_size(24).expect("size"), HpteFormat::Isa300);
-    grp.bench_function("raw_table_enter_remove", |b| {
-        b.iter(|| {
-            i = i.wrapping_add(1);
-            let ptex = (i % groups) * 8;
-            let slot = t.enter(ptex, Hpte::new((i & 0xffff) << 7, (i & 0xffff) << 12), false).expect("enter");
-            black_box(t.remove(slot, RemoveCond::Absolute).expect("remove"));
-        })
-    });
-    grp.finish();
-    black_box(f.is_needed());
+    enter_remove_pairs(c, "hcall", 0);
 }
 
 /// The same pairs into groups already half full: H_ENTER's duplicate
 /// check decodes the four entries of the primary group (the secondary is
 /// empty), and both tables pick the fifth slot.
 fn hcalls_occupied(c: &mut Criterion) {
-    const FILLED: u64 = 4;
+    enter_remove_pairs(c, "hcall_half_full_groups", 4);
+}
+
+/// H_ENTER + H_REMOVE pairs on the guest table against insert + remove on
+/// the raw table, both with `filled` entries already in every group, in one
+/// criterion group so that both rows come from the same run.
+fn enter_remove_pairs(c: &mut Criterion, name: &str, filled: u64) {
     let mut g = guest(24, 1 << 16);
     let groups = 1u64 << (24 - 7);
     let mut t = InMemoryHpt::new(HptGeometry::from_pft_size(24).expect("size"), HpteFormat::Isa300);
     for grp in 0..groups {
-        for k in 0..FILLED {
+        for k in 0..filled {
             // AVPNs above the loop's 16 bits, so no pair ever duplicates.
             let avpn = (1 << 20) | (grp << 2) | k;
-            let gfn = (grp * FILLED + k) & 0xffff;
+            let gfn = (grp * filled + k) & 0xffff;
             g.h_enter(0, grp * 8, avpn << 7, (gfn << 12) | HPTE_R_M).expect("fill guest");
             t.enter(grp * 8, Hpte::new(avpn << 7, gfn << 12), false).expect("fill raw");
         }
     }
     let mut i = 0u64;
     let mut f = FlushToken::new();
-    let mut grp = c.benchmark_group("hcall_half_full_groups");
+    let mut grp = c.benchmark_group(name);
     grp.bench_function("guest_enter_remove", |b| {
         b.iter(|| {
             i = i.wrapping_add(1);

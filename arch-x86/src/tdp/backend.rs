@@ -18,7 +18,7 @@ use mmu_generic::memslot::Memslot;
 use mmu_generic::pte_list::PteHandle;
 
 use super::{Pos, TdpError, TdpMmu};
-use crate::format::{Access, TdpFormat};
+use crate::format::TdpFormat;
 use crate::frame::FrameMemory;
 
 impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
@@ -72,29 +72,12 @@ impl<F: TdpFormat, M: FrameMemory> MmuBackend for TdpMmu<F, M> {
     }
 
     fn write_protect(&mut self, h: PteHandle, flush: &mut FlushToken) -> bool {
-        let Some((pos, mut cur)) = self.leaf_pos(h) else { return false };
-        let f = &self.format;
-        loop {
-            let present = f.is_present(cur);
-            let access = if present { f.leaf_access(cur) } else { f.tracked_access(cur) };
-            if !access.contains(Access::WRITE) {
-                return false;
-            }
-            let next = if present {
-                f.with_leaf_access(cur, access - Access::WRITE)
-            } else {
-                f.with_tracked_access(cur, access - Access::WRITE)
-            };
-            match self.entry(pos).compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    if present {
-                        flush.add_range(self.pos_range(pos));
-                    }
-                    return true;
-                }
-                Err(now) => cur = now,
-            }
+        let Some((pos, cur)) = self.leaf_pos(h) else { return false };
+        let Some(present) = self.take_write(self.entry(pos), cur) else { return false };
+        if present {
+            flush.add_range(self.pos_range(pos));
         }
+        true
     }
 
     fn clear_dirty(&self, h: PteHandle, flush: &mut FlushToken) -> bool {

@@ -183,7 +183,7 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
             let e = x.entry.load(Ordering::Acquire);
             if x.level == 1 {
                 // The common case: a 4 KiB entry, met once in a round.
-                if (f.is_present(e) || f.is_tracked(e)) && self.take_write(x.entry, e) {
+                if (f.is_present(e) || f.is_tracked(e)) && self.take_write(x.entry, e) == Some(true) {
                     lo = lo.min(x.gfn);
                     hi = hi.max(x.gfn);
                 }
@@ -193,7 +193,7 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
                 continue;
             }
             prev = Some(x.entry);
-            if self.take_write(x.entry, e) {
+            if self.take_write(x.entry, e) == Some(true) {
                 flush.add_range(GfnRange { start: Gfn(x.gfn), end: Gfn(x.gfn + level_frames(x.level)) });
             }
         }
@@ -242,15 +242,16 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
     }
 
     /// Takes write permission from the leaf `entry` (present, or the saved
-    /// permissions of an access-tracked one), read as `cur`. Returns whether
-    /// it took it from a present leaf (whose translations need a flush).
-    fn take_write(&self, entry: &AtomicU64, mut cur: u64) -> bool {
+    /// permissions of an access-tracked one), read as `cur`. Returns `None`
+    /// when it had none, else whether the leaf was present (its translations
+    /// need a flush).
+    pub(super) fn take_write(&self, entry: &AtomicU64, mut cur: u64) -> Option<bool> {
         let f = &self.format;
         loop {
             let present = f.is_present(cur);
             let access = if present { f.leaf_access(cur) } else { f.tracked_access(cur) };
             if !access.contains(Access::WRITE) {
-                return false;
+                return None;
             }
             let next = if present {
                 f.with_leaf_access(cur, access - Access::WRITE)
@@ -258,7 +259,7 @@ impl<F: TdpFormat, M: FrameMemory> TdpMmu<F, M> {
                 f.with_tracked_access(cur, access - Access::WRITE)
             };
             match entry.compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return present,
+                Ok(_) => return Some(present),
                 Err(now) => cur = now,
             }
         }
