@@ -1148,3 +1148,90 @@ fn pae_root_must_be_below_4g_and_bad_pdptrs_are_refused() {
     cpu.pdptrs = [P | RW, 0, 0, 0];
     assert_eq!(mmu.load_cr3(&cpu), Err(ShadowError::BadPdptrs));
 }
+
+/// Found by Debian's kernel under shadow paging (its absent-MMIO check read a stale page
+/// instead of faulting): a page table goes unsync; the guest unlinks it from its page
+/// directory (an emulated write drops the shadow link), changes entries of it and
+/// INVLPGs them, which syncs nothing (the INVLPG walk no longer reaches the page), and
+/// links it again. Linux does this when it frees a page table and reuses the page as
+/// another. Linking the unsync shadow page again must not bring back the translations
+/// of the entries changed while it was unlinked.
+#[test]
+fn an_unsync_table_linked_again_does_not_serve_entries_changed_while_unlinked() {
+    let mut mmu = new_mmu(4096, 2);
+    let g = mmu.guest();
+    g.write(Gpa(0x1000), 8, 0x2000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x2000), 8, 0x3000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
+    // The PT maps itself at gva 0x4000 and data at 0x10000 and 0x11000.
+    g.write(Gpa(0x4000 + 8 * 4), 8, 0x4000 | P | RW | US | A | D).unwrap();
+    g.write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | US | A | D).unwrap();
+    g.write(Gpa(0x4000 + 8 * 17), 8, 0x81_000 | P | US | A | D).unwrap();
+    let cpu = four_level(&mmu, 1);
+    mmu.load_cr3(&cpu).unwrap();
+    let r = AccessKind::user(AccessOp::Read);
+    let w = AccessKind::user(AccessOp::Write);
+    let host = |gpa| Outcome::Host(host_addr(&slots(), Gpa(gpa)).unwrap());
+    assert_eq!(run_access(&mut mmu, &cpu, Gva(0x10000), r), host(0x80_000));
+    assert_eq!(run_access(&mut mmu, &cpu, Gva(0x11000), r), host(0x81_000));
+    assert_eq!(run_access(&mut mmu, &cpu, Gva(0x4000 + 8 * 20), w), host(0x4000 + 8 * 20));
+    assert_eq!(mmu.unsync_pages(), 1);
+    // Unlinked (the PD is write-protected: the write is emulated), rewritten, the old
+    // translations invalidated as the guest must.
+    assert!(mmu.is_write_tracked(Gfn(3)));
+    mmu.emulated_write(Gpa(0x3000), 8, 0).unwrap();
+    mmu.guest().write(Gpa(0x4000 + 8 * 16), 8, 0x82_000 | P | US | A | D).unwrap();
+    mmu.guest().write(Gpa(0x4000 + 8 * 17), 8, 0x83_000 | P | US | A | D).unwrap();
+    for gva in [0x10000, 0x11000] {
+        mmu.invlpg(&cpu, Gva(gva));
+    }
+    mmu.take_flush().flush(&mut NoTlb);
+    // Linked again: both addresses translate through the table as it is now.
+    mmu.emulated_write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
+    assert_eq!(run_access(&mut mmu, &cpu, Gva(0x10000), r), host(0x82_000));
+    assert_eq!(
+        run_access(&mut mmu, &cpu, Gva(0x11000), r),
+        host(0x83_000),
+        "a stale leaf of the unsync page"
+    );
+    assert!(mmu.is_write_tracked(Gfn(4)), "linked again, the table is write-protected again");
+}
+
+/// The same stale translation through a cached root: the guest writes a page table
+/// shared by two address spaces while it is unsync under one of them, then switches to
+/// the other, and the embedder's first word of the switch is a fault under the new CR3
+/// (no `load_cr3`). The switch the fault makes flushes as the CR3 write did.
+#[test]
+fn a_fault_under_a_cached_root_sees_what_the_guest_wrote_before_the_switch() {
+    let mut mmu = new_mmu(4096, 2);
+    let g = mmu.guest();
+    for (pml4, pdpt, pd) in [(0x1000u64, 0x2000u64, 0x3000u64), (0x5000, 0x6000, 0x7000)] {
+        g.write(Gpa(pml4), 8, pdpt | P | RW | US | A).unwrap();
+        g.write(Gpa(pdpt), 8, pd | P | RW | US | A).unwrap();
+        g.write(Gpa(pd), 8, 0x4000 | P | RW | US | A).unwrap();
+    }
+    g.write(Gpa(0x4000 + 8 * 4), 8, 0x4000 | P | RW | US | A | D).unwrap();
+    g.write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | US | A | D).unwrap();
+    let (a, b) = (four_level(&mmu, 1), four_level(&mmu, 5));
+    let r = AccessKind::user(AccessOp::Read);
+    let w = AccessKind::user(AccessOp::Write);
+    let host = |gpa| Outcome::Host(host_addr(&slots(), Gpa(gpa)).unwrap());
+    mmu.load_cr3(&a).unwrap();
+    assert_eq!(run_access(&mut mmu, &a, Gva(0x10000), r), host(0x80_000));
+    mmu.load_cr3(&b).unwrap();
+    assert_eq!(run_access(&mut mmu, &b, Gva(0x10000), r), host(0x80_000));
+    assert_eq!(run_access(&mut mmu, &b, Gva(0x4000 + 8 * 20), w), host(0x4000 + 8 * 20));
+    assert_eq!(mmu.unsync_pages(), 1);
+    mmu.guest().write(Gpa(0x4000 + 8 * 16), 8, 0x82_000 | P | US | A | D).unwrap();
+    // MOV CR3 to a's tables; the embedder reports a fault under them, not the load.
+    assert_eq!(
+        run_access(&mut mmu, &a, Gva(0x11000), r),
+        Outcome::Pf(PfErrorCode::USER),
+        "nothing mapped at 0x11000"
+    );
+    assert_eq!(
+        run_access(&mut mmu, &a, Gva(0x10000), r),
+        host(0x82_000),
+        "a stale leaf under a's cached root"
+    );
+}

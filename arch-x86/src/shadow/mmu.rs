@@ -286,6 +286,11 @@ pub struct ShadowStats {
     pub flood_zaps: u64,
     /// Root switches served from the cache.
     pub root_hits: u64,
+    /// Unsync pages synced because a new link found them.
+    pub relinked_unsync: u64,
+    /// Leaves those syncs dropped: translations the guest had changed that
+    /// the new link would have made reachable again.
+    pub relink_dropped: u64,
 }
 
 /// Memory the shadow tables take.
@@ -669,6 +674,17 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         Ok(self.root_hpa().expect("a root was just loaded"))
     }
 
+    /// A fault under paging state the current root does not serve (a CR3
+    /// the embedder did not load): the switch a load would make, with its
+    /// resync, so a cached root brings back no leaf the guest changed
+    /// before the CR3 write that flushed it.
+    #[cold]
+    fn switch_root_synced(&mut self, cpu: &GuestCpu) -> Result<(), ShadowError> {
+        self.switch_root(cpu)?;
+        self.sync_all();
+        Ok(())
+    }
+
     fn switch_root(&mut self, cpu: &GuestCpu) -> Result<(), ShadowError> {
         let key = self.root_key(cpu);
         // Drop roots that went obsolete or invalid, most recent first. Roots
@@ -778,7 +794,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
         let Some(r) =
             self.roots.first().filter(|r| r.generation == gen && (!self.stale_roots || self.root_valid(r)))
         else {
-            return self.switch_root(cpu);
+            return self.switch_root_synced(cpu);
         };
         // The state the root last served: its fields compared as they are,
         // where the key needs a role built from them first.
@@ -786,7 +802,7 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
             return Ok(());
         }
         if r.key != self.root_key(cpu) {
-            return self.switch_root(cpu);
+            return self.switch_root_synced(cpu);
         }
         self.roots.set_current_cpu(*cpu);
         Ok(())
@@ -808,6 +824,22 @@ impl<M: FrameMemory, G: PhysMemory, H: HostMemory> ShadowMmu<M, G, H> {
     fn get_page(&mut self, gfn: Gfn, role: Role) -> Result<PageIdx, ShadowError> {
         let gen = self.generation.current();
         if let Some(i) = self.cache.find(gfn, &role, gen) {
+            // An unsync page may hold leaves whose guest entries changed
+            // while no flush could reach them (the guest unlinked the table,
+            // rewrote it, INVLPGed through a path that no longer leads here,
+            // and links it again: Linux reusing a freed page table). The new
+            // link must not make those leaves reachable: sync it first, as
+            // KVM's `kvm_mmu_find_shadow_page` does.
+            if self.cache.get(i).unsync {
+                let frame = self.cache.get(i).frame;
+                let present = |mmu: &Self| {
+                    mmu.mem.table(frame).iter().filter(|e| e.load(Ordering::Relaxed) & P != 0).count() as u64
+                };
+                let before = present(self);
+                self.sync_page(i);
+                self.stats.relinked_unsync += 1;
+                self.stats.relink_dropped += before - present(self);
+            }
             return Ok(i);
         }
         if !role.direct {

@@ -634,9 +634,11 @@ impl GuestMmu for ShadowLinux {
                 m.table_bytes / 1024
             ),
             format!(
-                "linux: shadow paging: unsync {} resynced {}, emulated table writes {} ({} rep stos elements; MMU writes {}), unprotected frames {}, CR reads {} writes {}, CR3 loads {} (root-cache hits {}), PGE flushes {}, INVLPGs {}, TLB flushes {}, MMIO {}, hypervisor writes marked {}",
+                "linux: shadow paging: unsync {} resynced {} (at a new link {}, stale leaves dropped {}), emulated table writes {} ({} rep stos elements; MMU writes {}), unprotected frames {}, CR reads {} writes {}, CR3 loads {} (root-cache hits {}), PGE flushes {}, INVLPGs {}, TLB flushes {}, MMIO {}, hypervisor writes marked {}",
                 s.unsynced,
                 s.synced,
+                s.relinked_unsync,
+                s.relink_dropped,
                 c.emulated,
                 c.stos_elements,
                 s.emulated_writes,
