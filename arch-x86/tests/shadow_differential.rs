@@ -563,6 +563,81 @@ impl Differential {
         self.guest_invalidates();
     }
 
+    /// A guest entry written as the guest writes it: emulated when the
+    /// table is write-protected, straight to memory when it is not.
+    fn guest_write(&mut self, at: Gpa, value: u64) {
+        let eb = entry_bytes(self.flavor.mode);
+        if self.mmu.is_write_tracked(at.gfn()) {
+            self.mmu.emulated_write(at, eb, value).expect("emulated write");
+        } else {
+            self.mmu.guest().write(at, eb, value).unwrap();
+        }
+    }
+
+    /// The guest unlinks the table (or page) an entry points to, rewrites
+    /// some of its entries, and links it again, invalidating after each
+    /// step as it must: Linux freeing a page table and reusing the page as
+    /// another. Found the unsync shadow page brought back with stale leaves.
+    fn table_reuse(&mut self) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let eb = entry_bytes(self.flavor.mode);
+        let child_of = |link: u64| {
+            if self.flavor.mode == GuestMode::Bits32 {
+                link & 0xffff_f000
+            } else {
+                link & 0xf_ffff_f000
+            }
+        };
+        // Best a table the guest writes without traps (unsync): try a few.
+        let mut pick = None;
+        for _ in 0..8 {
+            let at = self.entries[self.rng.gen_range(0..self.entries.len())];
+            let link = self.mmu.guest().read(at, eb).unwrap();
+            let child = child_of(link);
+            if at.gfn().0 >= RO_BASE || link & P == 0 || child >> 12 >= RAM_PAGES {
+                continue;
+            }
+            pick = Some((at, link, child));
+            if !self.mmu.is_write_tracked(Gfn(child >> 12)) {
+                break;
+            }
+        }
+        let Some((at, link, child)) = pick else { return };
+        // Invalidated page by page, as Linux does a small range: an INVLPG
+        // walk no longer reaches the unlinked table.
+        let invlpg = self.rng.gen_range(0..4) != 0;
+        let invalidate = |d: &mut Self| {
+            if invlpg {
+                for k in 0..d.gvas.len() {
+                    let gva = Gva(d.gvas[k]);
+                    d.mmu.invlpg(&d.cpu, gva);
+                }
+                d.mmu.take_flush().flush(&mut NoTlb);
+            } else {
+                d.guest_invalidates();
+            }
+        };
+        self.guest_write(at, 0);
+        invalidate(self);
+        // Entries of the child the gvas use, where it has some: those are
+        // the ones with shadow leaves to go stale.
+        let used: Vec<Gpa> = self.entries.iter().copied().filter(|e| e.0 >> 12 == child >> 12).collect();
+        for _ in 0..self.rng.gen_range(1..4) {
+            let e = match used.len() {
+                0 => Gpa(child + self.rng.gen_range(0..4096 / eb) * eb),
+                n => used[self.rng.gen_range(0..n)],
+            };
+            let cur = self.mmu.guest().read(e, eb).unwrap();
+            let new = mutate(&mut self.rng, cur, self.flavor.mode);
+            self.guest_write(e, new);
+        }
+        invalidate(self);
+        self.guest_write(at, link);
+        invalidate(self);
+    }
+
     fn guest_invalidates(&mut self) {
         if self.rng.gen_range(0..2) == 0 {
             self.mmu.flush_tlb();
@@ -596,7 +671,8 @@ impl Differential {
     fn step(&mut self) {
         match self.rng.gen_range(0..100) {
             0..=64 => self.access(),
-            65..=79 => self.table_write(),
+            65..=76 => self.table_write(),
+            77..=79 => self.table_reuse(),
             80..=84 => {
                 let gva = Gva(self.gvas[self.rng.gen_range(0..self.gvas.len())]);
                 self.mmu.invlpg(&self.cpu, gva);
@@ -688,6 +764,8 @@ fn run_differential(flavor: Flavor, seeds: std::ops::Range<u64>, steps: usize, m
         t.emulated_writes += s.emulated_writes;
         t.flood_zaps += s.flood_zaps;
         t.root_hits += s.root_hits;
+        t.relinked_unsync += s.relinked_unsync;
+        t.relink_dropped += s.relink_dropped;
     }
     cov
 }
