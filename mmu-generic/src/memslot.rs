@@ -283,7 +283,7 @@ impl MemslotGenerations {
 }
 
 /// An immutable set of memslots with a generation number.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Memslots {
     generation: u64,
     generations: MemslotGenerations,
@@ -310,6 +310,18 @@ pub struct Memslots {
     hva_max_end: Vec<u64>,
     /// Indices into `by_gfn`, sorted by slot id.
     by_id: Vec<u32>,
+}
+
+/// The generation and the slots in gfn order: the lookup indexes (bucket
+/// words, lines of copies, megabytes at 32767 slots) say nothing a reader
+/// needs.
+impl core::fmt::Debug for Memslots {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Memslots")
+            .field("generation", &self.generation)
+            .field("slots", &self.by_gfn)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Memslots {
@@ -980,6 +992,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn debug_shows_the_slots_not_the_lookup_indexes() {
+        let slots: Vec<Memslot> = (0..1200u64)
+            .map(|i| Memslot::new(SlotId(i as u16), Gfn(i * 16), 8, Hva(i << 32), SlotFlags::empty()))
+            .collect();
+        let text = alloc::format!("{:?}", set(&slots).unwrap());
+        assert!(text.starts_with("Memslots { generation: "), "{}", &text[..40]);
+        assert_eq!(text.matches("Memslot {").count(), 1200);
+        assert!(!text.contains("buckets") && !text.contains("lines"));
     }
 
     #[test]
