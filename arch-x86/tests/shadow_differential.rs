@@ -794,6 +794,20 @@ fn shadow_translation_holds_with_a_tiny_page_budget() {
 
 // ----- bad input -----
 
+/// A 4-level guest's path from the PML4 at gfn 1 (PDPT 2, PD 3) to the page
+/// table at gfn 4, which maps gva 0 to 2 MiB.
+fn one_path(g: &SimGuestRam) {
+    g.write(Gpa(0x1000), 8, 0x2000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x2000), 8, 0x3000 | P | RW | US | A).unwrap();
+    g.write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
+}
+
+/// [`one_path`], the page table mapping itself (writable) at gva 0x4000.
+fn self_mapped_pt(g: &SimGuestRam) {
+    one_path(g);
+    g.write(Gpa(0x4000 + 8 * 4), 8, 0x4000 | P | RW | US | A | D).unwrap();
+}
+
 fn four_level(mmu: &Mmu, cr3_gfn: u64) -> GuestCpu {
     let _ = mmu;
     GuestCpu::new(GuestMode::Four, cr3_gfn << 12)
@@ -843,9 +857,7 @@ fn looping_guest_tables_translate_like_the_guest_walk() {
 fn reserved_bits_fault_with_rsvd_and_are_never_shadowed() {
     let mut mmu = new_mmu(4096, 2);
     let g = mmu.guest();
-    g.write(Gpa(0x1000), 8, 0x2000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x2000), 8, 0x3000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
+    one_path(g);
     g.write(Gpa(0x4000), 8, 0x70_000 | P | RW | US | A | D | 1 << 47).unwrap();
     let mut cpu = four_level(&mmu, 1);
     cpu.efer_nxe = false;
@@ -953,11 +965,8 @@ fn an_unprotected_guest_table_takes_the_guest_store_and_is_shadowed_again_on_use
 fn unsync_leaf_tables_are_resynced_at_invlpg_cr3_load_and_flush() {
     let mut mmu = new_mmu(4096, 2);
     let g = mmu.guest();
-    g.write(Gpa(0x1000), 8, 0x2000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x2000), 8, 0x3000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
-    // The PT maps itself at gva 0x4000 and data at 0x10000.
-    g.write(Gpa(0x4000 + 8 * 4), 8, 0x4000 | P | RW | US | A | D).unwrap();
+    self_mapped_pt(g);
+    // Data at 0x10000.
     g.write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | RW | US | A | D).unwrap();
     let cpu = four_level(&mmu, 1);
     mmu.load_cr3(&cpu).unwrap();
@@ -1081,10 +1090,7 @@ fn a_dirty_page_that_becomes_a_guest_table_is_still_reported_under_dirty_bits() 
 fn unsync_table_with_a_dirty_page() -> (Mmu, GuestCpu, DbitLog) {
     let mut mmu = new_mmu(4096, 2);
     let g = mmu.guest();
-    g.write(Gpa(0x1000), 8, 0x2000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x2000), 8, 0x3000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x4000 + 8 * 4), 8, 0x4000 | P | RW | US | A | D).unwrap();
+    self_mapped_pt(g);
     g.write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | RW | US | A | D).unwrap();
     let cpu = four_level(&mmu, 1);
     mmu.load_cr3(&cpu).unwrap();
@@ -1161,9 +1167,7 @@ fn a_dirty_leaf_the_resync_zaps_is_reported_without_the_embedder_asking() {
 /// the tables included.
 fn identity_2m(mmu: &Mmu) -> GuestCpu {
     let g = mmu.guest();
-    g.write(Gpa(0x1000), 8, 0x2000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x2000), 8, 0x3000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
+    one_path(g);
     for i in 0..512u64 {
         g.write(Gpa(0x4000 + 8 * i), 8, (i << 12) | P | RW | US | A | D).unwrap();
     }
@@ -1238,11 +1242,8 @@ fn pae_root_must_be_below_4g_and_bad_pdptrs_are_refused() {
 fn an_unsync_table_linked_again_does_not_serve_entries_changed_while_unlinked() {
     let mut mmu = new_mmu(4096, 2);
     let g = mmu.guest();
-    g.write(Gpa(0x1000), 8, 0x2000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x2000), 8, 0x3000 | P | RW | US | A).unwrap();
-    g.write(Gpa(0x3000), 8, 0x4000 | P | RW | US | A).unwrap();
-    // The PT maps itself at gva 0x4000 and data at 0x10000 and 0x11000.
-    g.write(Gpa(0x4000 + 8 * 4), 8, 0x4000 | P | RW | US | A | D).unwrap();
+    self_mapped_pt(g);
+    // Data at 0x10000 and 0x11000.
     g.write(Gpa(0x4000 + 8 * 16), 8, 0x80_000 | P | US | A | D).unwrap();
     g.write(Gpa(0x4000 + 8 * 17), 8, 0x81_000 | P | US | A | D).unwrap();
     let cpu = four_level(&mmu, 1);
